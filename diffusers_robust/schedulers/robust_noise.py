@@ -1,0 +1,182 @@
+"""Training-time noising and sampling-time epsilon scaling shared by the robust schedulers.
+
+The mixin expects the host class to be a Diffusers scheduler with `alphas_cumprod`, `add_noise`,
+`get_velocity` and a config holding the robust fields below.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+@dataclass
+class TrainingNoiseOutput(BaseOutput):
+    """
+    Output of [`RobustNoiseMixin.add_training_noise`].
+
+    Args:
+        noisy_images (`torch.Tensor` of shape `(B, C, H, W)`):
+            The model input `x_t`.
+        target (`torch.Tensor` of shape `(B, C, H, W)`):
+            The regression target for the configured `prediction_type`.
+        noise (`torch.Tensor` of shape `(B, C, H, W)`):
+            The noise `eps` the target is built from (offset and pyramid noise included, input perturbation excluded).
+    """
+
+    noisy_images: torch.Tensor
+    target: torch.Tensor
+    noise: torch.Tensor
+
+
+def validate_robust_options(
+    input_perturbation: float,
+    offset_noise: float,
+    pyramid_noise_discount: float,
+    epsilon_scale_base: float,
+    epsilon_scale_slope: float,
+    prediction_type: str,
+) -> None:
+    """Raise `ValueError` naming the first robust option that is out of range."""
+    if input_perturbation < 0:
+        raise ValueError(f"input_perturbation must be >= 0, got {input_perturbation}")
+    if offset_noise < 0:
+        raise ValueError(f"offset_noise must be >= 0, got {offset_noise}")
+    if not 0 <= pyramid_noise_discount < 1:
+        raise ValueError(f"pyramid_noise_discount must be in [0, 1), got {pyramid_noise_discount}")
+    if epsilon_scale_base <= 0:
+        raise ValueError(f"epsilon_scale_base must be > 0, got {epsilon_scale_base}")
+    scaling_on = epsilon_scale_base != 1.0 or epsilon_scale_slope != 0.0
+    if scaling_on and prediction_type != "epsilon":
+        raise ValueError(
+            f"epsilon scaling divides the predicted noise and needs prediction_type='epsilon', got '{prediction_type}'"
+        )
+
+
+def pyramid_noise(
+    shape: tuple[int, ...], discount: float, generator=None, device=None, dtype=None
+) -> torch.Tensor:
+    """Multi-resolution noise: white noise at `(H, W)` plus upsampled noise at `(H / 2^i, W / 2^i)`
+    weighted by `discount**i`, rescaled so each sample has unit standard deviation."""
+    batch, channels, height, width = shape
+    noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    level = 1
+    while height >> level >= 1 and width >> level >= 1 and level <= 10:
+        coarse = randn_tensor(
+            (batch, channels, height >> level, width >> level), generator=generator, device=device, dtype=dtype
+        )
+        noise = noise + F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False) * discount**level
+        level += 1
+    return noise / noise.std(dim=(1, 2, 3), keepdim=True)
+
+
+class RobustNoiseMixin:
+    """Adds `add_training_noise` and epsilon scaling to a DDPM-family scheduler."""
+
+    @classmethod
+    def _get_compatibles(cls) -> list[type]:
+        # Diffusers resolves `_compatibles` names inside the diffusers package only; add ours.
+        from . import RobustDDIMScheduler, RobustDDPMScheduler
+
+        compatibles = super()._get_compatibles()
+        return compatibles + [c for c in (RobustDDPMScheduler, RobustDDIMScheduler) if c not in compatibles]
+
+    def sample_training_noise(
+        self, shape: tuple[int, ...], generator=None, device=None, dtype=None
+    ) -> torch.Tensor:
+        """The noise `eps` of the forward process: white, plus offset and pyramid noise when enabled.
+
+        Random numbers are drawn in a fixed order (white noise, offset, pyramid levels) so a seeded
+        generator gives the same `eps` as the parent scheduler's training recipe when both are off.
+        """
+        config = self.config
+        if config.pyramid_noise_discount > 0:
+            noise = pyramid_noise(shape, config.pyramid_noise_discount, generator, device, dtype)
+        else:
+            noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        if config.offset_noise > 0:
+            offset = randn_tensor((shape[0], shape[1], 1, 1), generator=generator, device=device, dtype=dtype)
+            noise = noise + config.offset_noise * offset
+        return noise
+
+    def add_training_noise(
+        self,
+        clean_images: torch.Tensor,
+        timesteps: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> TrainingNoiseOutput:
+        r"""
+        Noise clean images for one training step and return the regression target.
+
+        With input perturbation (DDPM-IP, Ning et al. 2023) the model input is
+        `x_t = sqrt(a_t) x0 + sqrt(1 - a_t) (eps + gamma * xi)` while the target is built from `eps` alone.
+
+        Args:
+            clean_images (`torch.Tensor` of shape `(B, C, H, W)`):
+                Clean images in `[-1, 1]`.
+            timesteps (`torch.LongTensor` of shape `(B,)`):
+                Training timesteps in `[0, num_train_timesteps)`.
+            generator (`torch.Generator` or list of them, *optional*):
+                Source of randomness; a list gives one generator per sample.
+
+        Returns:
+            [`TrainingNoiseOutput`]: `noisy_images`, `target` and `noise`, each `(B, C, H, W)`.
+
+        Example:
+
+        ```py
+        >>> import torch
+        >>> from diffusers_robust import RobustDDPMScheduler
+        >>> scheduler = RobustDDPMScheduler(input_perturbation=0.1)
+        >>> x0 = torch.zeros(4, 3, 8, 8)
+        >>> out = scheduler.add_training_noise(x0, torch.tensor([0, 10, 500, 999]), torch.Generator().manual_seed(0))
+        >>> out.noisy_images.shape
+        torch.Size([4, 3, 8, 8])
+        ```
+        """
+        if clean_images.ndim != 4:
+            raise ValueError(f"clean_images must have shape (B, C, H, W), got {tuple(clean_images.shape)}")
+        if timesteps.shape != (clean_images.shape[0],):
+            raise ValueError(
+                f"timesteps must have shape ({clean_images.shape[0]},) to match the batch, got {tuple(timesteps.shape)}"
+            )
+        noise = self.sample_training_noise(
+            clean_images.shape, generator=generator, device=clean_images.device, dtype=clean_images.dtype
+        )
+        model_input_noise = noise
+        if self.config.input_perturbation > 0:
+            perturbation = randn_tensor(
+                clean_images.shape, generator=generator, device=clean_images.device, dtype=clean_images.dtype
+            )
+            model_input_noise = noise + self.config.input_perturbation * perturbation
+        noisy_images = self.add_noise(clean_images, model_input_noise, timesteps)
+
+        prediction_type = self.config.prediction_type
+        if prediction_type == "epsilon":
+            target = noise
+        elif prediction_type == "v_prediction":
+            target = self.get_velocity(clean_images, noise, timesteps)
+        elif prediction_type == "sample":
+            target = clean_images
+        else:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got '{prediction_type}'")
+        return TrainingNoiseOutput(noisy_images=noisy_images, target=target, noise=noise)
+
+    def epsilon_scale(self, timestep: int | torch.Tensor) -> float | torch.Tensor:
+        """`lambda_t = epsilon_scale_slope * t + epsilon_scale_base` for a training timestep `t`."""
+        return self.config.epsilon_scale_slope * timestep + self.config.epsilon_scale_base
+
+    def _scale_model_output(self, model_output: torch.Tensor, timestep: int | torch.Tensor) -> torch.Tensor:
+        """Divide the predicted noise by `lambda_t` (Ning et al. 2024); identity when scaling is off."""
+        if self.config.epsilon_scale_base == 1.0 and self.config.epsilon_scale_slope == 0.0:
+            return model_output
+        if self.config.prediction_type != "epsilon":
+            raise ValueError("epsilon scaling needs prediction_type='epsilon'")
+        scale = self.epsilon_scale(timestep)
+        if torch.is_tensor(scale):
+            scale = scale.to(model_output.device, model_output.dtype)
+        return model_output / scale
