@@ -1,0 +1,362 @@
+"""Image datasets for training: HF Datasets loading and streaming, decoding, augmentation, bad records.
+
+[`load_image_dataset`] turns a dataset name, a local image folder, or parquet/arrow files into a Datasets
+object whose records are `{"pixel_values": (C, H, W) float32 in [-1, 1], "augment_labels": (L,) float32,
+"record_id": str, "valid": bool}`. Records that cannot be decoded come out with `valid=False` and are
+dropped and reported by [`collate_image_batch`], so a bad file never stops a run.
+"""
+
+import glob
+import io
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+import numpy as np
+import PIL.Image
+import torch
+from datasets.distributed import split_dataset_by_node
+
+from .augment import AugmentPipeline
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_DATASETS = ("digits",)
+_INDEX_COLUMN = "__record_index__"
+
+
+def load_digits_dataset() -> datasets.DatasetDict:
+    """scikit-learn's `load_digits` (1797 grey 8x8 images of digits 0..9) as a `DatasetDict`.
+
+    Splits: `test` holds every sixth image (300), `train` the rest (1497). Columns: `image` (PIL "L",
+    values 0..255) and `label` (`ClassLabel` 0..9).
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])}
+    )
+    splits = {}
+    for name, keep in (("train", lambda i: i % 6 != 0), ("test", lambda i: i % 6 == 0)):
+        index = [i for i in range(len(pixels)) if keep(i)]
+        splits[name] = datasets.Dataset.from_dict(
+            {"image": [PIL.Image.fromarray(pixels[i], mode="L") for i in index], "label": digits.target[index].tolist()},
+            features=features,
+        )
+    return datasets.DatasetDict(splits)
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((os.sep, ".", "~")) or os.path.exists(source) or any(c in source for c in "*?")
+
+
+def _load_source(
+    source: str, split: str, streaming_from_hub: bool, cache_dir: str | None
+) -> datasets.Dataset | datasets.IterableDataset:
+    """Load `source` as a map-style dataset (local sources) or a stream (Hub with `streaming=True`)."""
+    if source in EMBEDDED_DATASETS:
+        splits = load_digits_dataset()
+        if split == "all":
+            return datasets.concatenate_datasets([splits["train"], splits["test"]])
+        if split not in splits:
+            raise ValueError(f"dataset 'digits' has splits ['train', 'test', 'all'], got '{split}'")
+        return splits[split]
+    if _looks_like_path(source):
+        path = os.path.expanduser(source)
+        if os.path.isdir(path):
+            dataset = datasets.load_dataset("imagefolder", data_dir=path, cache_dir=cache_dir)
+        else:
+            files = sorted(glob.glob(path))
+            if not files:
+                raise FileNotFoundError(f"dataset path {source} does not exist")
+            kinds = {os.path.splitext(f)[1].lower() for f in files}
+            builder = {".parquet": "parquet", ".arrow": "arrow"}.get(kinds.pop()) if len(kinds) == 1 else None
+            if builder is None:
+                raise ValueError(f"dataset files must all be .parquet or all .arrow, got {sorted(set(files))[:5]}")
+            dataset = datasets.load_dataset(builder, data_files=files, cache_dir=cache_dir)
+        if split not in dataset:
+            raise ValueError(f"{source} has splits {list(dataset)}, got split '{split}'")
+        return dataset[split]
+    return datasets.load_dataset(source, split=split, streaming=streaming_from_hub, cache_dir=cache_dir)
+
+
+def detect_image_column(features: datasets.Features | None, image_column: str | None = None) -> str:
+    """Return `image_column` if it exists, else the first `datasets.Image` feature; raise naming the columns."""
+    if features is None:
+        raise ValueError("the dataset does not declare its features; pass image_column")
+    if image_column is not None:
+        if image_column not in features:
+            raise ValueError(f"image_column '{image_column}' is not a column; columns: {list(features)}")
+        return image_column
+    for name, feature in features.items():
+        if isinstance(feature, datasets.Image):
+            return name
+    raise ValueError(f"no image column found (no datasets.Image feature); columns: {list(features)}")
+
+
+def to_mode(image: PIL.Image.Image, channels: int) -> PIL.Image.Image:
+    """Convert any Pillow image to "L" (channels=1) or "RGB" (channels=3).
+
+    16- and 32-bit grey images are rescaled to 8 bits by their dtype range; images with transparency are
+    composited onto white.
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image).astype(np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        if image.mode == "F":
+            top = max(1.0, float(array.max()))
+        image = PIL.Image.fromarray(np.clip(array / top * 255.0, 0, 255).round().astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = PIL.Image.alpha_composite(background, rgba)
+    return image.convert("L" if channels == 1 else "RGB")
+
+
+def resize_and_crop(
+    image: PIL.Image.Image, resolution: int, center_crop: bool = True, rng: np.random.Generator | None = None
+) -> PIL.Image.Image:
+    """Resize the shorter side to `resolution` (bicubic; box filter when shrinking) and crop a square."""
+    width, height = image.size
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    if size != image.size:
+        resample = PIL.Image.BOX if scale < 1 else PIL.Image.BICUBIC
+        image = image.resize(size, resample=resample)
+    left_max, top_max = size[0] - resolution, size[1] - resolution
+    if center_crop or rng is None:
+        left, top = left_max // 2, top_max // 2
+    else:
+        left, top = int(rng.integers(0, left_max + 1)), int(rng.integers(0, top_max + 1))
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def decode_image(value: Any) -> PIL.Image.Image:
+    """Decode a Datasets image value (`{"bytes", "path"}`, a PIL image, or a path) and fail loudly if broken."""
+    if isinstance(value, PIL.Image.Image):
+        image = value
+    elif isinstance(value, dict) and value.get("bytes"):
+        image = PIL.Image.open(io.BytesIO(value["bytes"]))
+    elif isinstance(value, dict) and value.get("path"):
+        image = PIL.Image.open(value["path"])
+    elif isinstance(value, str):
+        image = PIL.Image.open(value)
+    else:
+        raise ValueError("empty image record")
+    image.load()
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"zero-size image {image.size}")
+    return image
+
+
+@dataclass
+class ImageRecordTransform:
+    r"""
+    Decode, convert, resize/crop and augment a batch of records. Deterministic: the randomness of each
+    record depends only on `(seed, epoch, record index)`, so results do not depend on DataLoader workers,
+    and a resumed run sees the same augmentations as an uninterrupted one.
+
+    Args:
+        image_column (`str`): column holding the image.
+        channels (`int`): 1 or 3.
+        resolution (`int`): output side in pixels.
+        center_crop (`bool`): center crop if True, else a random crop.
+        augment ([`AugmentPipeline`], *optional*): Albumentations recipe and its labels.
+        seed (`int`): base seed.
+        name (`str`): dataset name used in record ids when a record has no file path.
+    """
+
+    image_column: str
+    channels: int = 3
+    resolution: int = 32
+    center_crop: bool = True
+    augment: AugmentPipeline | None = None
+    seed: int = 0
+    name: str = "dataset"
+    epoch: int = 0
+    label_dim: int = field(init=False)
+
+    def __post_init__(self):
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if self.resolution < 1:
+            raise ValueError(f"resolution must be >= 1, got {self.resolution}")
+        self.label_dim = self.augment.label_dim if self.augment is not None else 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def record(self, value: Any, index: int) -> dict[str, Any]:
+        path = value.get("path") if isinstance(value, dict) else None
+        record_id = path or f"{self.name}[{index}]"
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        try:
+            image = resize_and_crop(to_mode(decode_image(value), self.channels), self.resolution, self.center_crop, rng)
+            array = np.asarray(image, dtype=np.uint8)
+            array = array[..., None] if array.ndim == 2 else array
+            labels = np.zeros(self.label_dim, dtype=np.float32)
+            if self.augment is not None:
+                self.augment.set_random_seed(int(rng.integers(2**31)))
+                array, labels = self.augment(array)
+                array = array[..., None] if array.ndim == 2 else array
+            pixels = (array.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
+            return {"pixel_values": pixels, "augment_labels": labels, "record_id": record_id, "valid": True}
+        except Exception as error:  # noqa: BLE001 - any decoding failure makes a bad record, reported by id
+            empty = np.zeros((self.channels, self.resolution, self.resolution), dtype=np.float32)
+            return {
+                "pixel_values": empty, "augment_labels": np.zeros(self.label_dim, dtype=np.float32),
+                "record_id": f"{record_id} ({type(error).__name__}: {error})", "valid": False,
+            }
+
+    def __call__(self, batch: dict[str, list], indices: Sequence[int] | None = None) -> dict[str, list]:
+        indices = batch[_INDEX_COLUMN] if indices is None else indices
+        records = [self.record(value, int(i)) for value, i in zip(batch[self.image_column], indices, strict=True)]
+        return {key: [r[key] for r in records] for key in ("pixel_values", "augment_labels", "record_id", "valid")}
+
+
+@dataclass
+class ImageDataset:
+    """What [`load_image_dataset`] returns: the Datasets object and the transform that feeds it."""
+
+    dataset: datasets.Dataset | datasets.IterableDataset
+    transform: ImageRecordTransform
+    image_column: str
+    streaming: bool
+
+    @property
+    def label_dim(self) -> int:
+        return self.transform.label_dim
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the augmentation stream (and the shuffle order of a stream) for a new epoch."""
+        self.transform.set_epoch(epoch)
+        if self.streaming:
+            self.dataset.set_epoch(epoch)
+
+
+def load_image_dataset(
+    source: str = "digits",
+    split: str = "train",
+    *,
+    streaming: bool = False,
+    image_column: str | None = None,
+    channels: int = 3,
+    resolution: int = 32,
+    center_crop: bool = True,
+    augment: AugmentPipeline | str | os.PathLike | None = None,
+    seed: int = 0,
+    shuffle_buffer: int = 1000,
+    num_shards: int = 8,
+    rank: int = 0,
+    world_size: int = 1,
+    cache_dir: str | None = None,
+) -> ImageDataset:
+    r"""
+    Load images for training or evaluation.
+
+    Args:
+        source (`str`, defaults to `"digits"`):
+            `"digits"` (embedded, scikit-learn), a local image folder, parquet/arrow file(s) or a glob, or a
+            Hub dataset name.
+        split (`str`): split to load (`"train"`, `"test"`, ...; `"all"` for digits).
+        streaming (`bool`):
+            Return a `datasets.IterableDataset`. Local sources are resharded into `num_shards` shards so
+            DataLoader workers can share them; Hub datasets are streamed with `load_dataset(streaming=True)`.
+            Streams are shuffled with a buffer of `shuffle_buffer` records and split by rank.
+        image_column (`str`, *optional*): image column; detected (first `datasets.Image` feature) if omitted.
+        channels (`int`): 1 (grey) or 3 (RGB); RGBA, palette, 16-bit and grey inputs are converted.
+        resolution (`int`): output side; the shorter side is resized to it, then center or random crop.
+        augment ([`AugmentPipeline`] or recipe path, *optional*): Albumentations recipe.
+        seed (`int`): seeds the shuffle, random crops and augmentation.
+        rank, world_size (`int`): this process's rank and the number of processes; a stream is split with
+            `datasets.distributed.split_dataset_by_node`. Map-style datasets are sharded by the DataLoader.
+
+    Returns:
+        [`ImageDataset`]: `.dataset` yields records `{"pixel_values": (C, H, W) float32 in [-1, 1],
+        "augment_labels": (L,), "record_id": str, "valid": bool}`; batch them with [`collate_image_batch`].
+
+    Example:
+
+    ```py
+    >>> from torch.utils.data import DataLoader
+    >>> from diffusers_robust.data import collate_image_batch, load_image_dataset
+    >>> loaded = load_image_dataset("digits", channels=1, resolution=16)
+    >>> batch = next(iter(DataLoader(loaded.dataset, batch_size=8, collate_fn=collate_image_batch)))
+    >>> batch["pixel_values"].shape
+    torch.Size([8, 1, 16, 16])
+    ```
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+    if isinstance(augment, (str, os.PathLike)):
+        augment = AugmentPipeline.from_file(augment, seed=seed)
+    from_hub_stream = streaming and not (source in EMBEDDED_DATASETS or _looks_like_path(source))
+    dataset = _load_source(source, split, from_hub_stream, cache_dir)
+    column = detect_image_column(dataset.features, image_column)
+    dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    name = os.path.basename(os.path.normpath(source)) + f"/{split}"
+    transform = ImageRecordTransform(column, channels, resolution, center_crop, augment, seed, name)
+    keep = [column]
+
+    if from_hub_stream:
+        dataset = dataset.select_columns(keep)
+    else:
+        dataset = dataset.select_columns(keep).add_column(_INDEX_COLUMN, list(range(len(dataset))))
+        if not streaming:
+            dataset.set_transform(transform)
+            return ImageDataset(dataset, transform, column, streaming=False)
+        dataset = dataset.to_iterable_dataset(num_shards=min(num_shards, len(dataset)))
+
+    dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer)
+    if world_size > 1:
+        dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+    if from_hub_stream:
+        dataset = dataset.map(lambda batch, idx: transform(batch, idx), with_indices=True, batched=True,
+                              batch_size=64, remove_columns=keep)
+    else:
+        dataset = dataset.map(transform, batched=True, batch_size=64, remove_columns=[*keep, _INDEX_COLUMN])
+    return ImageDataset(dataset, transform, column, streaming=True)
+
+
+def collate_image_batch(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack valid records into `pixel_values` `(B, C, H, W)` and `augment_labels` `(B, L)`; list the
+    ids of the invalid ones under `skipped` (reported by [`SkippedRecords`])."""
+    valid = [r for r in records if r["valid"]]
+    channels_shape = np.shape(records[0]["pixel_values"]) if records else (0, 0, 0)
+    if valid:
+        pixels = torch.from_numpy(np.stack([np.asarray(r["pixel_values"], dtype=np.float32) for r in valid]))
+        labels = torch.from_numpy(np.stack([np.asarray(r["augment_labels"], dtype=np.float32) for r in valid]))
+    else:
+        pixels = torch.zeros((0, *channels_shape))
+        labels = torch.zeros((0, len(records[0]["augment_labels"]) if records else 0))
+    return {
+        "pixel_values": pixels,
+        "augment_labels": labels,
+        "record_ids": [r["record_id"] for r in valid],
+        "skipped": [r["record_id"] for r in records if not r["valid"]],
+    }
+
+
+class SkippedRecords:
+    """Counts bad records seen in batches and warns once per record id."""
+
+    def __init__(self):
+        self.ids: list[str] = []
+
+    def update(self, batch: dict[str, Any]) -> int:
+        for record_id in batch.get("skipped", []):
+            if record_id not in self.ids:
+                logger.warning("skipped a bad record: %s", record_id)
+                self.ids.append(record_id)
+        return len(batch.get("skipped", []))
+
+    @property
+    def count(self) -> int:
+        return len(self.ids)
