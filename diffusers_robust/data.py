@@ -182,6 +182,7 @@ class ImageRecordTransform:
     name: str = "dataset"
     epoch: int = 0
     label_dim: int = field(init=False)
+    records_decoded: int = field(init=False, default=0)  # counted in this process (not in DataLoader workers)
 
     def __post_init__(self):
         if self.channels not in (1, 3):
@@ -197,6 +198,7 @@ class ImageRecordTransform:
         path = value.get("path") if isinstance(value, dict) else None
         record_id = path or f"{self.name}[{index}]"
         rng = np.random.default_rng([self.seed, self.epoch, index])
+        self.records_decoded += 1
         try:
             image = resize_and_crop(to_mode(decode_image(value), self.channels), self.resolution, self.center_crop, rng)
             array = np.asarray(image, dtype=np.uint8)

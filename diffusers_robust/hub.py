@@ -1,0 +1,129 @@
+"""Model cards and Hub upload for trained pipelines."""
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+
+# What a pipeline repository holds; checkpoints, logs and optimizer state never leave the machine.
+PIPELINE_FILES = [
+    "model_index.json",
+    "unet/config.json",
+    "unet/*.safetensors",
+    "scheduler/scheduler_config.json",
+    "README.md",
+    "metrics.json",
+    "training_config.yaml",
+    "samples/final.png",
+]
+
+
+def _format_losses(losses: Mapping[str, float]) -> str:
+    rows = ["| input | denoising loss |", "|---|---|"]
+    rows += [f"| {name} | {value:.4f} |" for name, value in losses.items()]
+    return "\n".join(rows)
+
+
+def write_model_card(
+    output_dir: str,
+    repo_id: str,
+    training_config: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    license: str = "apache-2.0",
+) -> str:
+    """
+    Write `output_dir/README.md`: Hub metadata (`library_name: diffusers`, tags including `diffusers-robust`
+    and `unconditional-image-generation`, dataset, license) and a body saying how the model was trained,
+    its robust options, validation figures, the sample grid and a usage snippet. Returns the path.
+    """
+    dataset = str(training_config.get("dataset"))
+    scheduler_options = metrics.get("scheduler_robust_options", {})
+    training_options = {key: scheduler_options.get(key) for key in ("prediction_type", "input_perturbation", "offset_noise",
+                                                                    "pyramid_noise_discount")}
+    training_options.update({key: training_config.get(key) for key in (
+        "snr_gamma", "corruptions", "corruption_p", "corruption_severity", "augment", "augment_conditioning")})
+    sampling_options = {key: scheduler_options.get(key) for key in ("epsilon_scale_base", "epsilon_scale_slope")}
+    card_data = ModelCardData(
+        library_name="diffusers",
+        license=license,
+        tags=["diffusers-robust", "unconditional-image-generation", "diffusers", "ddpm", "robust"],
+        datasets=[dataset] if "/" in dataset and not os.path.exists(dataset) else None,
+        pipeline_tag="unconditional-image-generation",
+    )
+    validation = metrics.get("validation_losses", {})
+    robust_lines = "\n".join(f"- `{key}`: {value}" for key, value in training_options.items())
+    scheduler_lines = "\n".join(f"- `{key}`: {value}" for key, value in sampling_options.items())
+    quality = metrics.get("digits_quality")
+    quality_text = (
+        f"\nSample quality (classifier trained on the real digits, {quality['samples']} samples): "
+        f"{quality['confident_fraction']:.1%} classified with probability >= 0.8; "
+        f"{quality['classes_present']} of 10 classes present.\n" if quality else ""
+    )
+    body = f"""
+# {repo_id}
+
+An unconditional DDPM trained with [diffusers-robust](https://pypi.org/project/diffusers-robust/) on
+`{dataset}` (split `{training_config.get("dataset_split")}`) at {metrics.get("resolution")}x{metrics.get("resolution")} pixels
+for {metrics.get("global_step")} optimizer steps ({metrics.get("images_seen")} images, batch
+{training_config.get("train_batch_size")} x {metrics.get("num_processes")} processes x
+{training_config.get("gradient_accumulation_steps")} accumulation), seed {training_config.get("seed")},
+{"EMA weights" if training_config.get("use_ema") else "raw weights"}.
+
+## Robust training options
+
+{robust_lines}
+
+Sampling-time epsilon scaling stored in the scheduler (`lambda_t = slope * t + base`):
+
+{scheduler_lines}
+
+## Validation
+
+Denoising loss on {metrics.get("validation_images", 0)} held-out images (`{training_config.get("validation_split")}`),
+clean and with the validation corruptions at severities {training_config.get("validation_severities")}:
+
+{_format_losses(validation) if validation else "No validation split was configured."}
+{quality_text}
+![samples](samples/final.png)
+
+## Usage
+
+```python
+from diffusers_robust import RobustDDPMPipeline, RobustDDIMScheduler
+
+pipe = RobustDDPMPipeline.from_pretrained("{repo_id}")
+pipe.scheduler = RobustDDIMScheduler.from_config(pipe.scheduler.config)
+images = pipe(batch_size=16, num_inference_steps=50).images
+```
+
+Training configuration: `training_config.yaml`; all figures: `metrics.json`.
+"""
+    card = ModelCard.from_template(card_data, template_str="---\n{{ card_data }}\n---\n" + body)
+    path = os.path.join(output_dir, "README.md")
+    card.save(path)
+    return path
+
+
+def push_pipeline_to_hub(
+    output_dir: str, repo_id: str, private: bool = False, token: str | None = None, endpoint: str | None = None
+) -> str:
+    """
+    Create `repo_id` (as private when asked) and upload the pipeline, model card, metrics, config and final
+    sample grid from `output_dir` in one commit; never checkpoints or logs. The token comes from `token`
+    or the environment (`HF_TOKEN`) and is never printed. Returns the commit URL.
+
+    Example:
+
+    ```py
+    >>> from diffusers_robust.hub import push_pipeline_to_hub
+    >>> push_pipeline_to_hub("outputs/digits", "me/robust-digits", private=True)  # doctest: +SKIP
+    ```
+    """
+    api = HfApi(endpoint=endpoint, token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    commit = api.upload_folder(
+        repo_id=repo_id, folder_path=output_dir, allow_patterns=PIPELINE_FILES,
+        commit_message="Upload RobustDDPMPipeline trained with diffusers-robust",
+    )
+    return str(commit)

@@ -1,0 +1,84 @@
+"""Helpers of the training loop in `training/train_robust_ddpm.py`: each small, pure where possible, tested."""
+
+import math
+import os
+
+import numpy as np
+import torch
+from diffusers import UNet2DModel
+
+from .schedulers import RobustDDPMScheduler
+from .training_config import TrainingConfig
+
+ROBUST_SCHEDULER_OPTIONS = (
+    "prediction_type", "input_perturbation", "offset_noise", "pyramid_noise_discount", "epsilon_scale_base",
+    "epsilon_scale_slope",
+)
+
+
+def configure_scheduler(scheduler, config: TrainingConfig) -> RobustDDPMScheduler:
+    """The preset's scheduler as a [`RobustDDPMScheduler`] with the config's robust options applied."""
+    overrides = {name: getattr(config, name) for name in ROBUST_SCHEDULER_OPTIONS if getattr(config, name) is not None}
+    return RobustDDPMScheduler.from_config(scheduler.config, **overrides)
+
+
+def resolve_image_shape(unet: UNet2DModel, config: TrainingConfig) -> tuple[int, int]:
+    """`(channels, resolution)` for training, checked against the UNet; raises `ValueError` naming the conflict."""
+    channels = config.channels if config.channels is not None else unet.config.in_channels
+    if channels != unet.config.in_channels:
+        raise ValueError(
+            f"the data has {channels} channels (channels={config.channels}) but the preset {config.pipeline} "
+            f"UNet takes {unet.config.in_channels}"
+        )
+    size = unet.config.sample_size
+    resolution = config.resolution if config.resolution is not None else (size if isinstance(size, int) else size[0])
+    factor = 2 ** (len(unet.config.block_out_channels) - 1)
+    if resolution % factor != 0:
+        raise ValueError(
+            f"resolution {resolution} cannot be downsampled by the UNet of {config.pipeline}: it halves the image "
+            f"{len(unet.config.block_out_channels) - 1} times, so the resolution must be a multiple of {factor}"
+        )
+    return channels, resolution
+
+
+def step_seed(seed: int, rank: int, micro_step: int) -> int:
+    """A seed for one micro-batch, from the run seed, the rank and the micro-batch counter.
+
+    Drawing every random number of a step from a fresh generator seeded this way makes a resumed run
+    draw exactly what the uninterrupted run drew, with no generator state to save."""
+    return int(np.random.SeedSequence([seed, rank, micro_step]).generate_state(1)[0])
+
+
+def training_length(config: TrainingConfig, batches_per_epoch: int | None) -> tuple[int, int]:
+    """`(max_train_steps, num_epochs)` in optimizer steps, for `batches_per_epoch` batches per process.
+
+    Steps count optimizer updates, so they do not change with the number of processes; a stream has no
+    length and needs `max_train_steps`."""
+    if batches_per_epoch is None:
+        if config.max_train_steps is None:
+            raise ValueError("a streamed dataset has no length: set max_train_steps")
+        return config.max_train_steps, 1_000_000
+    if batches_per_epoch == 0:
+        raise ValueError("the training split is smaller than one batch per process")
+    steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
+    max_steps = config.max_train_steps or config.num_epochs * steps_per_epoch
+    return max_steps, math.ceil(max_steps / steps_per_epoch)
+
+
+def parameter_checksum(model: torch.nn.Module) -> float:
+    """A position-weighted sum of all parameters: equal on two ranks only if their weights are equal."""
+    flat = torch.cat([p.detach().flatten().double().cpu() for p in model.parameters()])
+    weights = torch.linspace(1.0, 2.0, flat.numel(), dtype=torch.float64)
+    return float((flat * weights).sum())
+
+
+def save_stream_position(dataloader, folder: str, rank: int) -> None:
+    """Save a `StatefulDataLoader`'s position (a stream) for this rank."""
+    torch.save(dataloader.state_dict(), os.path.join(folder, f"stream_position_rank{rank}.pt"))
+
+
+def load_stream_position(dataloader, folder: str, rank: int) -> None:
+    path = os.path.join(folder, f"stream_position_rank{rank}.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder} holds no stream position for rank {rank}: was it saved with another world size?")
+    dataloader.load_state_dict(torch.load(path, weights_only=False))

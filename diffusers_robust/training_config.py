@@ -1,0 +1,214 @@
+"""The training recipe: one flat, typed configuration read from YAML and overridden on the command line."""
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .corruptions import canonical_name
+
+
+@dataclass
+class TrainingConfig:
+    """Every option of `training/train_robust_ddpm.py`. The comment after each field is its `--help` text."""
+
+    # Run
+    seed: int = 0  # seeds weights, data order, augmentation, corruption and noise
+    output_dir: str = "outputs/robust-ddpm"  # pipeline, checkpoints, samples, logs, metrics and model card go here
+    pipeline: str = "pipelines/ddpm-digits-16"  # preset folder (model_index.json + configs) to train from
+    # Data
+    dataset: str = "digits"  # 'digits' (embedded), an image folder, parquet/arrow files, or a Hub dataset name
+    dataset_split: str = "train"  # split to train on
+    validation_split: str | None = "test"  # held-out split for the validation loss; null skips the loss
+    image_column: str | None = None  # image column; detected (first Image feature) if null
+    streaming: bool = False  # stream the dataset (IterableDataset) instead of map-style
+    channels: int | None = None  # 1 or 3; null takes the preset UNet's in_channels
+    resolution: int | None = None  # training resolution in pixels; null takes the preset UNet's sample_size
+    center_crop: bool = True  # center crop after resizing; false: random crop
+    shuffle_buffer: int = 1000  # shuffle buffer of a stream, in records
+    dataloader_num_workers: int = 0  # DataLoader worker processes per training process
+    # Augmentation and corruption ("noisy training")
+    augment: str | None = None  # Albumentations recipe file, e.g. training/configs/augment/edm.yaml; null: none
+    augment_conditioning: bool = True  # feed augment labels to the UNet while training, zeros when sampling
+    corruptions: list[str] = field(default_factory=list)  # corruptions applied to training images, e.g. [gaussian_noise]
+    corruption_p: float = 0.0  # probability that a training image is corrupted before noising
+    corruption_severity: list[int] = field(default_factory=lambda: [1, 5])  # inclusive severity range drawn from
+    # Diffusion objective (null keeps the preset scheduler's value)
+    prediction_type: str | None = None  # epsilon | v_prediction | sample
+    input_perturbation: float | None = None  # DDPM-IP gamma (0.1 recommended)
+    offset_noise: float | None = None  # std of per-channel offset noise
+    pyramid_noise_discount: float | None = None  # multi-resolution noise discount; 0 = off
+    epsilon_scale_base: float | None = None  # sampling-time epsilon scaling b (saved in the pipeline's scheduler)
+    epsilon_scale_slope: float | None = None  # sampling-time epsilon scaling k
+    snr_gamma: float | None = None  # min-SNR-gamma loss weighting (5.0 in the paper); null: plain MSE
+    # Optimisation
+    train_batch_size: int = 64  # images per process per micro-batch
+    max_train_steps: int | None = 2000  # optimizer steps; null: derived from num_epochs
+    num_epochs: int | None = None  # epochs, used when max_train_steps is null
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    learning_rate: float = 2e-4  # peak learning rate
+    lr_scheduler: str = "cosine"  # cosine | constant | linear (after warm-up)
+    lr_warmup_steps: int = 100  # linear warm-up, in optimizer steps
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.999  # AdamW beta2
+    adam_weight_decay: float = 0.0  # AdamW decoupled weight decay
+    adam_epsilon: float = 1e-8  # AdamW epsilon
+    max_grad_norm: float | None = 1.0  # gradient clipping norm; null: no clipping
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    # EMA
+    use_ema: bool = True  # keep an exponential moving average of the weights; the EMA weights are exported
+    ema_max_decay: float = 0.9999  # upper bound of the EMA decay
+    ema_inv_gamma: float = 1.0  # EMA warm-up: decay = 1 - (1 + step / inv_gamma) ** -power
+    ema_power: float = 0.75  # EMA warm-up power
+    # Checkpoints
+    checkpointing_steps: int = 500  # save a resumable checkpoint every N optimizer steps (and at the end)
+    checkpoints_total_limit: int | None = 2  # keep at most N checkpoints; null: keep all
+    resume_from_checkpoint: str | None = None  # 'latest' or a checkpoint folder
+    # Validation
+    validation_steps: int = 500  # validate every N optimizer steps (and at the end)
+    validation_images: int = 256  # held-out images for the validation loss
+    validation_corruptions: list[str] | None = None  # corruptions for the validation loss; null: the training list
+    validation_severities: list[int] = field(default_factory=lambda: [1, 3, 5])  # severities for the validation loss
+    num_grid_images: int = 16  # images in the sample grid
+    num_inference_steps: int = 50  # DDIM steps for sample grids
+    quality_samples: int = 0  # digits only: score N samples with a classifier of the real digits; 0 = off
+    # Logging and Hub
+    logger: str = "tensorboard"  # tensorboard | wandb | none
+    push_to_hub: bool = False  # upload the pipeline and model card (never checkpoints or logs)
+    hub_model_id: str | None = None  # 'user/name'; defaults to the output folder's name
+    hub_private_repo: bool = False  # create the Hub repository as private
+    license: str = "apache-2.0"  # license in the model card
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ValueError` naming the first bad value."""
+        choices = {
+            "lr_scheduler": ("cosine", "constant", "linear"),
+            "mixed_precision": ("no", "fp16", "bf16"),
+            "logger": ("tensorboard", "wandb", "none"),
+            "prediction_type": (None, "epsilon", "v_prediction", "sample"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {[a for a in allowed if a]}, got {getattr(self, name)!r}")
+        positive = ["train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps",
+                    "num_grid_images", "num_inference_steps", "validation_images"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_train_steps is None and self.num_epochs is None:
+            raise ValueError("set max_train_steps or num_epochs")
+        for name in ("max_train_steps", "num_epochs", "checkpoints_total_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 or null, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.corruption_p <= 1:
+            raise ValueError(f"corruption_p must be in [0, 1], got {self.corruption_p}")
+        if self.corruption_p > 0 and not self.corruptions:
+            raise ValueError("corruption_p > 0 needs a non-empty corruptions list")
+        for name in [*self.corruptions, *(self.validation_corruptions or [])]:
+            canonical_name(name)
+        if len(self.corruption_severity) != 2 or not 1 <= self.corruption_severity[0] <= self.corruption_severity[1] <= 5:
+            raise ValueError(f"corruption_severity must be [low, high] within 1..5, got {self.corruption_severity}")
+        if any(not 1 <= s <= 5 for s in self.validation_severities):
+            raise ValueError(f"validation_severities must lie in 1..5, got {self.validation_severities}")
+        if self.channels not in (None, 1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if self.push_to_hub and not (self.hub_model_id or os.path.basename(os.path.normpath(self.output_dir))):
+            raise ValueError("push_to_hub needs hub_model_id")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainingConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"{source}: unknown option(s) {unknown}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "TrainingConfig":
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file {path} does not exist")
+        with open(path, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: a config must be a mapping of option: value")
+        return cls.from_dict(values, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _help_texts() -> dict[str, str]:
+    """The comment after each field in this file's source, used as `--help` text."""
+    import inspect
+
+    texts = {}
+    for line in inspect.getsource(TrainingConfig).splitlines():
+        stripped = line.strip()
+        if ":" in stripped and "#" in stripped and not stripped.startswith("#"):
+            name = stripped.split(":", 1)[0]
+            texts[name] = stripped.split("#", 1)[1].strip()
+    return texts
+
+
+def _parse_value(kind: Any) -> typing.Callable[[str], Any]:
+    """An argparse `type` for a field annotation: `null` for optional fields, true/false for booleans."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    optional = typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in typing.get_args(kind)
+    base = args[0] if optional else kind
+    if typing.get_origin(base) is list:
+        base = typing.get_args(base)[0]
+
+    def parse(text: str) -> Any:
+        if optional and text.lower() in ("null", "none"):
+            return None
+        if base is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+            return text.lower() in ("true", "1", "yes")
+        return base(text)
+
+    return parse
+
+
+def build_argument_parser() -> argparse.ArgumentParser:
+    """`--config recipe.yaml` plus one `--<option>` per field of [`TrainingConfig`]."""
+    parser = argparse.ArgumentParser(
+        description="Train a robust DDPM with Accelerate. Options come from --config, then command-line overrides.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", default=None, help="YAML recipe, e.g. training/configs/digits.yaml")
+    helps = _help_texts()
+    hints = typing.get_type_hints(TrainingConfig)
+    for item in dataclasses.fields(TrainingConfig):
+        kind = hints[item.name]
+        is_list = typing.get_origin(kind) is list or any(typing.get_origin(a) is list for a in typing.get_args(kind))
+        default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
+        parser.add_argument(
+            f"--{item.name}", type=_parse_value(kind), nargs="+" if is_list else None, default=argparse.SUPPRESS,
+            help=f"{helps.get(item.name, '')} (default: {default})",
+        )
+    return parser
+
+
+def parse_training_config(argv: list[str] | None = None) -> TrainingConfig:
+    """Read `--config` (if given) and apply command-line overrides; errors name the bad option."""
+    namespace = vars(build_argument_parser().parse_args(argv))
+    config_path = namespace.pop("config")
+    values: dict[str, Any] = {}
+    if config_path is not None:
+        values = TrainingConfig.from_yaml(config_path).to_dict()
+    values.update(namespace)
+    return TrainingConfig.from_dict(values, source=config_path or "command line")
