@@ -26,6 +26,9 @@ logger = logging.getLogger(__name__)
 
 EMBEDDED_DATASETS = ("digits",)
 _INDEX_COLUMN = "__record_index__"
+# Records per `.map` call on a stream. A stream resumed from `state_dict()` re-runs the map batch it stopped
+# in, so this bounds the records decoded twice after a resume.
+STREAM_MAP_BATCH_SIZE = 16
 
 
 def load_digits_dataset() -> datasets.DatasetDict:
@@ -321,9 +324,9 @@ def load_image_dataset(
         dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
     if from_hub_stream:
         dataset = dataset.map(lambda batch, idx: transform(batch, idx), with_indices=True, batched=True,
-                              batch_size=64, remove_columns=keep)
+                              batch_size=STREAM_MAP_BATCH_SIZE, remove_columns=keep)
     else:
-        dataset = dataset.map(transform, batched=True, batch_size=64, remove_columns=[*keep, _INDEX_COLUMN])
+        dataset = dataset.map(transform, batched=True, batch_size=STREAM_MAP_BATCH_SIZE, remove_columns=[*keep, _INDEX_COLUMN])
     return ImageDataset(dataset, transform, column, streaming=True)
 
 

@@ -31,3 +31,50 @@ def make_tiny_unet(sample_size: int = 8, channels: int = 1, seed: int = 0) -> UN
 @pytest.fixture
 def tiny_unet() -> UNet2DModel:
     return make_tiny_unet()
+
+
+SCRIPT = os.path.join(REPO_ROOT, "training", "train_robust_ddpm.py")
+
+
+def training_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "NO_ALBUMENTATIONS_UPDATE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    env.update(extra)
+    return env
+
+
+def write_tiny_preset(folder) -> str:
+    """A preset of an 8x8 grey UNet (two levels, blocks of 8 and 16 channels) for fast training tests."""
+    import json
+    import shutil
+
+    from diffusers_robust import RobustDDPMScheduler
+
+    folder = str(folder)
+    make_tiny_unet(sample_size=8, channels=1).save_config(os.path.join(folder, "unet"))
+    RobustDDPMScheduler(num_train_timesteps=100).save_config(os.path.join(folder, "scheduler"))
+    shutil.copy(os.path.join(REPO_ROOT, "pipelines", "ddpm-digits-16", "model_index.json"), folder)
+    with open(os.path.join(folder, "model_index.json")) as handle:
+        assert json.load(handle)["_class_name"] == "RobustDDPMPipeline"
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_preset(tmp_path_factory) -> str:
+    return write_tiny_preset(tmp_path_factory.mktemp("tiny-preset"))
+
+
+def tiny_training_args(preset: str, output_dir, **overrides) -> list[str]:
+    """Command-line arguments for a seconds-long training run on digits at 8x8."""
+    options = {
+        "pipeline": preset, "output_dir": str(output_dir), "dataset": "digits", "train_batch_size": 16,
+        "max_train_steps": 6, "checkpointing_steps": 3, "validation_steps": 3, "validation_images": 32,
+        "num_inference_steps": 4, "num_grid_images": 4, "lr_warmup_steps": 2, "learning_rate": 1e-3,
+        "logger": "none",
+    }
+    options.update(overrides)
+    args = []
+    for key, value in options.items():
+        args.append(f"--{key}")
+        args.extend(str(v) for v in value) if isinstance(value, list) else args.append(str(value))
+    return args
