@@ -297,6 +297,21 @@ class RandomCorruption:
             out[index] = apply_corruption(images[index], key[0], key[1], generator=generator)
         return out, applied
 
+    @property
+    def label_dim(self) -> int:
+        """Length of [`labels`]: one slot per corruption in the list."""
+        return len(self.corruptions)
+
+    def labels(self, applied: list[tuple[str, int] | None], device: torch.device | str = "cpu") -> torch.Tensor:
+        """Corruption labels `(B, label_dim)`: `severity / 5` in the slot of the applied corruption, zeros for
+        untouched samples. Fed to the UNet beside the augment labels, so it can tell corrupted training images
+        apart and generate clean ones from zero labels (non-leaking, like augmentation)."""
+        labels = torch.zeros(len(applied), self.label_dim, device=device)
+        for row, item in enumerate(applied):
+            if item is not None:
+                labels[row, self.corruptions.index(item[0])] = item[1] / 5.0
+        return labels
+
     def to_dict(self) -> dict[str, Any]:
         return {"corruptions": list(self.corruptions), "severity": list(self.severity), "p": self.p}
 

@@ -42,7 +42,8 @@ def write_model_card(
     training_options = {key: scheduler_options.get(key) for key in ("prediction_type", "input_perturbation", "offset_noise",
                                                                     "pyramid_noise_discount")}
     training_options.update({key: training_config.get(key) for key in (
-        "snr_gamma", "corruptions", "corruption_p", "corruption_severity", "augment", "augment_conditioning")})
+        "snr_gamma", "corruptions", "corruption_p", "corruption_severity", "corruption_conditioning", "augment",
+        "augment_conditioning")})
     sampling_options = {key: scheduler_options.get(key) for key in ("epsilon_scale_base", "epsilon_scale_slope")}
     card_data = ModelCardData(
         library_name="diffusers",

@@ -38,6 +38,7 @@ class TrainingConfig:
     corruptions: list[str] = field(default_factory=list)  # corruptions applied to training images, e.g. [gaussian_noise]
     corruption_p: float = 0.0  # probability that a training image is corrupted before noising
     corruption_severity: list[int] = field(default_factory=lambda: [1, 5])  # inclusive severity range drawn from
+    corruption_conditioning: bool = True  # feed which corruption a training image got to the UNet, zeros when sampling
     # Diffusion objective (null keeps the preset scheduler's value)
     prediction_type: str | None = None  # epsilon | v_prediction | sample
     input_perturbation: float | None = None  # DDPM-IP gamma (0.1 recommended)
@@ -197,7 +198,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
         is_list = typing.get_origin(kind) is list or any(typing.get_origin(a) is list for a in typing.get_args(kind))
         default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
         parser.add_argument(
-            f"--{item.name}", type=_parse_value(kind), nargs="+" if is_list else None, default=argparse.SUPPRESS,
+            f"--{item.name}", type=_parse_value(kind), nargs="*" if is_list else None, default=argparse.SUPPRESS,
             help=f"{helps.get(item.name, '')} (default: {default})",
         )
     return parser

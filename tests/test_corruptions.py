@@ -184,3 +184,10 @@ def test_random_corruption_round_trips_through_dict_and_yaml():
         assert restored.to_dict() == corrupt.to_dict() == {
             "corruptions": ["gaussian_noise", "jpeg_compression"], "severity": [1, 3], "p": 0.25}
     assert yaml.safe_load(corrupt.to_yaml())["p"] == 0.25
+
+
+def test_random_corruption_labels_mark_the_applied_corruption_and_severity():
+    corrupt = RandomCorruption(["gaussian_noise", "contrast"], severity=(1, 5), p=0.5)
+    labels = corrupt.labels([None, ("contrast", 5), ("gaussian_noise", 2)])
+    assert corrupt.label_dim == 2
+    assert torch.equal(labels, torch.tensor([[0.0, 0.0], [0.0, 1.0], [0.4, 0.0]]))

@@ -101,7 +101,10 @@ def main(argv: list[str] | None = None) -> None:
         corrupt = RandomCorruption(config.corruptions, config.corruption_severity, config.corruption_p)
     validation_corruptions = config.validation_corruptions if config.validation_corruptions is not None else config.corruptions
 
-    model = AugmentConditionedUNet(pipeline.unet, train_data.label_dim if config.augment_conditioning else 0)
+    # Conditioning vector: augment labels, then corruption labels; zeros at sampling time (non-leaking).
+    augment_dim = train_data.label_dim if config.augment_conditioning else 0
+    corruption_dim = corrupt.label_dim if corrupt is not None and config.corruption_conditioning else 0
+    model = AugmentConditionedUNet(pipeline.unet, augment_dim + corruption_dim)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                   weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
     train_dataloader = build_dataloader(config, train_data, config.seed)
@@ -215,12 +218,16 @@ def main(argv: list[str] | None = None) -> None:
                 clean = torch.zeros(1, channels, resolution, resolution, device=accelerator.device)
                 labels = torch.zeros(1, labels.shape[1], device=accelerator.device)
             with accelerator.accumulate(model):
+                conditioning = [labels[:, :augment_dim]]
                 if corrupt is not None:
-                    clean, _ = corrupt(clean, generator=generator)
+                    clean, applied = corrupt(clean, generator=generator)
+                    if corruption_dim:
+                        conditioning.append(corrupt.labels(applied, accelerator.device))
                 timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), generator=generator)
                 timesteps = timesteps.to(accelerator.device)
                 noised = scheduler.add_training_noise(clean, timesteps, generator=generator)
-                prediction = model(noised.noisy_images, timesteps, labels if config.augment_conditioning else None)
+                conditioning = torch.cat(conditioning, dim=1) if augment_dim + corruption_dim else None
+                prediction = model(noised.noisy_images, timesteps, conditioning)
                 weights = None
                 if config.snr_gamma is not None:
                     weights = min_snr_weights(scheduler.alphas_cumprod, timesteps, config.snr_gamma,

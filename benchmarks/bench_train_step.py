@@ -1,0 +1,110 @@
+"""Training-step throughput: our robust step versus the Diffusers example's loop, same UNet, data and run.
+
+Usage: python benchmarks/bench_train_step.py [--preset pipelines/ddpm-digits-16] [--batch-size 64] [--steps 30]
+
+The reference is the inner loop of Diffusers' `examples/unconditional_image_generation/train_unconditional.py`
+(random noise and timesteps, `add_noise`, UNet forward, MSE, backward, clip, AdamW, LR scheduler, EMA). Ours adds
+a RandomCorruption (p = 0.5), `add_training_noise` with input perturbation, augment-label conditioning and
+min-SNR weights. The two alternate in blocks of steps so machine noise hits both; images/s and the ratio are printed.
+"""
+
+import argparse
+import os
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from torch.utils.data import DataLoader
+
+from diffusers_robust import build_pipeline_from_preset
+from diffusers_robust.corruptions import RandomCorruption
+from diffusers_robust.data import collate_image_batch, load_image_dataset
+from diffusers_robust.losses import min_snr_weights, weighted_mse
+from diffusers_robust.models import AugmentConditionedUNet
+from diffusers_robust.trainer import configure_scheduler
+from diffusers_robust.training_config import TrainingConfig
+
+RECIPE = os.path.join(os.path.dirname(__file__), "..", "training", "configs", "augment", "edm.yaml")
+
+
+def batches(preset_unet, batch_size: int):
+    size = preset_unet.config.sample_size
+    loaded = load_image_dataset("digits", split="all", channels=preset_unet.config.in_channels, resolution=size,
+                                augment=RECIPE)
+    while True:
+        yield from DataLoader(loaded.dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                              collate_fn=collate_image_batch)
+
+
+def make_trainer(preset: str, robust: bool, label_dim: int):
+    pipeline = build_pipeline_from_preset(preset, seed=0)
+    config = TrainingConfig(input_perturbation=0.1 if robust else 0.0)
+    scheduler = configure_scheduler(pipeline.scheduler, config)
+    model = AugmentConditionedUNet(pipeline.unet, label_dim if robust else 0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=10, num_training_steps=10_000)
+    ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, power=0.75)
+    corrupt = RandomCorruption(["gaussian_noise", "impulse_noise"], (1, 3), p=0.5)
+
+    def step(batch, generator):
+        clean, labels = batch["pixel_values"], batch["augment_labels"]
+        if robust:
+            clean, _ = corrupt(clean, generator=generator)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), generator=generator)
+            noised = scheduler.add_training_noise(clean, t, generator=generator)
+            weights = min_snr_weights(scheduler.alphas_cumprod, t, 5.0)
+            loss = weighted_mse(model(noised.noisy_images, t, labels), noised.target, weights)
+        else:  # the Diffusers example
+            noise = torch.randn(clean.shape)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],))
+            loss = F.mse_loss(model(scheduler.add_noise(clean, noise, t), t), noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+        ema.step(model.parameters())
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="pipelines/ddpm-digits-16")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per trainer")
+    parser.add_argument("--block", type=int, default=5, help="steps per alternation block")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    unet = build_pipeline_from_preset(args.preset).unet
+    data = batches(unet, args.batch_size)
+    label_dim = next(data)["augment_labels"].shape[1]
+    trainers = {"diffusers example": make_trainer(args.preset, False, label_dim),
+                "diffusers-robust": make_trainer(args.preset, True, label_dim)}
+    generator = torch.Generator().manual_seed(0)
+    for step in trainers.values():  # warm-up
+        step(next(data), generator)
+    elapsed = dict.fromkeys(trainers, 0.0)
+    done = 0
+    while done < args.steps:
+        for name, step in trainers.items():
+            block = [next(data) for _ in range(args.block)]
+            start = time.perf_counter()
+            for batch in block:
+                step(batch, generator)
+            elapsed[name] += time.perf_counter() - start
+        done += args.block
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads "
+          f"{torch.get_num_threads()}; preset {args.preset}, batch {args.batch_size}, {done} steps each")
+    print("| loop | images/s |\n|---|---|")
+    rates = {name: done * args.batch_size / seconds for name, seconds in elapsed.items()}
+    for name, rate in rates.items():
+        print(f"| {name} | {rate:,.1f} |")
+    print(f"ratio (diffusers-robust / diffusers example): {rates['diffusers-robust'] / rates['diffusers example']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

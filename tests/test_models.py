@@ -1,0 +1,49 @@
+import pytest
+import torch
+from conftest import make_tiny_unet
+
+from diffusers_robust.models import AugmentConditionedUNet, export_unet
+
+
+def _trained_projection_model(augment_dim=5):
+    model = AugmentConditionedUNet(make_tiny_unet(), augment_dim=augment_dim)
+    torch.nn.init.normal_(model.augment_projection.weight, std=1.0)
+    # A UNet fresh from init barely reacts to its time embedding; give the embedding path real weights.
+    for module in model.unet.modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=0.5)
+    return model.eval()
+
+
+def test_zero_labels_give_exactly_the_exported_plain_unet():
+    model = _trained_projection_model()
+    plain = export_unet(model).eval()
+    assert plain.config.class_embed_type is None and plain.class_embedding is None
+    x, t = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 50, 900])
+    with torch.no_grad():
+        assert torch.equal(model(x, t), plain(x, t).sample)
+        assert torch.equal(model(x, t, torch.zeros(3, 5)), plain(x, t).sample)
+
+
+def test_non_zero_labels_change_the_prediction():
+    model = _trained_projection_model()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 10])
+    with torch.no_grad():
+        assert (model(x, t, torch.ones(2, 5)) - model(x, t)).abs().max() > 1e-3
+
+
+def test_projection_starts_at_zero_so_training_starts_from_the_unconditioned_unet():
+    model = AugmentConditionedUNet(make_tiny_unet(), augment_dim=4)
+    assert torch.count_nonzero(model.augment_projection.weight) == 0
+
+
+def test_wrong_label_shape_is_named():
+    model = AugmentConditionedUNet(make_tiny_unet(), augment_dim=4)
+    with pytest.raises(ValueError, match=r"augment_labels must have shape \(2, 4\)"):
+        model(torch.zeros(2, 1, 8, 8), torch.tensor([1, 2]), torch.zeros(2, 3))
+
+
+def test_no_conditioning_keeps_the_unet_as_is():
+    unet = make_tiny_unet()
+    model = AugmentConditionedUNet(unet, augment_dim=0)
+    assert model.unet is unet

@@ -1,0 +1,91 @@
+"""Bad training input stops with a clear message and loses nothing already saved."""
+
+import os
+import re
+import subprocess
+import sys
+
+import datasets
+import pytest
+from conftest import REPO_ROOT, SCRIPT, tiny_training_args, training_env
+
+from diffusers_robust.checkpoints import complete_checkpoints
+from diffusers_robust.training_config import TrainingConfig, parse_training_config
+
+
+def run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, SCRIPT, *args], env=training_env(), capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def text_parquet(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("text") / "captions.parquet"
+    datasets.Dataset.from_dict({"caption": ["a", "b", "c"]}).to_parquet(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(dataset="/no/such/images"), "dataset path /no/such/images does not exist"),
+    (dict(resolution=9), "resolution 9 cannot be downsampled .* multiple of 2"),
+    (dict(channels=3), "the data has 3 channels .* UNet takes 1"),
+    (dict(lr_scheduler="step"), "lr_scheduler must be one of"),
+    (dict(corruptions=["fog"], corruption_p=0.5), "unknown corruption 'fog'"),
+])
+def test_bad_input_stops_before_training_with_a_message(tiny_preset, tmp_path, overrides, message):
+    result = run(tiny_training_args(tiny_preset, tmp_path / "out", **overrides))
+    assert result.returncode != 0
+    assert re.search(message, result.stderr), result.stderr[-2000:]
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_dataset_without_image_column_is_named(tiny_preset, tmp_path, text_parquet):
+    result = run(tiny_training_args(tiny_preset, tmp_path / "out", dataset=text_parquet, validation_split="null"))
+    assert result.returncode != 0 and "no image column found" in result.stderr and "caption" in result.stderr
+
+
+def test_non_finite_loss_saves_a_checkpoint_then_stops_and_earlier_checkpoints_survive(tiny_preset, tmp_path):
+    output_dir = tmp_path / "out"
+    ok = run(tiny_training_args(tiny_preset, output_dir, max_train_steps=2, checkpointing_steps=2))
+    assert ok.returncode == 0
+    blown = run(tiny_training_args(tiny_preset, output_dir, resume_from_checkpoint="latest", max_train_steps=10,
+                                   learning_rate=1e35, lr_warmup_steps=0, lr_scheduler="constant", max_grad_norm="null",
+                                   checkpoints_total_limit="null"))
+    assert blown.returncode != 0
+    assert "the training loss became" in blown.stderr and "resume with --resume_from_checkpoint latest" in blown.stderr
+    names = [p.rsplit("/", 1)[-1] for p in complete_checkpoints(str(output_dir))]
+    assert names[0] == "checkpoint-2" and len(names) == 2  # the old checkpoint and the one saved before the blow-up
+
+
+def test_yaml_recipe_with_unknown_key_is_named(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("seed: 1\nlearning_rat: 0.001\n")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['learning_rat'\]"):
+        parse_training_config(["--config", str(recipe)])
+
+
+def test_command_line_overrides_the_recipe_and_parses_types(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("seed: 1\nuse_ema: true\ncorruptions: [gaussian_noise]\ncorruption_p: 0.5\n")
+    config = parse_training_config(["--config", str(recipe), "--seed", "7", "--use_ema", "false",
+                                    "--corruptions", "jpeg", "blur", "--max_grad_norm", "null"])
+    assert (config.seed, config.use_ema, config.corruptions, config.max_grad_norm) == (7, False, ["jpeg", "blur"], None)
+    assert config.corruption_p == 0.5
+
+
+@pytest.mark.parametrize("values,message", [
+    (dict(mixed_precision="fp8"), "mixed_precision"),
+    (dict(corruption_p=0.5), "non-empty corruptions"),
+    (dict(corruption_severity=[0, 3]), "corruption_severity"),
+    (dict(max_train_steps=None), "set max_train_steps or num_epochs"),
+    (dict(train_batch_size=0), "train_batch_size"),
+])
+def test_bad_values_are_named(values, message):
+    with pytest.raises(ValueError, match=message):
+        TrainingConfig(**values)
+
+
+def test_shipped_recipes_parse():
+    config = TrainingConfig.from_yaml(os.path.join(REPO_ROOT, "training", "configs", "digits.yaml"))
+    assert config.augment == "training/configs/augment/edm.yaml" and config.quality_samples == 256
+    cifar = TrainingConfig.from_yaml(os.path.join(REPO_ROOT, "training", "configs", "cifar10.yaml"))
+    assert cifar.pipeline == "pipelines/ddpm-cifar10-32" and cifar.mixed_precision == "bf16"
