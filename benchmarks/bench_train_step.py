@@ -1,6 +1,6 @@
 """Training-step throughput: our robust step versus the Diffusers example's loop, same UNet, data and run.
 
-Usage: python benchmarks/bench_train_step.py [--preset pipelines/ddpm-digits-16] [--batch-size 64] [--steps 30]
+Usage: python benchmarks/bench_train_step.py [--preset pipelines/ddpm-digits] [--batch-size 64] [--steps 30]
 
 The reference is the inner loop of Diffusers' `examples/unconditional_image_generation/train_unconditional.py`
 (random noise and timesteps, `add_noise`, UNet forward, MSE, backward, clip, AdamW, LR scheduler, EMA). Ours adds
@@ -73,7 +73,7 @@ def make_trainer(preset: str, robust: bool, label_dim: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="pipelines/ddpm-digits-16")
+    parser.add_argument("--preset", default="pipelines/ddpm-digits")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per trainer")
     parser.add_argument("--block", type=int, default=5, help="steps per alternation block")

@@ -21,7 +21,7 @@ def build_pipeline_from_preset(preset: str | os.PathLike, seed: int | None = Non
     Build a [`RobustDDPMPipeline`] with freshly initialised weights from a preset folder.
 
     A preset folder holds `model_index.json`, `unet/config.json` and `scheduler/scheduler_config.json`
-    (as `save_pretrained` writes them, without weights), for example `pipelines/ddpm-digits-16`.
+    (as `save_pretrained` writes them, without weights), for example `pipelines/ddpm-digits`.
 
     Args:
         preset (`str` or `os.PathLike`): the preset folder.
@@ -31,7 +31,7 @@ def build_pipeline_from_preset(preset: str | os.PathLike, seed: int | None = Non
 
     ```py
     >>> from diffusers_robust import build_pipeline_from_preset
-    >>> pipe = build_pipeline_from_preset("pipelines/ddpm-digits-16", seed=0)  # doctest: +SKIP
+    >>> pipe = build_pipeline_from_preset("pipelines/ddpm-digits", seed=0)  # doctest: +SKIP
     >>> pipe.unet.num_parameters()  # doctest: +SKIP
     ```
     """

@@ -20,7 +20,7 @@ class TrainingConfig:
     # Run
     seed: int = 0  # seeds weights, data order, augmentation, corruption and noise
     output_dir: str = "outputs/robust-ddpm"  # pipeline, checkpoints, samples, logs, metrics and model card go here
-    pipeline: str = "pipelines/ddpm-digits-16"  # preset folder (model_index.json + configs) to train from
+    pipeline: str = "pipelines/ddpm-digits"  # preset folder (model_index.json + configs) to train from
     # Data
     dataset: str = "digits"  # 'digits' (embedded), an image folder, parquet/arrow files, or a Hub dataset name
     dataset_split: str = "train"  # split to train on

@@ -53,7 +53,7 @@ def write_tiny_preset(folder) -> str:
     folder = str(folder)
     make_tiny_unet(sample_size=8, channels=1).save_config(os.path.join(folder, "unet"))
     RobustDDPMScheduler(num_train_timesteps=100).save_config(os.path.join(folder, "scheduler"))
-    shutil.copy(os.path.join(REPO_ROOT, "pipelines", "ddpm-digits-16", "model_index.json"), folder)
+    shutil.copy(os.path.join(REPO_ROOT, "pipelines", "ddpm-digits", "model_index.json"), folder)
     with open(os.path.join(folder, "model_index.json")) as handle:
         assert json.load(handle)["_class_name"] == "RobustDDPMPipeline"
     return folder

@@ -12,9 +12,19 @@ from conftest import SCRIPT, tiny_training_args, training_env
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port from a range of this pytest-xdist worker's own, so that workers launching at the same
+    moment never get the same one (an OS-assigned port, freed and handed out again, could collide and
+    join two launches into one process group, which hangs)."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    start = 20000 + 2000 * worker + os.getpid() % 1000
+    for port in range(start, start + 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")
 
 
 def launch_two_processes(args: list[str]) -> subprocess.CompletedProcess:

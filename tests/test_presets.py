@@ -8,7 +8,7 @@ from conftest import REPO_ROOT
 from diffusers_robust import RobustDDPMPipeline, RobustDDPMScheduler, build_pipeline_from_preset
 
 PRESETS = {  # name: (parameter count of the UNet, resolution, channels)
-    "ddpm-digits-16": (1_112_801, 16, 1),
+    "ddpm-digits": (1_112_801, 8, 1),
     "ddpm-cifar10-32": (35_746_307, 32, 3),  # Ho et al. 2020, CIFAR-10: 35.7M
     "ddpm-64": (71_436_803, 64, 3),
 }
@@ -34,7 +34,7 @@ def test_preset_folder_holds_configs_only_in_diffusers_layout(name):
 
 
 def test_seeded_preset_build_is_deterministic_and_leaves_global_rng_alone():
-    folder = os.path.join(REPO_ROOT, "pipelines", "ddpm-digits-16")
+    folder = os.path.join(REPO_ROOT, "pipelines", "ddpm-digits")
     torch.manual_seed(123)
     expected_next = torch.rand(1)
     torch.manual_seed(123)
@@ -46,10 +46,10 @@ def test_seeded_preset_build_is_deterministic_and_leaves_global_rng_alone():
 
 
 def test_digits_preset_pipeline_saves_and_loads(tmp_path):
-    pipe = build_pipeline_from_preset(os.path.join(REPO_ROOT, "pipelines", "ddpm-digits-16"), seed=0)
+    pipe = build_pipeline_from_preset(os.path.join(REPO_ROOT, "pipelines", "ddpm-digits"), seed=0)
     pipe.save_pretrained(tmp_path)
     loaded = RobustDDPMPipeline.from_pretrained(tmp_path)
-    assert loaded.unet.num_parameters() == PRESETS["ddpm-digits-16"][0]
+    assert loaded.unet.num_parameters() == PRESETS["ddpm-digits"][0]
 
 
 def test_bad_preset_folder_is_named_in_the_error(tmp_path):

@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     pipeline = build_pipeline_from_preset(config.pipeline, seed=config.seed)
     scheduler = configure_scheduler(pipeline.scheduler, config)
     channels, resolution = resolve_image_shape(pipeline.unet, config)
+    pipeline.unet.register_to_config(sample_size=resolution)  # the exported pipeline samples at the training size
     train_data = load_image_dataset(
         config.dataset, config.dataset_split, streaming=config.streaming, image_column=config.image_column,
         channels=channels, resolution=resolution, center_crop=config.center_crop, augment=config.augment,
@@ -130,6 +131,11 @@ def main(argv: list[str] | None = None) -> None:
         path = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
         accelerator.load_state(path)
         metadata = read_checkpoint_metadata(path)
+        if lr_scheduler.base_lrs[0] != config.learning_rate:  # the checkpoint restored the old peak LR
+            logger.warning(f"learning_rate {config.learning_rate} replaces the checkpoint's {lr_scheduler.base_lrs[0]}")
+            lr_scheduler.base_lrs = [config.learning_rate] * len(lr_scheduler.base_lrs)
+            for group, lr_lambda in zip(optimizer.param_groups, lr_scheduler.lr_lambdas, strict=True):
+                group["lr"] = config.learning_rate * lr_lambda(lr_scheduler.last_epoch)
         global_step, batches_consumed = metadata["step"], metadata["batches_consumed"]
         if train_data.streaming:
             load_stream_position(train_dataloader, path, rank)
@@ -320,7 +326,11 @@ def main(argv: list[str] | None = None) -> None:
         if config.push_to_hub:
             push_pipeline_to_hub(config.output_dir, repo_id, private=config.hub_private_repo)
             logger.info(f"pushed the pipeline to {repo_id}")
+    accelerator.wait_for_everyone()
     accelerator.end_training()
+    if torch.distributed.is_initialized():
+        # Without this, a rank can hang in interpreter shutdown (gloo) after its peer has exited.
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
