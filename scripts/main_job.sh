@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 start=$(date +%s)
 bash scripts/setup_env.sh
 export NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-.venv/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+.venv/bin/accelerate launch --num_processes 1 --num_machines 1 --num_cpu_threads_per_process "$(nproc)" \
+    --mixed_precision no --dynamo_backend no \
     training/train_robust_ddpm.py --config training/configs/digits.yaml "$@"
 .venv/bin/python - "$start" <<'PY'
 import json, sys, time
