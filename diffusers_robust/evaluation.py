@@ -72,18 +72,16 @@ def validation_losses(
     return losses
 
 
-def make_grid(images: Sequence[PIL.Image.Image] | np.ndarray, columns: int | None = None) -> PIL.Image.Image:
-    """Tile images (PIL list, or numpy `(B, H, W, C)` in `[0, 1]`) into one grid image."""
-    if isinstance(images, np.ndarray):
-        array = (images * 255).round().astype(np.uint8)
-        images = [PIL.Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in array]
-    columns = columns or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / columns)
-    width, height = images[0].size
-    grid = PIL.Image.new(images[0].mode, (columns * width, rows * height))
-    for index, image in enumerate(images):
-        grid.paste(image, ((index % columns) * width, (index // columns) * height))
-    return grid
+def make_grid(images: np.ndarray, columns: int | None = None) -> PIL.Image.Image:
+    """Tile images (numpy `(B, H, W, C)` in `[0, 1]`, as `output_type="np"` returns them) into one grid image."""
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import make_image_grid
+
+    pictures = DiffusionPipeline.numpy_to_pil(images)
+    columns = columns or math.ceil(math.sqrt(len(pictures)))
+    rows = math.ceil(len(pictures) / columns)
+    blank = PIL.Image.new(pictures[0].mode, pictures[0].size)
+    return make_image_grid(pictures + [blank] * (rows * columns - len(pictures)), rows=rows, cols=columns)
 
 
 def digits_classifier(seed: int = 0):
