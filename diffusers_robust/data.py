@@ -55,7 +55,9 @@ def load_digits_dataset() -> datasets.DatasetDict:
 
 
 def _looks_like_path(source: str) -> bool:
-    return source.startswith((os.sep, ".", "~")) or os.path.exists(source) or any(c in source for c in "*?")
+    """Local unless it reads as a Hub id (`name` or `owner/name`) that is not an existing path."""
+    return (source.startswith((os.sep, ".", "~")) or os.path.exists(source) or any(c in source for c in "*?")
+            or source.count("/") > 1 or source.endswith("/"))
 
 
 def _load_source(

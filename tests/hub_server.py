@@ -57,6 +57,13 @@ class HubHandler(BaseHTTPRequestHandler):
             headers["X-Error-Code"] = code
         self._send(status, json.dumps({"error": message}).encode(), headers)
 
+    def _repo(self, repo_id: str) -> Repo | None:
+        """The repository, or None after answering 404 as the Hub does."""
+        repo = self.state.repos.get(repo_id)
+        if repo is None:
+            self._error(404, "Repository not found", "RepoNotFound")
+        return repo
+
     def _body(self) -> bytes:
         return self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
 
@@ -89,9 +96,9 @@ class HubHandler(BaseHTTPRequestHandler):
         if not match:
             return self._error(404, f"unknown route {self.path}")
         repo_id, action, _ = match.groups()
-        repo = self.state.repos.get(repo_id)
+        repo = self._repo(repo_id)
         if repo is None:
-            return self._error(404, "Repository not found", "RepoNotFound")
+            return
         if action == "preupload":
             files = json.loads(body)["files"]
             return self._json(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
@@ -126,18 +133,18 @@ class HubHandler(BaseHTTPRequestHandler):
         self._record()
         match = re.fullmatch(r"/api/models/(.+?)/tree/([^/?]+)(?:\?.*)?", self.path)
         if match:
-            repo = self.state.repos.get(match.group(1))
+            repo = self._repo(match.group(1))
             if repo is None:
-                return self._error(404, "Repository not found", "RepoNotFound")
+                return
             entries = [{"type": "file", "path": name, "size": len(content), "oid": hashlib.sha1(content).hexdigest()}
                        for name, content in sorted(repo.files.items())]
             return self._json(200, entries, head)
         match = re.fullmatch(r"/api/models/(.+?)(?:/revision/([^/?]+))?(?:\?.*)?", self.path)
         if match and "/resolve/" not in self.path:
             repo_id = match.group(1)
-            repo = self.state.repos.get(repo_id)
+            repo = self._repo(repo_id)
             if repo is None:
-                return self._error(404, "Repository not found", "RepoNotFound")
+                return
             return self._json(200, {
                 "id": repo_id, "modelId": repo_id, "sha": repo.sha, "private": repo.private,
                 "siblings": [{"rfilename": name} for name in sorted(repo.files)],
@@ -146,16 +153,11 @@ class HubHandler(BaseHTTPRequestHandler):
         if not match:
             return self._error(404, f"unknown route {self.path}")
         repo_id, _, filename = match.groups()
-        repo = self.state.repos.get(repo_id)
+        repo = self._repo(repo_id)
         if repo is None:
-            return self._error(404, "Repository not found", "RepoNotFound")
-        if filename not in repo.files:
-            self.send_response(404)
-            self.send_header("X-Error-Code", "EntryNotFound")
-            self.send_header("X-Repo-Commit", repo.sha)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
             return
+        if filename not in repo.files:
+            return self._send(404, b"", {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": repo.sha}, head)
         content = repo.files[filename]
         etag = hashlib.sha256(content).hexdigest()
         self._send(200, content, {"ETag": f'"{etag}"', "X-Repo-Commit": repo.sha,

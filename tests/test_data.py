@@ -160,9 +160,10 @@ def test_no_image_column_is_a_clear_error(tmp_path):
         load_image_dataset(str(tmp_path / "text.parquet"), image_column="img")
 
 
-def test_missing_dataset_path_is_named():
-    with pytest.raises(FileNotFoundError, match="/no/such/folder"):
-        load_image_dataset("/no/such/folder")
+@pytest.mark.parametrize("path", ["/no/such/folder", "data/missing/images", "./missing"])
+def test_missing_dataset_path_is_named(path):
+    with pytest.raises(FileNotFoundError, match=f"dataset path {path} does not exist"):
+        load_image_dataset(path)
 
 
 def test_bad_split_channels_and_rank_are_named():
