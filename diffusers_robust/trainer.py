@@ -1,7 +1,9 @@
 """Helpers of the training loop in `training/train_robust_ddpm.py`: each small, pure where possible, tested."""
 
+import gc
 import math
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -82,3 +84,27 @@ def load_stream_position(dataloader, folder: str, rank: int) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{folder} holds no stream position for rank {rank}: was it saved with another world size?")
     dataloader.load_state_dict(torch.load(path, weights_only=False))
+
+
+def shutdown_distributed(accelerator) -> int:
+    """End training (trackers, process group) so that the gloo group's destructor never runs with the GIL held.
+
+    DDP's Reducer and c10d's native registry drop their reference to the process group with the GIL held. If theirs
+    is the last one while a gloo worker thread is still freeing a finished collective whose tensors need the GIL, the
+    group's destructor waits for that thread forever: a rare hang at the exit of multi-process CPU runs (seen in CI,
+    stack `~Reducer -> ~ProcessGroupGloo -> thread::join`). So the prepared objects are released first and the last
+    reference is a Python one, whose release drops the GIL before the join.
+
+    Call it after dropping your own references to the prepared model. Returns how many `DistributedDataParallel`
+    wrappers were still alive (0 unless a reference was kept somewhere; a warning is logged then).
+    """
+    accelerator.free_memory()  # forgets the prepared model, optimizer and dataloaders; runs gc
+    ddp = torch.nn.parallel.DistributedDataParallel
+    survivors = sum(issubclass(type(obj), ddp) for obj in gc.get_objects())  # type(): no __class__ lookups
+    if survivors:
+        warnings.warn(f"{survivors} DistributedDataParallel model(s) still referenced at shutdown; the process "
+                      "group is released with them, which can hang at exit", RuntimeWarning, stacklevel=2)
+    group = torch.distributed.group.WORLD if torch.distributed.is_initialized() else None
+    accelerator.end_training()  # destroys the process group; `group` keeps it alive until the line below
+    del group
+    return survivors

@@ -1,14 +1,18 @@
 """A real `accelerate launch` with two CPU processes (gloo)."""
 
+import contextlib
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
 
 import pytest
 from conftest import SCRIPT, tiny_training_args, training_env
+
+LAUNCH_TIMEOUT_SECONDS = int(os.environ.get("LAUNCH_TIMEOUT_SECONDS", "400"))
 
 
 def _free_port() -> int:
@@ -33,10 +37,23 @@ def launch_two_processes(args: list[str]) -> subprocess.CompletedProcess:
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), SCRIPT, *args,
     ]
-    result = subprocess.run(command, env=training_env(ACCELERATE_USE_CPU="1"), capture_output=True, text=True, timeout=400)
-    if result.returncode != 0:
-        raise AssertionError(f"accelerate launch failed:\n{result.stderr[-4000:]}")
-    return result
+    # Its own session, so that a hang can be diagnosed: SIGABRT to the whole group makes every rank print its
+    # Python stack (PYTHONFAULTHANDLER) before the test fails.
+    process = subprocess.Popen(command, env=training_env(ACCELERATE_USE_CPU="1", PYTHONFAULTHANDLER="1"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=LAUNCH_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGABRT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.communicate(timeout=30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"accelerate launch hung for {LAUNCH_TIMEOUT_SECONDS} s; stacks:\n{stderr[-20000:]}") from None
+    if process.returncode != 0:
+        raise AssertionError(f"accelerate launch failed:\n{stderr[-4000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 @pytest.mark.parametrize("streaming", [False, True])
@@ -45,7 +62,9 @@ def test_two_process_launch_trains_both_ranks_in_sync_with_the_right_lr(tiny_pre
     args = tiny_training_args(tiny_preset, tmp_path / "out", max_train_steps=steps, lr_warmup_steps=warmup,
                               gradient_accumulation_steps=accumulation, train_batch_size=batch, validation_steps=3,
                               checkpointing_steps=3, streaming=str(streaming).lower())
-    launch_two_processes(args)
+    result = launch_two_processes(args)
+    # The DDP wrapper was gone before the process group was destroyed (see `shutdown_distributed`).
+    assert "still referenced at shutdown" not in result.stderr
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["num_processes"] == 2
     # Both ranks trained on their own micro-batches: steps x accumulation x batch images each.

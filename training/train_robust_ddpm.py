@@ -43,6 +43,7 @@ from diffusers_robust.trainer import (
     parameter_checksum,
     resolve_image_shape,
     save_stream_position,
+    shutdown_distributed,
     step_seed,
     training_length,
 )
@@ -327,10 +328,8 @@ def main(argv: list[str] | None = None) -> None:
             push_pipeline_to_hub(config.output_dir, repo_id, private=config.hub_private_repo)
             logger.info(f"pushed the pipeline to {repo_id}")
     accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if torch.distributed.is_initialized():
-        # Without this, a rank can hang in interpreter shutdown (gloo) after its peer has exited.
-        torch.distributed.destroy_process_group()
+    model = optimizer = train_dataloader = batches = None  # the DDP wrapper must go before the process group
+    shutdown_distributed(accelerator)
 
 
 if __name__ == "__main__":
