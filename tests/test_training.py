@@ -162,3 +162,19 @@ def test_sigkill_then_resume_latest_matches_an_uninterrupted_run_bit_for_bit(tin
     final_reference = load_file(str(reference_dir / "unet" / "diffusion_pytorch_model.safetensors"))
     final_resumed = load_file(str(interrupted_dir / "unet" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(final_reference[k], final_resumed[k]) for k in final_reference)
+
+
+def test_bf16_mixed_precision_trains_and_exports_float32_weights(tiny_preset, tmp_path):
+    """The CIFAR-10 recipe's `mixed_precision: bf16` path (Accelerate's autocast; on the CPU here): losses stay
+    finite, and the exported pipeline holds float32 weights that sample like any other."""
+    output_dir = tmp_path / "bf16"
+    run_training(tiny_training_args(tiny_preset, output_dir, mixed_precision="bf16", corruptions=["gaussian_noise"],
+                                    corruption_p=0.5, snr_gamma=5.0))
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert len(metrics["loss_history"]) == 6 and all(math.isfinite(v) for v in metrics["loss_history"].values())
+    assert all(math.isfinite(v) for v in metrics["validation_losses"].values())
+    weights = load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.float32}
+    images = RobustDDPMPipeline.from_pretrained(output_dir)(
+        batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
