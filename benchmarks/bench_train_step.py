@@ -1,23 +1,29 @@
 """Training-step throughput: our robust step versus the Diffusers example's loop, same UNet, data and run.
 
 Usage: python benchmarks/bench_train_step.py [--preset pipelines/ddpm-digits] [--batch-size 64] [--steps 30]
+           [--device cuda] [--mixed-precision bf16] [--peak-tflops 989]
 
 The reference is the inner loop of Diffusers' `examples/unconditional_image_generation/train_unconditional.py`
 (random noise and timesteps, `add_noise`, UNet forward, MSE, backward, clip, AdamW, LR scheduler, EMA). Ours adds
 a RandomCorruption (p = 0.5), `add_training_noise` with input perturbation, augment-label conditioning and
 min-SNR weights. The two alternate in blocks of steps so machine noise hits both; images/s and the ratio are printed.
+Batches are decoded before a block's timer starts (the data pipeline has its own benchmark); moving them to the
+device is timed. The model FLOPs of one step (forward and backward, counted by `torch.utils.flop_counter`) give
+the achieved TFLOP/s and, with `--peak-tflops` (the device's dense peak at the chosen precision), its share.
 """
 
 import argparse
 import os
 import platform
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
 
 from diffusers_robust import build_pipeline_from_preset
 from diffusers_robust.corruptions import RandomCorruption
@@ -39,28 +45,37 @@ def batches(preset_unet, batch_size: int):
                               collate_fn=collate_image_batch)
 
 
-def make_trainer(preset: str, robust: bool, label_dim: int):
+def make_trainer(preset: str, robust: bool, label_dim: int, device: torch.device, amp_dtype: torch.dtype | None):
     pipeline = build_pipeline_from_preset(preset, seed=0)
     config = TrainingConfig(input_perturbation=0.1 if robust else 0.0)
     scheduler = configure_scheduler(pipeline.scheduler, config)
-    model = AugmentConditionedUNet(pipeline.unet, label_dim if robust else 0)
+    model = AugmentConditionedUNet(pipeline.unet, label_dim if robust else 0).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=10, num_training_steps=10_000)
     ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, power=0.75)
+    ema.to(device)
     corrupt = RandomCorruption(["gaussian_noise", "impulse_noise"], (1, 3), p=0.5)
 
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+
     def step(batch, generator):
-        clean, labels = batch["pixel_values"], batch["augment_labels"]
+        clean = batch["pixel_values"].to(device, non_blocking=True)
+        labels = batch["augment_labels"].to(device, non_blocking=True)
         if robust:
             clean, _ = corrupt(clean, generator=generator)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), generator=generator)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), generator=generator).to(device)
             noised = scheduler.add_training_noise(clean, t, generator=generator)
             weights = min_snr_weights(scheduler.alphas_cumprod, t, 5.0)
-            loss = weighted_mse(model(noised.noisy_images, t, labels), noised.target, weights)
+            with autocast():
+                prediction = model(noised.noisy_images, t, labels)
+            loss = weighted_mse(prediction.float(), noised.target, weights)
         else:  # the Diffusers example
-            noise = torch.randn(clean.shape)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],))
-            loss = F.mse_loss(model(scheduler.add_noise(clean, noise, t), t), noise)
+            noise = torch.randn(clean.shape, device=device)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), device=device)
+            with autocast():
+                prediction = model(scheduler.add_noise(clean, noise, t), t)
+            loss = F.mse_loss(prediction.float(), noise)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -71,38 +86,62 @@ def make_trainer(preset: str, robust: bool, label_dim: int):
     return step
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_flops(step, batch, generator) -> int:
+    """Floating-point operations of one training step (matrix products and convolutions, forward and backward)."""
+    with FlopCounterMode(display=False) as counter:
+        step(batch, generator)
+    return counter.get_total_flops()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="pipelines/ddpm-digits")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per trainer")
     parser.add_argument("--block", type=int, default=5, help="steps per alternation block")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no", help="autocast of the forward pass")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense peak at this precision, for the share of peak (H200 bf16: 989)")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    amp_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else None
     torch.manual_seed(0)
     unet = build_pipeline_from_preset(args.preset).unet
     data = batches(unet, args.batch_size)
     label_dim = next(data)["augment_labels"].shape[1]
-    trainers = {"diffusers example": make_trainer(args.preset, False, label_dim),
-                "diffusers-robust": make_trainer(args.preset, True, label_dim)}
+    trainers = {"diffusers example": make_trainer(args.preset, False, label_dim, device, amp_dtype),
+                "diffusers-robust": make_trainer(args.preset, True, label_dim, device, amp_dtype)}
     generator = torch.Generator().manual_seed(0)
     for step in trainers.values():  # warm-up
         step(next(data), generator)
+    flops = {name: step_flops(step, next(data), generator) for name, step in trainers.items()}
     elapsed = dict.fromkeys(trainers, 0.0)
     done = 0
     while done < args.steps:
         for name, step in trainers.items():
             block = [next(data) for _ in range(args.block)]
+            synchronize(device)
             start = time.perf_counter()
             for batch in block:
                 step(batch, generator)
+            synchronize(device)
             elapsed[name] += time.perf_counter() - start
         done += args.block
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads "
-          f"{torch.get_num_threads()}; preset {args.preset}, batch {args.batch_size}, {done} steps each")
-    print("| loop | images/s |\n|---|---|")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
+    print(f"device: {device_name}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}; "
+          f"preset {args.preset}, batch {args.batch_size}, mixed precision {args.mixed_precision}, {done} steps each")
+    print("| loop | images/s | GFLOP per step | TFLOP/s | share of peak |\n|---|---|---|---|---|")
     rates = {name: done * args.batch_size / seconds for name, seconds in elapsed.items()}
     for name, rate in rates.items():
-        print(f"| {name} | {rate:,.1f} |")
+        tflops = flops[name] * done / elapsed[name] / 1e12
+        share = f"{tflops / args.peak_tflops:.1%}" if args.peak_tflops else "-"
+        print(f"| {name} | {rate:,.1f} | {flops[name] / 1e9:,.1f} | {tflops:,.2f} | {share} |")
     print(f"ratio (diffusers-robust / diffusers example): {rates['diffusers-robust'] / rates['diffusers example']:.3f}")
 
 
