@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+import traceback
 
 import torch
 from accelerate import Accelerator
@@ -69,7 +70,6 @@ def build_dataloader(config: TrainingConfig, loaded, shuffle_seed: int):
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_training_config(argv)
-    started = time.perf_counter()
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
@@ -78,6 +78,17 @@ def main(argv: list[str] | None = None) -> None:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        train(config, accelerator)
+    except BaseException as error:
+        traceback.clear_frames(error.__traceback__)  # the failed run's locals (its DDP model) go before the group
+        raise
+    finally:
+        shutdown_distributed(accelerator)
+
+
+def train(config: TrainingConfig, accelerator: Accelerator) -> None:
+    started = time.perf_counter()
     set_seed(config.seed)
     rank, world_size = accelerator.process_index, accelerator.num_processes
 
@@ -328,8 +339,6 @@ def main(argv: list[str] | None = None) -> None:
             push_pipeline_to_hub(config.output_dir, repo_id, private=config.hub_private_repo)
             logger.info(f"pushed the pipeline to {repo_id}")
     accelerator.wait_for_everyone()
-    model = optimizer = train_dataloader = batches = None  # the DDP wrapper must go before the process group
-    shutdown_distributed(accelerator)
 
 
 if __name__ == "__main__":
