@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU run (one call of the device tool, H200 image: Python 3.12 with torch, accelerate, transformers).
 #
-#   bash benchmarks/gpu_check.sh fetch   # here, once: wheels of what the GPU image lacks into .whl/ (ignored by git)
+#   bash benchmarks/gpu_check.sh fetch   # here, once: wheels of what the GPU image lacks into .whl/ (git-ignored)
 #   bash benchmarks/gpu_check.sh run     # there, with `.whl` carried: bench at batch 128 in bf16, then the tests
 #
 # `run` writes gpu.txt, bench.txt and tests.txt under $OUT (or ./gpu-check-out); copy the figures with this command
@@ -16,7 +16,6 @@ importlib-metadata lazy-importer multiprocess pydantic pydantic-core simsimd str
 typing-inspection tzdata"
 
 fetch() {
-    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
     mkdir -p .whl
     local freeze name pin
     freeze=$(.venv/bin/python -m pip freeze)
