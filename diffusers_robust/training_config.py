@@ -132,7 +132,8 @@ class TrainingConfig:
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"{source}: unknown option(s) {unknown}")
-        return cls(**values)
+        hints = typing.get_type_hints(cls)
+        return cls(**{name: _coerce(name, hints[name], value, source) for name, value in values.items()})
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "TrainingConfig":
@@ -182,6 +183,38 @@ def _parse_value(kind: Any) -> typing.Callable[[str], Any]:
         return base(text)
 
     return parse
+
+
+def _coerce(name: str, kind: Any, value: Any, source: str) -> Any:
+    """`value` as the type of field `name`. YAML strings are parsed like the command line (so `1e-4`, which YAML
+    reads as a string, is a float); anything that does not fit raises `ValueError` naming the option."""
+    optional = type(None) in typing.get_args(kind)
+    base = next((a for a in typing.get_args(kind) if a is not type(None)), kind) if optional else kind
+    item_type = typing.get_args(base)[0] if typing.get_origin(base) is list else None
+    expected = f"a list of {item_type.__name__}" if item_type else base.__name__
+    parse = _parse_value(item_type or base)
+
+    def one(item: Any, wanted: type) -> Any:
+        if isinstance(item, str) and wanted is not str:
+            return parse(item)
+        if wanted is float and isinstance(item, int) and not isinstance(item, bool):
+            return float(item)
+        if not isinstance(item, wanted) or (wanted is int and isinstance(item, bool)):
+            raise TypeError
+        return item
+
+    if value is None:
+        if optional:
+            return None
+    else:
+        try:
+            if item_type is None:
+                return one(value, base)
+            if isinstance(value, list):
+                return [one(item, item_type) for item in value]
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            pass
+    raise ValueError(f"{source}: {name} must be {expected}{' or null' if optional else ''}, got {value!r}")
 
 
 def build_argument_parser() -> argparse.ArgumentParser:

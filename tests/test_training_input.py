@@ -84,6 +84,25 @@ def test_bad_values_are_named(values, message):
         TrainingConfig(**values)
 
 
+def test_yaml_strings_are_parsed_like_the_command_line(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("learning_rate: 1e-4\ntrain_batch_size: '32'\nmax_grad_norm: null\ncorruption_severity: [1, 3]\n")
+    config = parse_training_config(["--config", str(recipe)])  # YAML reads 1e-4 (no dot) as a string
+    assert (config.learning_rate, config.train_batch_size, config.max_grad_norm) == (1e-4, 32, None)
+
+
+@pytest.mark.parametrize("values,message", [
+    (dict(train_batch_size="eight"), "train_batch_size must be int, got 'eight'"),
+    (dict(use_ema="maybe"), "use_ema must be bool"),
+    (dict(corruptions="gaussian_noise"), "corruptions must be a list of str"),
+    (dict(seed=None), "seed must be int, got None"),
+    (dict(learning_rate=[0.1]), "learning_rate must be float, got \\[0.1\\]"),
+])
+def test_values_of_the_wrong_type_are_named(values, message):
+    with pytest.raises(ValueError, match=message):
+        TrainingConfig.from_dict(values, source="recipe.yaml")
+
+
 def test_shipped_recipes_parse():
     config = TrainingConfig.from_yaml(os.path.join(REPO_ROOT, "training", "configs", "digits.yaml"))
     assert config.corruption_conditioning and config.quality_samples == 256
