@@ -44,12 +44,7 @@ def denoising_loss(
             x0 = apply_corruption(x0, corruption, severity, generator=torch.Generator().manual_seed(generator_seed + start))
         timesteps = timesteps.to(device)
         noisy = scheduler.add_noise(x0, noise, timesteps)
-        if scheduler.config.prediction_type == "epsilon":
-            target = noise
-        elif scheduler.config.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(x0, noise, timesteps)
-        else:
-            target = x0
+        target = scheduler.training_target(x0, noise, timesteps)
         prediction = model(noisy, timesteps)
         total += F.mse_loss(prediction.float(), target.float(), reduction="sum").item()
         count += target.numel()

@@ -154,17 +154,19 @@ class RobustNoiseMixin:
             )
             model_input_noise = noise + self.config.input_perturbation * perturbation
         noisy_images = self.add_noise(clean_images, model_input_noise, timesteps)
+        target = self.training_target(clean_images, noise, timesteps)
+        return TrainingNoiseOutput(noisy_images=noisy_images, target=target, noise=noise)
 
+    def training_target(self, clean_images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the model regresses for the configured `prediction_type`: `noise`, the velocity, or `clean_images`."""
         prediction_type = self.config.prediction_type
         if prediction_type == "epsilon":
-            target = noise
-        elif prediction_type == "v_prediction":
-            target = self.get_velocity(clean_images, noise, timesteps)
-        elif prediction_type == "sample":
-            target = clean_images
-        else:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got '{prediction_type}'")
-        return TrainingNoiseOutput(noisy_images=noisy_images, target=target, noise=noise)
+            return noise
+        if prediction_type == "v_prediction":
+            return self.get_velocity(clean_images, noise, timesteps)
+        if prediction_type == "sample":
+            return clean_images
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got '{prediction_type}'")
 
     def epsilon_scale(self, timestep: int | torch.Tensor) -> float | torch.Tensor:
         """`lambda_t = epsilon_scale_slope * t + epsilon_scale_base` for a training timestep `t`."""
