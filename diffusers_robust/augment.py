@@ -112,10 +112,8 @@ class AugmentPipeline:
     """
 
     def __init__(self, compose: A.Compose, seed: int | None = None):
-        recipe = A.to_dict(compose)
-        self.compose = A.from_dict(recipe)
+        self.compose = A.from_dict(A.to_dict(compose))  # a copy of its own, recording applied parameters
         self.compose.save_applied_params = True
-        self._recipe = recipe
         self._leaf_objects = _leaf_transforms(self.compose)
         self.leaves = [type(leaf).__name__ for leaf in self._leaf_objects]
         if seed is not None:

@@ -40,7 +40,7 @@ class TrainingConfig:
     corruption_severity: list[int] = field(default_factory=lambda: [1, 5])  # inclusive severity range drawn from
     corruption_conditioning: bool = True  # feed which corruption a training image got to the UNet, zeros when sampling
     # Diffusion objective (null keeps the preset scheduler's value)
-    prediction_type: str | None = None  # epsilon | v_prediction | sample
+    prediction_type: str | None = None  # epsilon, v_prediction or sample; null: the preset scheduler's
     input_perturbation: float | None = None  # DDPM-IP gamma (0.1 recommended)
     offset_noise: float | None = None  # std of per-channel offset noise
     pyramid_noise_discount: float | None = None  # multi-resolution noise discount; 0 = off
@@ -53,14 +53,14 @@ class TrainingConfig:
     num_epochs: int | None = None  # epochs, used when max_train_steps is null
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     learning_rate: float = 2e-4  # peak learning rate
-    lr_scheduler: str = "cosine"  # cosine | constant | linear (after warm-up)
+    lr_scheduler: str = "cosine"  # cosine, constant or linear (after warm-up)
     lr_warmup_steps: int = 100  # linear warm-up, in optimizer steps
     adam_beta1: float = 0.9  # AdamW beta1
     adam_beta2: float = 0.999  # AdamW beta2
     adam_weight_decay: float = 0.0  # AdamW decoupled weight decay
     adam_epsilon: float = 1e-8  # AdamW epsilon
     max_grad_norm: float | None = 1.0  # gradient clipping norm; null: no clipping
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    mixed_precision: str = "no"  # no, fp16 or bf16
     # EMA
     use_ema: bool = True  # keep an exponential moving average of the weights; the EMA weights are exported
     ema_max_decay: float = 0.9999  # upper bound of the EMA decay
@@ -79,7 +79,7 @@ class TrainingConfig:
     num_inference_steps: int = 50  # DDIM steps for sample grids
     quality_samples: int = 0  # digits only: score N samples with a classifier of the real digits; 0 = off
     # Logging and Hub
-    logger: str = "tensorboard"  # tensorboard | wandb | none
+    logger: str = "tensorboard"  # tensorboard, wandb or none
     push_to_hub: bool = False  # upload the pipeline and model card (never checkpoints or logs)
     hub_model_id: str | None = None  # 'user/name'; defaults to the output folder's name
     hub_private_repo: bool = False  # create the Hub repository as private
