@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from diffusers import UNet2DModel
 
 from .schedulers import RobustDDPMScheduler
@@ -86,7 +87,7 @@ def load_stream_position(dataloader, folder: str, rank: int) -> None:
     dataloader.load_state_dict(torch.load(path, weights_only=False))
 
 
-def shutdown_distributed(accelerator) -> int:
+def shutdown_distributed(accelerator: Accelerator) -> int:
     """End training (trackers, process group) so that the gloo group's destructor never runs with the GIL held.
 
     DDP's Reducer and c10d's native registry drop their reference to the process group with the GIL held. If theirs
