@@ -16,6 +16,9 @@ PIPELINE_FILES = [
     "metrics.json",
     "training_config.yaml",
     "samples/final.png",
+    "evaluation/report.json",
+    "evaluation/report.md",
+    "evaluation/*.png",
 ]
 
 
@@ -61,6 +64,28 @@ def write_model_card(
         f"{quality['confident_fraction']:.1%} classified with probability >= 0.8; "
         f"{quality['classes_present']} of 10 classes present.\n" if quality else ""
     )
+    report = metrics.get("report")
+    report_text = ""
+    if report:
+        from .report import restoration_markdown
+
+        generation = report["generation"]
+        report_text = f"""
+## Held-out evaluation
+
+Restoration of {report["num_images"]} held-out images (`{report["split"]}`) per corruption, beside the corrupted input and
+a 3x3 median filter (PSNR in dB of the set's mean squared error; evaluation seed {report["seed"]}). Restore with
+`pipe(image=..., corruption=..., severity=...)`.
+
+{restoration_markdown(report["restoration"])}
+
+![restoration](evaluation/restoration.png)
+
+Generation ({generation["samples"]} samples, {report["sampler"]}): FID {generation["fid"]:.3f} and KID {generation["kid"]:.5f}
+against the held-out images with {generation["feature_extractor"]} features. Full report: `evaluation/report.md`.
+
+![evaluation samples](evaluation/samples.png)
+"""
     body = f"""
 # {repo_id}
 
@@ -87,6 +112,7 @@ clean and with the validation corruptions at severities {training_config.get("va
 {_format_losses(validation) if validation else "No validation split was configured."}
 {quality_text}
 ![samples](samples/final.png)
+{report_text}
 
 ## Usage
 

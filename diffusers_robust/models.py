@@ -1,7 +1,8 @@
 """UNet conditioning on augment labels (non-leaking augmentation, Karras et al. 2022)."""
 
 import torch
-from diffusers import UNet2DModel
+from diffusers import ConfigMixin, ModelMixin, UNet2DModel
+from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 
@@ -75,3 +76,62 @@ def export_unet(model: AugmentConditionedUNet | nn.Module) -> UNet2DModel:
     plain = UNet2DModel.from_config(config)
     plain.load_state_dict(unet.state_dict())
     return plain
+
+
+class ConditionEmbedding(ModelMixin, ConfigMixin):
+    r"""
+    The learned embedding of a conditioning vector, saved with a pipeline that was trained to restore.
+
+    A bias-free linear map from the labels `(B, L)` into the UNet's time-embedding space, added to the time embedding
+    (what [`AugmentConditionedUNet`] does while training). All-zero labels add exactly zero, so the UNet alone is the
+    unconditional model; `labels_for` builds the labels that ask it to undo a corruption.
+
+    Args:
+        label_names (`list[str]`): one name per label slot: `augment/<i>` for augment labels, `corruption/<name>` for the
+            corruption slots (value `severity / 5`).
+        embedding_dim (`int`): the UNet's time-embedding width.
+
+    Example:
+
+    ```py
+    >>> from diffusers_robust.models import ConditionEmbedding
+    >>> embedding = ConditionEmbedding(["corruption/gaussian_noise", "corruption/impulse_noise"], embedding_dim=16)
+    >>> embedding.labels_for("impulse_noise", 5, batch_size=2).tolist()
+    [[0.0, 1.0], [0.0, 1.0]]
+    ```
+    """
+
+    @register_to_config
+    def __init__(self, label_names: list[str], embedding_dim: int):
+        super().__init__()
+        self.projection = nn.Linear(len(label_names), embedding_dim, bias=False)
+        nn.init.zeros_(self.projection.weight)
+
+    @property
+    def corruptions(self) -> list[str]:
+        """The corruptions the model was trained to undo."""
+        prefix = "corruption/"
+        return [name[len(prefix):] for name in self.config.label_names if name.startswith(prefix)]
+
+    def labels_for(self, corruption: str, severity: int, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Labels `(batch_size, L)` meaning "corrupted by `corruption` at `severity` (1..5)", as in training."""
+        slot = f"corruption/{corruption}"
+        if slot not in self.config.label_names:
+            raise ValueError(f"this model was trained to undo {self.corruptions}, not '{corruption}'")
+        labels = torch.zeros(batch_size, len(self.config.label_names), device=device)
+        labels[:, self.config.label_names.index(slot)] = severity / 5.0
+        return labels
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        """`(B, L)` labels -> `(B, embedding_dim)` addition to the time embedding."""
+        return self.projection(labels.to(self.projection.weight.dtype))
+
+
+def export_condition_embedding(model: AugmentConditionedUNet, label_names: list[str]) -> ConditionEmbedding:
+    """The trained label projection of `model` as a [`ConditionEmbedding`] (a pipeline component)."""
+    if model.augment_dim != len(label_names):
+        raise ValueError(f"the model has {model.augment_dim} label slots, got {len(label_names)} names")
+    weight = model.augment_projection.weight.detach()
+    embedding = ConditionEmbedding(list(label_names), weight.shape[0])
+    embedding.projection.weight.data.copy_(weight)
+    return embedding

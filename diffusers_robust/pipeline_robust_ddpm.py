@@ -7,9 +7,25 @@ import os
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin, UNet2DModel
+from diffusers import DiffusionPipeline, ImagePipelineOutput, RePaintScheduler, SchedulerMixin, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import hf_hub_download, snapshot_download
+
+from .models import ConditionEmbedding
+from .restoration import (
+    DETECTION_SIGMA,
+    LEARNED_RESTORATION_SIGMA,
+    MAX_OPERATOR_PIXELS,
+    RestorationPlan,
+    data_consistency,
+    denoise_from_timestep,
+    detect_missing_pixels,
+    estimate_noise_sigma,
+    noise_matched_timestep,
+    operator_matrix,
+    plan_restoration,
+    pseudo_inverse,
+)
 
 ImageInput = PIL.Image.Image | list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
@@ -27,6 +43,8 @@ class RobustDDPMPipeline(DiffusionPipeline):
     Args:
         unet ([`~diffusers.UNet2DModel`]): the denoiser, predicting what the scheduler's `prediction_type` says.
         scheduler ([`~diffusers.SchedulerMixin`]): e.g. [`RobustDDPMScheduler`] or [`RobustDDIMScheduler`].
+        condition_embedding ([`~diffusers_robust.models.ConditionEmbedding`], *optional*): present when the model was
+            trained to restore (`restoration_training`); generation never uses it.
 
     Example:
 
@@ -42,10 +60,11 @@ class RobustDDPMPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "unet"
+    _optional_components = ["condition_embedding"]
 
-    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, condition_embedding: ConditionEmbedding | None = None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_modules(unet=unet, scheduler=scheduler, condition_embedding=condition_embedding)
 
     @classmethod
     def download(cls, pretrained_model_name: str, **kwargs) -> str:
@@ -96,7 +115,11 @@ class RobustDDPMPipeline(DiffusionPipeline):
             image = image[None]
         if image.ndim != 4:
             raise ValueError(f"image as a tensor must be (C, H, W) or (B, C, H, W), got shape {tuple(image.shape)}")
+        if image.is_complex() or image.shape[0] == 0:
+            raise ValueError(f"image must be a non-empty batch of real values, got {image.dtype} of shape {tuple(image.shape)}")
         image = image.float()
+        if not torch.isfinite(image).all():
+            raise ValueError("image contains NaN or infinite values")
         if image.min() < 0 or image.max() > 1:
             raise ValueError(
                 f"image values must lie in [0, 1] (as output_type 'np' and 'pt' return them), "
@@ -119,6 +142,22 @@ class RobustDDPMPipeline(DiffusionPipeline):
             kwargs["eta"] = eta
         return kwargs
 
+    def _denoiser(self, labels: torch.Tensor | None = None):
+        """`(x_t, t) -> eps` from the UNet; with `labels`, their embedding is added to the time embedding (as in
+        training), through a forward hook on `unet.time_embedding`, so the saved UNet stays a plain `UNet2DModel`."""
+
+        def predict(sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            if labels is None:
+                return self.unet(sample, timesteps).sample
+            added = self.condition_embedding(labels).to(sample.dtype)
+            handle = self.unet.time_embedding.register_forward_hook(lambda module, args, output: output + added)
+            try:
+                return self.unet(sample, timesteps).sample
+            finally:
+                handle.remove()
+
+        return predict
+
     @torch.no_grad()
     def __call__(
         self,
@@ -128,11 +167,36 @@ class RobustDDPMPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         image: ImageInput | None = None,
-        strength: float = 0.3,
+        strength: float | None = None,
         eta: float = 0.0,
+        corruption: str | None = None,
+        severity: int | None = None,
+        noise_sigma: float | None = None,
+        mask: torch.Tensor | np.ndarray | None = None,
+        restoration_steps: int | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""
-        Generate images, or restore `image` by noising it to `t = strength * T` and denoising.
+        Generate images, or restore corrupted ones (`image=`).
+
+        Restoration, by what is known about the damage:
+
+        - `noise_sigma=S`, or `corruption="gaussian_noise", severity=K`: Gaussian noise of std S (`[0, 1]` units). The
+          image is scaled into the forward process at the timestep whose noise level matches (no fresh noise) and
+          denoised: one step gives the posterior mean (best PSNR), `restoration_steps > 1` deterministic DDIM steps.
+        - `corruption="auto"`: the noise std is estimated from each image (Haar wavelet MAD), then as above.
+        - `corruption="impulse_noise"` / `"salt_and_pepper"` / `"masking"` (severity optional), or `mask=`: the hit pixels
+          are treated as missing (detected as extreme values that the prior disagrees with, or `mask` where it is 1)
+          and inpainted with RePaint; untouched pixels are kept exactly.
+        - `corruption="gaussian_blur"` / `"pixelate"` / `"contrast"` with `severity`: the operator is known, so each DDIM
+          step's clean estimate is projected onto the images the operator maps to the input (DDNM).
+        - other corruptions (`shot_noise`, `speckle_noise`, `jpeg_compression`, `brightness`): the noise-matched start
+          with the estimated noise std.
+        - A pipeline trained with `restoration_training` (it has a `condition_embedding`) restores the corruptions it
+          was trained on with its learned, corruption-conditioned denoiser instead.
+        - `strength=s` alone: SDEdit. Fresh noise to `t = s * T`, then `s * num_inference_steps` steps; the input is then
+          under noise of std `sqrt((1 - abar_t) / abar_t) / 2` in `[0, 1]` units (0.08 at s = 0.1, 0.23 at 0.2, 0.56 at
+          0.3 for the linear schedule), so it suits heavy damage, not mild noise. It is the default (0.3) when no other
+          restoration argument is given.
 
         Args:
             batch_size (`int`, *optional*, defaults to 1):
@@ -140,7 +204,7 @@ class RobustDDPMPipeline(DiffusionPipeline):
             generator (`torch.Generator` or list of them, *optional*):
                 Seeded source of noise; a list of `batch_size` generators gives each image its own noise.
             num_inference_steps (`int`, *optional*, defaults to 1000):
-                Denoising steps for a full generation; restoration runs the last `strength` share of them.
+                Denoising steps for a full generation; SDEdit runs the last `strength` share of them.
             output_type (`str`, *optional*, defaults to `"pil"`):
                 `"pil"` (list of `PIL.Image`), `"np"` (`(B, H, W, C)` in `[0, 1]`) or `"pt"` (`(B, C, H, W)` in `[0, 1]`).
             return_dict (`bool`, *optional*, defaults to `True`):
@@ -149,10 +213,21 @@ class RobustDDPMPipeline(DiffusionPipeline):
                 Corrupted images to restore: PIL, numpy `(B, H, W, C)` / tensor `(B, C, H, W)` with values in
                 `[0, 1]` (uint8 numpy in `[0, 255]`). PIL images are converted to the UNet's channel count;
                 arrays and tensors must already have it, and the UNet's `sample_size`.
-            strength (`float`, *optional*, defaults to 0.3):
-                In `(0, 1]`: how far the input is noised before denoising; 1 discards it entirely.
+            strength (`float`, *optional*):
+                SDEdit only, in `(0, 1]`: how far the input is noised before denoising; 1 discards it entirely.
             eta (`float`, *optional*, defaults to 0.0):
-                DDIM's eta, passed to schedulers whose `step` takes it.
+                DDIM's eta, passed to schedulers whose `step` takes it (generation and SDEdit).
+            corruption (`str`, *optional*):
+                What damaged `image`: a name from `diffusers_robust.corruptions` (aliases accepted) or `"auto"`.
+            severity (`int`, *optional*):
+                1..5, the corruption table's severity; required for Gaussian noise and the linear corruptions.
+            noise_sigma (`float`, *optional*):
+                Gaussian noise std in `[0, 1]` image units, for noise outside the table.
+            mask (`torch.Tensor` or `np.ndarray`, *optional*):
+                `(B, 1, H, W)` tensor or `(B, H, W, 1)` array (or one image's `(H, W)`), 1 where a pixel is missing.
+            restoration_steps (`int`, *optional*):
+                Denoiser calls of a restoration: defaults to 1 (posterior mean) for noise and 50 for inpainting and
+                data consistency.
 
         Returns:
             [`~diffusers.ImagePipelineOutput`] or `tuple`: the images in the format of `output_type`.
@@ -164,40 +239,32 @@ class RobustDDPMPipeline(DiffusionPipeline):
         >>> from diffusers_robust import RobustDDPMPipeline
         >>> pipe = RobustDDPMPipeline.from_pretrained("path/to/output_dir")  # doctest: +SKIP
         >>> noisy = np.clip(clean + 0.1 * np.random.randn(*clean.shape), 0, 1)  # doctest: +SKIP
-        >>> restored = pipe(image=noisy, strength=0.3, output_type="np").images  # doctest: +SKIP
+        >>> restored = pipe(image=noisy, noise_sigma=0.1, output_type="np").images  # doctest: +SKIP
+        >>> restored = pipe(image=noisy, corruption="auto", output_type="np").images  # doctest: +SKIP
+        >>> inpainted = pipe(image=damaged, corruption="salt_and_pepper", output_type="np").images  # doctest: +SKIP
         ```
         """
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got '{output_type}'")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        device = self._execution_device
-        self.scheduler.set_timesteps(num_inference_steps)
-        timesteps = self.scheduler.timesteps
-
+        _check_count("num_inference_steps", num_inference_steps)
+        if restoration_steps is not None:
+            _check_count("restoration_steps", restoration_steps)
         if image is None:
-            if batch_size < 1:
-                raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            given = [name for name, value in (("strength", strength), ("corruption", corruption), ("severity", severity),
+                                              ("noise_sigma", noise_sigma), ("mask", mask)) if value is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} need an image to restore: pass image=")
+            _check_count("batch_size", batch_size)
             self._check_generators(generator, batch_size)
-            size = self.unet.config.sample_size
-            size = (size, size) if isinstance(size, int) else tuple(size)
+            size = self._sample_size()
             shape = (batch_size, self.unet.config.in_channels, *size)
-            sample = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+            sample = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
+            sample = self._sample(sample, self._timesteps(num_inference_steps), generator, eta)
         else:
-            if not 0 < strength <= 1:
-                raise ValueError(f"strength must be in (0, 1], got {strength}")
-            clean = self._image_to_tensor(image)
-            self._check_generators(generator, clean.shape[0])
-            steps_to_run = min(max(round(num_inference_steps * strength), 1), len(timesteps))
-            timesteps = timesteps[len(timesteps) - steps_to_run :]
-            noise = randn_tensor(clean.shape, generator=generator, device=device, dtype=clean.dtype)
-            start = timesteps[:1].repeat(clean.shape[0])
-            sample = self.scheduler.add_noise(clean, noise, start)
-
-        step_kwargs = self._step_kwargs(generator, eta)
-        for t in self.progress_bar(timesteps):
-            model_output = self.unet(sample, t).sample
-            sample = self.scheduler.step(model_output, t, sample, **step_kwargs).prev_sample
+            corrupted = self._image_to_tensor(image)
+            self._check_generators(generator, corrupted.shape[0])
+            plan = plan_restoration(corruption, severity, noise_sigma, mask, strength)
+            sample = self._restore(corrupted, plan, generator, num_inference_steps, eta, restoration_steps)
 
         images = (sample / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
@@ -208,6 +275,93 @@ class RobustDDPMPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+    def _sample_size(self) -> tuple[int, int]:
+        size = self.unet.config.sample_size
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    def _timesteps(self, num_inference_steps: int) -> torch.Tensor:
+        self.scheduler.set_timesteps(num_inference_steps)
+        return self.scheduler.timesteps
+
+    def _sample(self, sample: torch.Tensor, timesteps: torch.Tensor, generator, eta: float) -> torch.Tensor:
+        """Run the scheduler's reverse process over `timesteps`."""
+        step_kwargs = self._step_kwargs(generator, eta)
+        for t in self.progress_bar(timesteps):
+            model_output = self.unet(sample, t).sample
+            sample = self.scheduler.step(model_output, t, sample, **step_kwargs).prev_sample
+        return sample
+
+    def _restore(self, corrupted: torch.Tensor, plan: "RestorationPlan", generator, num_inference_steps: int,
+                 eta: float, steps: int | None) -> torch.Tensor:
+        """Dispatch a validated [`RestorationPlan`]; `corrupted` is `(B, C, H, W)` in `[-1, 1]`."""
+        alphas = self.scheduler.alphas_cumprod.to(corrupted.device)
+        batch = corrupted.shape[0]
+        if plan.method == "sdedit":
+            timesteps = self._timesteps(num_inference_steps)
+            steps_to_run = min(max(round(num_inference_steps * plan.strength), 1), len(timesteps))
+            timesteps = timesteps[len(timesteps) - steps_to_run:]
+            noise = randn_tensor(corrupted.shape, generator=generator, device=corrupted.device, dtype=corrupted.dtype)
+            sample = self.scheduler.add_noise(corrupted, noise, timesteps[:1].repeat(batch))
+            return self._sample(sample, timesteps, generator, eta)
+        if plan.corruption is not None and self._learned(plan.corruption):
+            labels = self.condition_embedding.labels_for(plan.corruption, plan.severity or 3, batch, corrupted.device)
+            return self._restore_learned(corrupted, labels, generator, steps or 1)
+        if plan.method == "inpaint":
+            missing = self._missing_pixels(corrupted, plan, alphas)
+            return self._inpaint(corrupted, missing, generator, steps or 50)
+        if plan.method == "linear" and corrupted.shape[-1] * corrupted.shape[-2] <= MAX_OPERATOR_PIXELS:
+            matrix = operator_matrix(plan.corruption, plan.severity, *corrupted.shape[-2:])
+            projection = data_consistency(corrupted, matrix, pseudo_inverse(matrix))
+            noise = randn_tensor(corrupted.shape, generator=generator, device=corrupted.device, dtype=corrupted.dtype)
+            start = torch.full((batch,), len(alphas) - 1, dtype=torch.long)
+            return denoise_from_timestep(self._denoiser(), alphas, noise, start, steps or 50, projection)
+        sigma = plan.noise_sigma if plan.noise_sigma is not None else estimate_noise_sigma(corrupted)
+        start = noise_matched_timestep(alphas, torch.as_tensor(sigma).expand(batch))
+        sample = alphas[start].view(-1, 1, 1, 1).sqrt().to(corrupted.dtype) * corrupted
+        return denoise_from_timestep(self._denoiser(), alphas, sample, start, steps or 1)
+
+    def _learned(self, corruption: str) -> bool:
+        return self.condition_embedding is not None and corruption in self.condition_embedding.corruptions
+
+    def _restore_learned(self, corrupted: torch.Tensor, labels: torch.Tensor, generator, steps: int) -> torch.Tensor:
+        """The corruption-conditioned denoiser, as trained: fresh noise at a low timestep, then deterministic steps."""
+        alphas = self.scheduler.alphas_cumprod.to(corrupted.device)
+        start = noise_matched_timestep(alphas, torch.full((corrupted.shape[0],), LEARNED_RESTORATION_SIGMA))
+        alpha = alphas[start].view(-1, 1, 1, 1).to(corrupted.dtype)
+        noise = randn_tensor(corrupted.shape, generator=generator, device=corrupted.device, dtype=corrupted.dtype)
+        sample = alpha.sqrt() * corrupted + (1 - alpha).sqrt() * noise
+        return denoise_from_timestep(self._denoiser(labels), alphas, sample, start, steps)
+
+    def _missing_pixels(self, corrupted: torch.Tensor, plan: "RestorationPlan", alphas: torch.Tensor) -> torch.Tensor:
+        """`(B, 1, H, W)` bool, True where a pixel is missing: the caller's mask, or detected outliers."""
+        if plan.mask is not None:
+            return _mask_to_tensor(plan.mask, corrupted)
+        # Reference: the prior's posterior mean under heavy smoothing, which an impulse or a hole does not survive.
+        start = noise_matched_timestep(alphas, torch.full((corrupted.shape[0],), DETECTION_SIGMA))
+        sample = alphas[start].view(-1, 1, 1, 1).sqrt().to(corrupted.dtype) * corrupted
+        reference = denoise_from_timestep(self._denoiser(), alphas, sample, start, 1)
+        return detect_missing_pixels(corrupted, reference, plan.corruption)
+
+    def _inpaint(self, corrupted: torch.Tensor, missing: torch.Tensor, generator, steps: int) -> torch.Tensor:
+        """RePaint through Diffusers' `RePaintScheduler` (resampling jumps of 5 steps, twice), known pixels kept."""
+        # The model's own betas (whatever schedule or rescaling made them), so both processes are the same.
+        config = self.scheduler.config
+        scheduler = RePaintScheduler(num_train_timesteps=config.num_train_timesteps, clip_sample=config.clip_sample,
+                                     trained_betas=self.scheduler.betas.numpy())
+        scheduler.set_timesteps(steps, jump_length=5, jump_n_sample=2, device=corrupted.device)
+        known = (~missing).to(corrupted.dtype)
+        sample = randn_tensor(corrupted.shape, generator=generator, device=corrupted.device, dtype=corrupted.dtype)
+        single = generator[0] if isinstance(generator, list) else generator  # undo_step takes one generator
+        previous = scheduler.timesteps[0] + 1
+        for t in self.progress_bar(scheduler.timesteps):
+            if t < previous:
+                eps = self.unet(sample, t).sample
+                sample = scheduler.step(eps, t, sample, corrupted, known, generator).prev_sample
+            else:
+                sample = scheduler.undo_step(sample, previous, single)
+            previous = t
+        return known * corrupted + (1 - known) * sample.clamp(-1, 1)
 
     @staticmethod
     def _check_generators(generator, batch_size: int) -> None:
@@ -222,3 +376,29 @@ def load_pipeline_index(folder: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"{folder} is not a pipeline folder: it has no model_index.json")
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
+
+
+def _check_count(name: str, value) -> None:
+    """A positive int (not a bool, not 2.5), else `ValueError` naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _mask_to_tensor(mask: torch.Tensor | np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """A missing-pixel mask as `(B, 1, H, W)` bool on `like`'s device: tensor `(B, 1, H, W)` / `(H, W)`, or numpy
+    `(B, H, W, 1)` / `(H, W, 1)` / `(H, W)`; nonzero means missing."""
+    if isinstance(mask, np.ndarray):
+        array = mask[..., 0] if mask.ndim in (3, 4) and mask.shape[-1] == 1 else mask
+        mask = torch.from_numpy(np.ascontiguousarray(array)).unsqueeze(-3)
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"mask must be a tensor or numpy array, got {type(mask).__name__}")
+    if mask.ndim == 2:
+        mask = mask[None, None]
+    if mask.ndim == 3:
+        mask = mask.unsqueeze(0)
+    expected = (like.shape[0], 1, *like.shape[-2:])
+    if mask.ndim == 4 and mask.shape[0] == 1:
+        mask = mask.expand(like.shape[0], *mask.shape[1:])
+    if tuple(mask.shape) != expected:
+        raise ValueError(f"mask must have shape {expected} (1 = missing) for this image batch, got {tuple(mask.shape)}")
+    return mask.to(like.device) != 0

@@ -39,6 +39,8 @@ class TrainingConfig:
     corruption_p: float = 0.0  # probability that a training image is corrupted before noising
     corruption_severity: list[int] = field(default_factory=lambda: [1, 5])  # inclusive severity range drawn from
     corruption_conditioning: bool = True  # feed which corruption a training image got to the UNet, zeros when sampling
+    restoration_training: bool = False  # corrupted images keep their clean image as the target, so the model learns to undo them
+    restoration_max_timestep: int | None = None  # restoration training: corrupted images get timesteps below this; null: all
     # Diffusion objective (null keeps the preset scheduler's value)
     prediction_type: str | None = None  # epsilon, v_prediction or sample; null: the preset scheduler's
     input_perturbation: float | None = None  # DDPM-IP gamma (0.1 recommended)
@@ -78,6 +80,9 @@ class TrainingConfig:
     num_grid_images: int = 16  # images in the sample grid
     num_inference_steps: int = 50  # DDIM steps for sample grids
     quality_samples: int = 0  # digits only: score N samples with a classifier of the real digits; 0 = off
+    report: bool = True  # at the end, write the held-out report of diffusers-robust evaluate to output_dir/evaluation
+    report_images: int = 300  # held-out images restored per corruption case in the report
+    report_samples: int = 256  # samples generated for the report's FID/KID, digits and memorisation figures
     # Logging and Hub
     logger: str = "tensorboard"  # tensorboard, wandb or none
     push_to_hub: bool = False  # upload the pipeline and model card (never checkpoints or logs)
@@ -100,10 +105,12 @@ class TrainingConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {[a for a in allowed if a]}, got {getattr(self, name)!r}")
         positive = ["train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps",
-                    "num_grid_images", "num_inference_steps", "validation_images"]
+                    "num_grid_images", "num_inference_steps", "validation_images", "report_images", "report_samples"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.report_samples < 2:
+            raise ValueError(f"report_samples must be >= 2 (KID compares pairs), got {self.report_samples}")
         if self.max_train_steps is None and self.num_epochs is None:
             raise ValueError("set max_train_steps or num_epochs")
         for name in ("max_train_steps", "num_epochs", "checkpoints_total_limit"):
@@ -115,6 +122,11 @@ class TrainingConfig:
             raise ValueError(f"corruption_p must be in [0, 1], got {self.corruption_p}")
         if self.corruption_p > 0 and not self.corruptions:
             raise ValueError("corruption_p > 0 needs a non-empty corruptions list")
+        if self.restoration_max_timestep is not None and self.restoration_max_timestep < 1:
+            raise ValueError(f"restoration_max_timestep must be >= 1 or null, got {self.restoration_max_timestep}")
+        if self.restoration_training and not (self.corruptions and self.corruption_p > 0 and self.corruption_conditioning):
+            raise ValueError("restoration_training needs corruptions, corruption_p > 0 and corruption_conditioning: true "
+                             "(the labels tell the model which images to restore; zeros keep generation clean)")
         for name in [*self.corruptions, *(self.validation_corruptions or [])]:
             canonical_name(name)
         if len(self.corruption_severity) != 2 or not 1 <= self.corruption_severity[0] <= self.corruption_severity[1] <= 5:

@@ -70,7 +70,7 @@ def tiny_training_args(preset: str, output_dir, **overrides) -> list[str]:
         "pipeline": preset, "output_dir": str(output_dir), "dataset": "digits", "train_batch_size": 16,
         "max_train_steps": 6, "checkpointing_steps": 3, "validation_steps": 3, "validation_images": 32,
         "num_inference_steps": 4, "num_grid_images": 4, "lr_warmup_steps": 2, "learning_rate": 1e-3,
-        "logger": "none",
+        "logger": "none", "report": "false",
     }
     options.update(overrides)
     args = []

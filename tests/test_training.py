@@ -44,7 +44,7 @@ def trained(tiny_preset, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("run") / "tiny-digits"
     args = tiny_training_args(tiny_preset, output_dir, augment=EDM, corruptions=["gaussian_noise", "salt_and_pepper"],
                               corruption_p=0.5, snr_gamma=5.0, checkpoints_total_limit=1, input_perturbation=0.1,
-                              epsilon_scale_base=1.001)
+                              epsilon_scale_base=1.001, report="true", report_images=12, report_samples=6)
     result = run_training(args)
     return output_dir, result
 
@@ -70,8 +70,8 @@ def test_output_dir_holds_config_grid_metrics_and_samples(trained):
         assert (output_dir / "samples" / name).is_file()
     metrics = json.loads((output_dir / "metrics.json").read_text())
     assert metrics["global_step"] == 6 and metrics["images_seen"] == 6 * 16
-    assert set(metrics["validation_losses"]) == {"clean"} | {
-        f"{name}/s{s}" for name in ("gaussian_noise", "salt_and_pepper") for s in (1, 3, 5)}
+    cases = {f"{name}/s{s}" for name in ("gaussian_noise", "salt_and_pepper") for s in (1, 3, 5)}
+    assert set(metrics["validation_losses"]) == {"clean"} | cases | {f"restore/{case}" for case in cases}
     assert metrics["validation_losses"]["gaussian_noise/s5"] != metrics["validation_losses"]["clean"]
     assert all(np.isfinite(v) for v in metrics["validation_losses"].values())
 
@@ -94,8 +94,44 @@ def test_model_card_has_hub_metadata_and_training_facts(trained):
     assert metadata["library_name"] == "diffusers" and metadata["license"] == "apache-2.0"
     assert {"diffusers-robust", "unconditional-image-generation"} <= set(metadata["tags"])
     for fact in ("input_perturbation`: 0.1", "snr_gamma`: 5.0", "gaussian_noise/s5", "samples/final.png",
-                 "RobustDDPMPipeline.from_pretrained", "epsilon_scale_base`: 1.001"):
+                 "RobustDDPMPipeline.from_pretrained", "epsilon_scale_base`: 1.001", "evaluation/restoration.png",
+                 "| impulse_noise/s5 | inpaint |"):
         assert fact in card
+
+
+def test_run_ends_with_the_held_out_evaluation_report(trained):
+    output_dir, _ = trained
+    report = json.loads((output_dir / "evaluation" / "report.json").read_text())
+    assert report["num_images"] == 12 and report["split"] == "test" and report["generation"]["samples"] == 6
+    assert {row["case"] for row in report["restoration"]} >= {"gaussian_noise/s3", "impulse_noise/s5", "masking/s3"}
+    assert all(np.isfinite(row["psnr"]) and 0 <= row["accuracy"] <= 1 for row in report["restoration"])
+    for name in ("report.md", "restoration.png", "samples.png"):
+        assert (output_dir / "evaluation" / name).is_file()
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics["report"]["restoration"] == report["restoration"]
+
+
+@pytest.fixture(scope="module")
+def restoration_trained(tiny_preset, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("run") / "tiny-restore"
+    args = tiny_training_args(tiny_preset, output_dir, corruptions=["gaussian_noise", "impulse_noise"], corruption_p=0.5,
+                              restoration_training="true", restoration_max_timestep=20, snr_gamma=5.0)
+    run_training(args)
+    return output_dir
+
+
+def test_restoration_training_saves_the_condition_embedding_and_restores_with_it(restoration_trained):
+    pipe = RobustDDPMPipeline.from_pretrained(restoration_trained)
+    assert pipe.condition_embedding is not None and pipe.condition_embedding.corruptions == ["gaussian_noise", "impulse_noise"]
+    assert float(pipe.condition_embedding.projection.weight.detach().abs().sum()) > 0  # trained, not the zero initialisation
+    assert pipe.unet.config.class_embed_type is None  # the UNet stays a plain UNet2DModel
+    image = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    learned = pipe(image=image, corruption="impulse_noise", severity=3, output_type="pt",
+                   generator=torch.Generator().manual_seed(0)).images
+    pipe.condition_embedding = None  # the same call without the embedding is the prior-based (inpainting) path
+    prior = pipe(image=image, corruption="impulse_noise", severity=3, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert learned.shape == prior.shape == (2, 1, 8, 8) and not torch.equal(learned, prior)
 
 
 def test_lr_follows_warmup_and_cosine_per_optimizer_step(trained):

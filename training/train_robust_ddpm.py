@@ -31,12 +31,13 @@ from diffusers_robust.checkpoints import (
     resolve_checkpoint,
     temporary_checkpoint_path,
 )
-from diffusers_robust.corruptions import RandomCorruption
+from diffusers_robust.corruptions import RandomCorruption, canonical_name
 from diffusers_robust.data import SkippedRecords, collate_image_batch, load_image_dataset
 from diffusers_robust.evaluation import digits_quality, make_grid, stack_images, validation_losses
 from diffusers_robust.hub import push_pipeline_to_hub, write_model_card
 from diffusers_robust.losses import min_snr_weights, weighted_mse
-from diffusers_robust.models import AugmentConditionedUNet, export_unet
+from diffusers_robust.models import AugmentConditionedUNet, export_condition_embedding, export_unet
+from diffusers_robust.report import evaluate_pipeline, write_report
 from diffusers_robust.trainer import (
     ROBUST_SCHEDULER_OPTIONS,
     configure_scheduler,
@@ -108,7 +109,7 @@ def train(config: TrainingConfig, accelerator: Accelerator) -> None:
         held_out = load_image_dataset(config.dataset, config.validation_split, image_column=config.image_column,
                                       channels=channels, resolution=resolution, seed=config.seed)
         loader = DataLoader(held_out.dataset, batch_size=256, collate_fn=collate_image_batch)
-        validation_images = stack_images((b["pixel_values"] for b in loader), config.validation_images)
+        validation_images = stack_images((b["pixel_values"] for b in loader), config.validation_images).to(accelerator.device)
     corrupt = None
     if config.corruptions:
         corrupt = RandomCorruption(config.corruptions, config.corruption_severity, config.corruption_p)
@@ -181,9 +182,22 @@ def train(config: TrainingConfig, accelerator: Accelerator) -> None:
             logger.info(f"saved checkpoint {final}")
         accelerator.wait_for_everyone()
 
+    def restoration_labels(corruption: str, severity: int, batch: int) -> torch.Tensor | None:
+        """The conditioning that asks a restoration-trained model to undo `corruption`; None otherwise."""
+        if not config.restoration_training or canonical_name(corruption) not in corrupt.corruptions:
+            return None
+        augment = torch.zeros(batch, augment_dim, device=accelerator.device)
+        return torch.cat([augment, corrupt.labels([(canonical_name(corruption), severity)] * batch, accelerator.device)], 1)
+
     def sampling_pipeline() -> RobustDDPMPipeline:
-        unet = export_unet(accelerator.unwrap_model(model)).to(accelerator.device).eval()
-        return RobustDDPMPipeline(unet=unet, scheduler=RobustDDIMScheduler.from_config(scheduler.config))
+        unwrapped = accelerator.unwrap_model(model)
+        unet = export_unet(unwrapped).to(accelerator.device).eval()
+        embedding = None
+        if config.restoration_training:  # kept so the pipeline can ask for restoration with the training labels
+            names = [f"augment/{i}" for i in range(augment_dim)] + [f"corruption/{name}" for name in corrupt.corruptions]
+            embedding = export_condition_embedding(unwrapped, names).to(accelerator.device).eval()
+        return RobustDDPMPipeline(unet=unet, scheduler=RobustDDIMScheduler.from_config(scheduler.config),
+                                  condition_embedding=embedding)
 
     def validate() -> dict[str, float]:
         """Loss clean and corrupted, and a sample grid, from the EMA weights (main process)."""
@@ -195,7 +209,7 @@ def train(config: TrainingConfig, accelerator: Accelerator) -> None:
             unwrapped = accelerator.unwrap_model(model).eval()
             if validation_images is not None:
                 losses = validation_losses(unwrapped, scheduler, validation_images, validation_corruptions,
-                                           config.validation_severities, seed=config.seed)
+                                           config.validation_severities, labels_for=restoration_labels)
             sampler = sampling_pipeline()
             sampler.set_progress_bar_config(disable=True)
             samples = sampler(batch_size=config.num_grid_images, generator=torch.Generator().manual_seed(config.seed),
@@ -237,13 +251,22 @@ def train(config: TrainingConfig, accelerator: Accelerator) -> None:
                 labels = torch.zeros(1, labels.shape[1], device=accelerator.device)
             with accelerator.accumulate(model):
                 conditioning = [labels[:, :augment_dim]]
+                corrupted = clean
                 if corrupt is not None:
-                    clean, applied = corrupt(clean, generator=generator)
+                    corrupted, applied = corrupt(clean, generator=generator)
                     if corruption_dim:
                         conditioning.append(corrupt.labels(applied, accelerator.device))
                 timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), generator=generator)
                 timesteps = timesteps.to(accelerator.device)
-                noised = scheduler.add_training_noise(clean, timesteps, generator=generator)
+                if config.restoration_training and config.restoration_max_timestep and corrupt is not None:
+                    # corrupted images train where restoration runs: t rescaled into [0, restoration_max_timestep)
+                    hit = torch.tensor([a is not None for a in applied], device=timesteps.device)
+                    low = timesteps * config.restoration_max_timestep // scheduler.config.num_train_timesteps
+                    timesteps = torch.where(hit, low, timesteps)
+                if config.restoration_training:  # x_t from the corrupted image, the target from the clean one
+                    noised = scheduler.add_training_noise(clean, timesteps, generator=generator, corrupted_images=corrupted)
+                else:
+                    noised = scheduler.add_training_noise(corrupted, timesteps, generator=generator)
                 conditioning = torch.cat(conditioning, dim=1) if augment_dim + corruption_dim else None
                 prediction = model(noised.noisy_images, timesteps, conditioning)
                 weights = None
@@ -303,7 +326,8 @@ def train(config: TrainingConfig, accelerator: Accelerator) -> None:
         ema.copy_to(model.parameters())
     if accelerator.is_main_process:
         sampler = sampling_pipeline()
-        RobustDDPMPipeline(unet=sampler.unet, scheduler=scheduler).save_pretrained(config.output_dir, safe_serialization=True)
+        RobustDDPMPipeline(unet=sampler.unet, scheduler=scheduler, condition_embedding=sampler.condition_embedding
+                           ).save_pretrained(config.output_dir, safe_serialization=True)
         metrics = {
             "global_step": global_step,
             "images_seen": int(per_rank[:, 0].sum().item()),
@@ -322,6 +346,7 @@ def train(config: TrainingConfig, accelerator: Accelerator) -> None:
             "scheduler_robust_options": {k: scheduler.config[k] for k in ROBUST_SCHEDULER_OPTIONS},
             "training_wall_time_seconds": time.perf_counter() - started,
         }
+        repo_id = config.hub_model_id or os.path.basename(os.path.normpath(config.output_dir))
         sampler.set_progress_bar_config(disable=True)
         grid = sampler(batch_size=config.num_grid_images, generator=torch.Generator().manual_seed(config.seed),
                        num_inference_steps=config.num_inference_steps, output_type="np").images
@@ -330,9 +355,13 @@ def train(config: TrainingConfig, accelerator: Accelerator) -> None:
             samples = sampler(batch_size=config.quality_samples, generator=torch.Generator().manual_seed(config.seed + 1),
                               num_inference_steps=config.num_inference_steps, output_type="np").images
             metrics["digits_quality"] = {"samples": config.quality_samples, **digits_quality(samples)}
+        if config.report and validation_images is not None:  # the held-out report of `diffusers-robust evaluate`
+            report = evaluate_pipeline(sampler, config.dataset, config.validation_split, config.dataset_split,
+                                       config.report_images, config.report_samples, config.num_inference_steps)
+            write_report(report, os.path.join(config.output_dir, "evaluation"), title=f"Evaluation of {repo_id}")
+            metrics["report"] = {key: value for key, value in report.items() if not key.startswith("_")}
         with open(os.path.join(config.output_dir, "metrics.json"), "w", encoding="utf-8") as handle:
             json.dump(metrics, handle, indent=2)
-        repo_id = config.hub_model_id or os.path.basename(os.path.normpath(config.output_dir))
         write_model_card(config.output_dir, repo_id, config.to_dict(), metrics, config.license)
         logger.info(f"wrote the pipeline, samples, metrics.json and README.md to {config.output_dir}")
         if config.push_to_hub:

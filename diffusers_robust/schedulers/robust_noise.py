@@ -25,7 +25,8 @@ class TrainingNoiseOutput(BaseOutput):
         target (`torch.Tensor` of shape `(B, C, H, W)`):
             The regression target for the configured `prediction_type`.
         noise (`torch.Tensor` of shape `(B, C, H, W)`):
-            The noise `eps` the target is built from (offset and pyramid noise included, input perturbation excluded).
+            The noise `eps` the target is built from (offset and pyramid noise included, input perturbation excluded; in
+            restoration training, the noise that explains `x_t` from the clean image).
     """
 
     noisy_images: torch.Tensor
@@ -108,6 +109,7 @@ class RobustNoiseMixin:
         clean_images: torch.Tensor,
         timesteps: torch.Tensor,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        corrupted_images: torch.Tensor | None = None,
     ) -> TrainingNoiseOutput:
         r"""
         Noise clean images for one training step and return the regression target.
@@ -122,6 +124,10 @@ class RobustNoiseMixin:
                 Training timesteps in `[0, num_train_timesteps)`.
             generator (`torch.Generator` or list of them, *optional*):
                 Source of randomness; a list gives one generator per sample.
+            corrupted_images (`torch.Tensor` of shape `(B, C, H, W)`, *optional*):
+                Restoration training: `x_t` is built from these, the target from `clean_images`, as if the noise had
+                been `eps + sqrt(a_t / (1 - a_t)) (corrupted - clean)`, so the model learns `E[clean | x_t]`.
+                The same random numbers are drawn as without them.
 
         Returns:
             [`TrainingNoiseOutput`]: `noisy_images`, `target` and `noise`, each `(B, C, H, W)`.
@@ -153,9 +159,25 @@ class RobustNoiseMixin:
                 clean_images.shape, generator=generator, device=clean_images.device, dtype=clean_images.dtype
             )
             model_input_noise = noise + self.config.input_perturbation * perturbation
-        noisy_images = self.add_noise(clean_images, model_input_noise, timesteps)
+        if corrupted_images is None:
+            noisy_images = self.add_noise(clean_images, model_input_noise, timesteps)
+        else:
+            if corrupted_images.shape != clean_images.shape:
+                raise ValueError(f"corrupted_images {tuple(corrupted_images.shape)} must have the shape of clean_images "
+                                 f"{tuple(clean_images.shape)}")
+            noisy_images = self.add_noise(corrupted_images, model_input_noise, timesteps)
+            noise = self.restoration_noise(clean_images, corrupted_images, noise, timesteps)
         target = self.training_target(clean_images, noise, timesteps)
         return TrainingNoiseOutput(noisy_images=noisy_images, target=target, noise=noise)
+
+    def restoration_noise(
+        self, clean_images: torch.Tensor, corrupted_images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """The noise that explains `add_noise(corrupted_images, noise, t)` from the clean images:
+        `noise + sqrt(a_t / (1 - a_t)) (corrupted - clean)`, all `(B, C, H, W)`; the target of restoration training."""
+        alphas = self.alphas_cumprod.to(clean_images.device)[timesteps.to(clean_images.device)]
+        alphas = alphas.view(-1, 1, 1, 1).to(clean_images.dtype)
+        return noise + (alphas / (1 - alphas)).sqrt() * (corrupted_images - clean_images)
 
     def training_target(self, clean_images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """What the model regresses for the configured `prediction_type`: `noise`, the velocity, or `clean_images`."""

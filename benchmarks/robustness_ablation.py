@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Robustness ablation: train arms at equal budget and seed, evaluate each with `diffusers-robust evaluate`, one table.
+
+    python benchmarks/robustness_ablation.py --output_dir runs/ablation --jobs 2
+
+Every arm is `training/configs/digits.yaml` (the main job's budget: 6000 steps of batch 64 on the embedded digits)
+with the overrides below, so arms differ only by the option they test. `plain` is a plain DDPM (no robust option);
+`plain-seed1` is the same with another training seed, to show run-to-run noise. `epsilon-scaling` is a sampling-time
+option, so it reuses the `plain` weights with the scheduler's epsilon scaling turned on. Each process runs one thread.
+Finished arms (their `report.json` exists) are not run again; delete the folder to rerun one.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLAIN = ["--input_perturbation", "0", "--snr_gamma", "null", "--corruption_p", "0", "--corruptions"]
+NOISE = ["--corruptions", "gaussian_noise", "impulse_noise", "--corruption_p", "0.25", "--corruption_severity", "1", "5",
+         "--corruption_conditioning", "true"]
+ARMS: dict[str, list[str]] = {
+    "plain": PLAIN,
+    "restoration-training": [*PLAIN, *NOISE, "--restoration_training", "true", "--restoration_max_timestep", "50"],
+    "plain-seed1": [*PLAIN, "--seed", "1"],
+    "main-job": [],
+    "noisy-training": [*PLAIN, *NOISE],
+    "augmentation": [*PLAIN, "--augment", "training/configs/augment/edm.yaml"],
+    "input-perturbation": [*PLAIN, "--input_perturbation", "0.1"],
+    "min-snr": [*PLAIN, "--snr_gamma", "5"],
+}
+# Sampling-time arms: (weights of arm, scheduler config overrides).
+DERIVED_ARMS = {"epsilon-scaling": ("plain", {"epsilon_scale_base": 1.005})}
+CASES = ["gaussian_noise/s1", "gaussian_noise/s3", "gaussian_noise/s5", "gaussian_noise/sigma0.3", "impulse_noise/s3",
+         "impulse_noise/s5", "masking/s3", "gaussian_blur/s3"]
+
+
+def run(command: list[str], log: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "NO_ALBUMENTATIONS_UPDATE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with open(log, "w", encoding="utf-8") as handle:
+        result = subprocess.run(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:4])} ... failed with exit code {result.returncode}; see {log}")
+
+
+def train_and_evaluate(name: str, output_dir: str, extra: list[str]) -> None:
+    folder = os.path.join(output_dir, name)
+    if os.path.isfile(os.path.join(folder, "evaluation", "report.json")):
+        return
+    if name in DERIVED_ARMS:
+        source, overrides = DERIVED_ARMS[name]
+        derive_arm(os.path.join(output_dir, source), folder, overrides)
+    elif not os.path.isfile(os.path.join(folder, "model_index.json")):
+        run([sys.executable, "training/train_robust_ddpm.py", "--config", "training/configs/digits.yaml", *ARMS[name],
+             "--output_dir", folder, "--logger", "none", "--quality_samples", "0", "--report", "false",
+             *extra], os.path.join(output_dir, f"{name}.train.log"))
+    run([sys.executable, "-m", "diffusers_robust", "evaluate", folder, "--output_dir", os.path.join(folder, "evaluation"),
+         "--cases", *CASES], os.path.join(output_dir, f"{name}.evaluate.log"))
+    print(f"done: {name}", flush=True)
+
+
+def derive_arm(source: str, folder: str, overrides: dict) -> None:
+    """A copy of a trained pipeline with its scheduler config changed (a sampling-time option)."""
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns("checkpoints", "logs", "evaluation"), dirs_exist_ok=True)
+    path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    with open(path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    config.update(overrides)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(config, handle, indent=2)
+
+
+def table(output_dir: str, names: list[str]) -> tuple[str, dict]:
+    results, lines = {}, []
+    head = ("| arm | confident samples | classes | pixel FID | NN dist. train / held-out | "
+            + " | ".join(f"{case} PSNR (gain)" for case in CASES) + " |")
+    lines += [head, "|" + "---|" * (5 + len(CASES))]
+    for name in names:
+        with open(os.path.join(output_dir, name, "evaluation", "report.json"), encoding="utf-8") as handle:
+            report = json.load(handle)
+        results[name] = report
+        generation, rows = report["generation"], {row["case"]: row for row in report["restoration"]}
+        memory = generation["memorisation"]
+        cells = [f"{rows[c]['psnr']:.2f} ({rows[c]['psnr'] - rows[c]['psnr_input']:+.2f})" for c in CASES]
+        lines.append(f"| {name} | {generation['digits']['confident_fraction']:.1%} | {generation['digits']['classes_present']} | "
+                     f"{generation['fid']:.3f} | {memory['median_distance_to_train']:.4f} / "
+                     f"{memory['median_distance_to_held_out']:.4f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n", results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="runs/ablation")
+    parser.add_argument("--jobs", type=int, default=2, help="arms trained at once (one thread each)")
+    parser.add_argument("--arms", nargs="+", default=[*ARMS, *DERIVED_ARMS], choices=[*ARMS, *DERIVED_ARMS])
+    parser.add_argument("--max_train_steps", type=int, default=None, help="override the budget (all arms alike)")
+    args = parser.parse_args()
+    os.makedirs(args.output_dir, exist_ok=True)
+    extra = ["--max_train_steps", str(args.max_train_steps)] if args.max_train_steps else []
+    trained = [name for name in args.arms if name in ARMS]
+    derived = [name for name in args.arms if name in DERIVED_ARMS]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for future in [pool.submit(train_and_evaluate, name, args.output_dir, extra) for name in trained]:
+            future.result()
+    for name in derived:
+        train_and_evaluate(name, args.output_dir, extra)
+    markdown, results = table(args.output_dir, args.arms)
+    with open(os.path.join(args.output_dir, "ablation.md"), "w", encoding="utf-8") as handle:
+        handle.write(markdown)
+    with open(os.path.join(args.output_dir, "ablation.json"), "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=2)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()

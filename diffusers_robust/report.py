@@ -1,0 +1,259 @@
+"""The evaluation report of a trained pipeline, as `diffusers-robust evaluate` and the end of a training run write it.
+
+Everything is held out: restoration and losses use the evaluation split, the digits classifier is fitted on the train
+split only, generation is compared with the evaluation split, and every random draw comes from the evaluation seed
+(`EVALUATION_SEED` unless given), not from the training seed.
+"""
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .evaluation import DEFAULT_RESTORATION_CASES, EVALUATION_SEED, evaluate_restoration, stack_images, validation_losses
+from .metrics import (
+    InceptionFeatures,
+    PixelFeatures,
+    digits_classifier,
+    digits_probabilities,
+    frechet_distance,
+    kernel_inception_distance,
+    nearest_neighbour_distance,
+)
+
+REPORT_VERSION = 1
+LOSS_CORRUPTIONS = ("gaussian_noise", "impulse_noise", "gaussian_blur")
+
+
+def load_evaluation_images(dataset: str, split: str, channels: int, resolution: int, limit: int) -> torch.Tensor:
+    """Up to `limit` images `(N, C, H, W)` in `[-1, 1]` of `dataset`'s `split`, in order; `ValueError` if none decode."""
+    from .data import collate_image_batch, load_image_dataset
+
+    loaded = load_image_dataset(dataset, split, channels=channels, resolution=resolution)
+    batches = (batch["pixel_values"] for batch in DataLoader(loaded.dataset, batch_size=256, collate_fn=collate_image_batch))
+    images = stack_images(batches, limit)
+    if images.shape[0] == 0:
+        raise ValueError(f"{dataset} split '{split}' holds no decodable image")
+    return images
+
+
+def _digits_labels(split: str, count: int) -> np.ndarray:
+    from .data import load_digits_dataset
+
+    return np.asarray(load_digits_dataset()[split]["label"][:count])
+
+
+@torch.no_grad()
+def generate(pipeline, count: int, steps: int, seed: int, batch_size: int = 256) -> torch.Tensor:
+    """`count` DDIM samples `(N, C, H, W)` in `[-1, 1]` from `pipeline`, one seeded generator per image."""
+    from .schedulers import RobustDDIMScheduler
+
+    sampler = type(pipeline)(**{**pipeline.components, "scheduler": RobustDDIMScheduler.from_config(pipeline.scheduler.config)})
+    sampler.set_progress_bar_config(disable=True)
+    out = []
+    for start in range(0, count, batch_size):
+        generators = [torch.Generator().manual_seed(seed + i) for i in range(start, min(count, start + batch_size))]
+        images = sampler(batch_size=len(generators), generator=generators, num_inference_steps=steps, output_type="pt").images
+        out.append(images.cpu() * 2 - 1)
+    return torch.cat(out)
+
+
+def generation_figures(samples: torch.Tensor, held_out: torch.Tensor, train: torch.Tensor, features, digits: bool,
+                       seed: int) -> dict[str, Any]:
+    """FID / KID of samples against held-out images, memorisation, and on digits the classifier's view."""
+    sample_features, held_out_features = features(samples), features(held_out)
+    figures: dict[str, Any] = {
+        "samples": int(samples.shape[0]),
+        "feature_extractor": features.name,
+        "fid": frechet_distance(sample_features, held_out_features),
+        "kid": kernel_inception_distance(sample_features, held_out_features, seed=seed),
+    }
+    # Train images compared: a random subset as large as the held-out set, so neither side wins by being bigger.
+    subset = train[torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))[: held_out.shape[0]]]
+    to_train, to_held_out = nearest_neighbour_distance(samples, subset), nearest_neighbour_distance(samples, held_out)
+    figures["memorisation"] = {
+        "median_distance_to_train": float(to_train.median()),
+        "median_distance_to_held_out": float(to_held_out.median()),
+        "share_closer_to_train": float((to_train < to_held_out).float().mean()),
+    }
+    if digits:
+        probabilities = digits_probabilities(samples, digits_classifier())
+        counts = np.bincount(probabilities.argmax(axis=1), minlength=10)
+        shares = counts / counts.sum()
+        figures["digits"] = {
+            "confident_fraction": float((probabilities.max(axis=1) >= 0.8).mean()),
+            "classes_present": int((counts > 0).sum()),
+            "class_counts": counts.tolist(),
+            "class_entropy_bits": float(-(shares[shares > 0] * np.log2(shares[shares > 0])).sum()),
+        }
+    return figures
+
+
+def pipeline_denoiser(pipeline):
+    """`(x_t, t, labels) -> eps` of a pipeline, and the `labels_for` of its condition embedding (or None)."""
+
+    def denoise(sample: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        return pipeline._denoiser(labels)(sample, timesteps)
+
+    embedding = pipeline.condition_embedding
+    if embedding is None:
+        return denoise, None
+
+    def labels_for(corruption: str, severity: int, batch: int) -> torch.Tensor | None:
+        from .corruptions import canonical_name
+
+        name = canonical_name(corruption)
+        return embedding.labels_for(name, severity, batch, pipeline.device) if name in embedding.corruptions else None
+
+    return denoise, labels_for
+
+
+def evaluate_pipeline(
+    pipeline,
+    dataset: str = "digits",
+    split: str = "test",
+    train_split: str = "train",
+    num_images: int = 300,
+    num_samples: int = 256,
+    sampling_steps: int = 50,
+    cases: Sequence[tuple[str, int | float]] = DEFAULT_RESTORATION_CASES,
+    inception_weights: str | None = None,
+    seed: int = EVALUATION_SEED,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """
+    Evaluate a [`RobustDDPMPipeline`] on held-out data: restoration per corruption case, generation (FID/KID and on
+    digits the classifier's figures), memorisation, and validation losses. Returns the report as a dict (see README).
+
+    Args:
+        inception_weights (`str`, *optional*): a TorchScript Inception-v3 file for FID/KID; without it, an offline
+            pixel feature extractor is used and the report says so.
+    """
+    config = pipeline.unet.config
+    size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
+    held_out = load_evaluation_images(dataset, split, config.in_channels, size, num_images)
+    train = load_evaluation_images(dataset, train_split, config.in_channels, size, 100_000)
+    digits = dataset == "digits"
+    labels = _digits_labels(split, held_out.shape[0]) if digits else None
+    classifier = digits_classifier() if digits else None
+    features = InceptionFeatures(inception_weights, pipeline.device) if inception_weights else PixelFeatures()
+
+    steps = tqdm(total=3, desc="evaluate", disable=not progress)
+    restoration = evaluate_restoration(pipeline, held_out, labels, cases, seed, classifier, progress=progress)
+    steps.update(1)
+    samples = generate(pipeline, num_samples, sampling_steps, seed)
+    generation = generation_figures(samples, held_out, train, features, digits, seed)
+    steps.update(1)
+    denoise, labels_for = pipeline_denoiser(pipeline)
+    losses = validation_losses(denoise, pipeline.scheduler, held_out.to(pipeline.device), LOSS_CORRUPTIONS, (1, 3, 5),
+                               labels_for, seed=seed)
+    steps.update(1)
+    steps.close()
+    return {
+        "report_version": REPORT_VERSION,
+        "dataset": dataset, "split": split, "train_split": train_split, "num_images": int(held_out.shape[0]),
+        "seed": seed, "sampler": f"DDIM-{sampling_steps}",
+        "restoration": restoration, "generation": generation, "losses": losses,
+        "_samples": samples,  # for the sample grid; not written to report.json
+    }
+
+
+def restoration_markdown(rows: list[dict[str, Any]]) -> str:
+    """The restoration table: PSNR / SSIM (and accuracy) of input, median filter and restoration per case."""
+    accuracy = "accuracy" in rows[0] if rows else False
+    head = "| case | method | PSNR input | PSNR median 3x3 | PSNR restored | gain (dB) | SSIM input | SSIM restored |"
+    rule = "|---|---|---|---|---|---|---|---|"
+    if accuracy:
+        head += " accuracy input | accuracy restored |"
+        rule += "---|---|"
+    lines = [head, rule]
+    for row in rows:
+        line = (f"| {row['case']} | {row['method']} | {row['psnr_input']:.2f} | {row['psnr_median_filter']:.2f} | "
+                f"{row['psnr']:.2f} | {row['psnr'] - row['psnr_input']:+.2f} | {row['ssim_input']:.3f} | {row['ssim']:.3f} |")
+        if accuracy:
+            line += f" {row['accuracy_input']:.3f} | {row['accuracy']:.3f} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def report_markdown(report: dict[str, Any], title: str = "Evaluation") -> str:
+    generation = report["generation"]
+    memorisation = generation["memorisation"]
+    lines = [
+        f"# {title}", "",
+        f"Held-out data: `{report['dataset']}` split `{report['split']}` ({report['num_images']} images); "
+        f"evaluation seed {report['seed']}; sampler {report['sampler']}.", "",
+        "## Restoration", "",
+        "PSNR of the set's mean squared error (dB, [0, 1] scale) and mean SSIM, against the clean images. "
+        "Corrupted inputs are rounded to 8 bits.", "",
+        restoration_markdown(report["restoration"]), "",
+        "![restoration](restoration.png)", "",
+        "## Generation", "",
+        f"{generation['samples']} samples. FID {generation['fid']:.3f}, KID {generation['kid']:.5f} against the held-out "
+        f"images, features: {generation['feature_extractor']}.",
+    ]
+    if "digits" in generation:
+        digits = generation["digits"]
+        lines += ["", f"Digits classifier (train split only): {digits['confident_fraction']:.1%} of samples classified with "
+                  f"probability >= 0.8; {digits['classes_present']} of 10 classes present; class entropy "
+                  f"{digits['class_entropy_bits']:.3f} bits (uniform: {math.log2(10):.3f})."]
+    lines += [
+        "", f"Memorisation: median nearest-neighbour RMS distance of samples to train images "
+        f"{memorisation['median_distance_to_train']:.4f}, to held-out images {memorisation['median_distance_to_held_out']:.4f} "
+        f"(a train subset as large as the held-out set); {memorisation['share_closer_to_train']:.1%} of samples are closer "
+        "to a train image than to a held-out one (50% for a model that does not memorise).",
+        "", "![samples](samples.png)", "",
+        "## Validation losses", "",
+        "Denoising MSE at fixed evaluation timesteps and noise: clean, on the corrupted distribution "
+        "(`<corruption>/s<k>`), and restoration (`restore/...`: corrupted input, clean target).", "",
+        "| input | loss |", "|---|---|",
+        *(f"| {name} | {value:.4f} |" for name, value in report["losses"].items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_restoration(rows: list[dict[str, Any]], path: str) -> None:
+    """A bar chart of PSNR per case: corrupted input, median filter, restored."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [row["case"] for row in rows]
+    positions = np.arange(len(rows))
+    figure, axes = plt.subplots(figsize=(max(6, 0.55 * len(rows)), 4))
+    bars = (("psnr_input", "corrupted input"), ("psnr_median_filter", "median 3x3"), ("psnr", "restored"))
+    for offset, (key, label) in zip((-0.27, 0, 0.27), bars, strict=True):
+        axes.bar(positions + offset, [min(row[key], 60) for row in rows], width=0.27, label=label)
+    axes.set_xticks(positions, names, rotation=60, ha="right", fontsize=8)
+    axes.set_ylabel("PSNR (dB, capped at 60)")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def write_report(report: dict[str, Any], output_dir: str, title: str = "Evaluation") -> dict[str, str]:
+    """Write `report.json`, `report.md`, `restoration.png` and `samples.png` into `output_dir`; returns their paths."""
+    from .evaluation import make_grid
+
+    os.makedirs(output_dir, exist_ok=True)
+    paths = {name: os.path.join(output_dir, name) for name in ("report.json", "report.md", "restoration.png", "samples.png")}
+    samples = report.get("_samples")
+    with open(paths["report.json"], "w", encoding="utf-8") as handle:
+        json.dump({k: v for k, v in report.items() if not k.startswith("_")}, handle, indent=2)
+    with open(paths["report.md"], "w", encoding="utf-8") as handle:
+        handle.write(report_markdown(report, title))
+    plot_restoration(report["restoration"], paths["restoration.png"])
+    if samples is not None:
+        grid = ((samples[:64] + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        picture = make_grid(grid)
+        scale = max(1, math.ceil(256 / max(picture.size)))  # small images: nearest-neighbour, so pixels stay visible
+        picture.resize((picture.width * scale, picture.height * scale), resample=0).save(paths["samples.png"])
+    return paths

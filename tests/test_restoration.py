@@ -1,0 +1,179 @@
+"""Restoration paths against known answers: an exact denoiser for Gaussian data, inpainting, data consistency."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.unets.unet_2d import UNet2DOutput
+
+from diffusers_robust import RobustDDPMPipeline, RobustDDPMScheduler
+from diffusers_robust.corruptions import apply_corruption, contrast, gaussian_noise, impulse_noise
+from diffusers_robust.metrics import psnr
+from diffusers_robust.restoration import (
+    detect_missing_pixels,
+    estimate_noise_sigma,
+    noise_matched_timestep,
+    noise_to_signal,
+    operator_matrix,
+    plan_restoration,
+)
+
+PRIOR_MEAN, PRIOR_STD = 0.1, 0.3  # model units: every pixel of the data set is N(0.1, 0.3^2), independently
+
+
+class ExactGaussianDenoiser(ModelMixin, ConfigMixin):
+    """The exact MMSE noise predictor for data whose pixels are i.i.d. N(PRIOR_MEAN, PRIOR_STD^2)."""
+
+    @register_to_config
+    def __init__(self, sample_size: int = 8, in_channels: int = 1):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the model a device and dtype
+        self.alphas_cumprod = RobustDDPMScheduler().alphas_cumprod
+
+    def forward(self, sample: torch.Tensor, timestep) -> UNet2DOutput:
+        t = torch.as_tensor(timestep).reshape(-1).expand(sample.shape[0])
+        alpha = self.alphas_cumprod[t].view(-1, 1, 1, 1).to(sample.dtype)
+        gain = alpha.sqrt() * PRIOR_STD**2 / (alpha * PRIOR_STD**2 + 1 - alpha)
+        clean = PRIOR_MEAN + gain * (sample - alpha.sqrt() * PRIOR_MEAN)
+        return UNet2DOutput(sample=(sample - alpha.sqrt() * clean) / (1 - alpha).sqrt())
+
+
+@pytest.fixture(scope="module")
+def exact_pipeline() -> RobustDDPMPipeline:
+    return RobustDDPMPipeline(unet=ExactGaussianDenoiser(), scheduler=RobustDDPMScheduler())
+
+
+def _unit(model_units: torch.Tensor) -> torch.Tensor:
+    return (model_units + 1) / 2
+
+
+def test_noise_matched_restoration_is_the_analytic_posterior_mean(exact_pipeline):
+    observed = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.8  # model units
+    sigma = 0.1  # [0, 1] units: 0.2 in model units
+    restored = exact_pipeline(image=_unit(observed), noise_sigma=sigma, output_type="pt").images * 2 - 1
+    t = int(noise_matched_timestep(exact_pipeline.scheduler.alphas_cumprod, sigma))
+    level = float(noise_to_signal(exact_pipeline.scheduler.alphas_cumprod)[t])
+    assert abs(level - 2 * sigma) < 0.005  # the matched timestep has the input's noise level
+    expected = PRIOR_MEAN + PRIOR_STD**2 / (PRIOR_STD**2 + level**2) * (observed - PRIOR_MEAN)
+    torch.testing.assert_close(restored, expected, atol=1e-4, rtol=0)
+
+
+def test_gaussian_severity_uses_the_table_sigma_and_auto_estimates_it(exact_pipeline):
+    observed = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    by_severity = exact_pipeline(image=observed, corruption="gaussian_noise", severity=5, output_type="pt").images
+    by_sigma = exact_pipeline(image=observed, noise_sigma=0.10, output_type="pt").images
+    torch.testing.assert_close(by_severity, by_sigma)
+    auto = exact_pipeline(image=observed, corruption="auto", output_type="pt").images
+    assert not torch.equal(auto, observed)
+
+
+def test_deterministic_steps_from_the_matched_start_are_reproducible_and_differ_from_one_step(exact_pipeline):
+    observed = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    one = exact_pipeline(image=observed, noise_sigma=0.2, output_type="pt").images
+    five = exact_pipeline(image=observed, noise_sigma=0.2, restoration_steps=5, output_type="pt").images
+    again = exact_pipeline(image=observed, noise_sigma=0.2, restoration_steps=5, output_type="pt").images
+    assert torch.equal(five, again)
+    assert (five - one).abs().max() > 1e-3
+
+
+def test_noise_estimate_follows_the_true_sigma():
+    flat = torch.zeros(64, 1, 32, 32)
+    for sigma in (0.05, 0.1, 0.2):
+        noisy = flat + 2 * sigma * torch.randn(flat.shape, generator=torch.Generator().manual_seed(3))
+        estimate = estimate_noise_sigma(noisy).median()
+        assert abs(float(estimate) - sigma) < 0.1 * sigma
+
+
+def test_inpainting_keeps_known_pixels_exactly_and_samples_the_prior_where_missing(exact_pipeline):
+    image = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    mask = torch.zeros(64, 1, 8, 8)
+    mask[..., 2:6, 2:6] = 1
+    generators = [torch.Generator().manual_seed(i) for i in range(64)]
+    out = exact_pipeline(image=image, mask=mask, generator=generators, restoration_steps=20, output_type="pt").images
+    known = mask == 0
+    assert torch.equal(out[known], image[known])
+    filled = out[~known] * 2 - 1  # independent pixels: the missing ones are draws from the prior
+    assert abs(float(filled.mean()) - PRIOR_MEAN) < 0.05
+    assert abs(float(filled.std()) - PRIOR_STD) < 0.05
+
+
+def test_impulse_detection_flags_outliers_but_not_pixels_the_reference_agrees_with():
+    clean = torch.full((1, 1, 8, 8), -1.0)
+    clean[..., 3:5, 3:5] = 1.0  # a white square: extreme values that are not noise
+    damaged = clean.clone()
+    damaged[..., 0, 0] = 1.0  # salt on black
+    damaged[..., 3, 3] = -1.0  # pepper on white
+    missing = detect_missing_pixels(damaged, clean, "impulse_noise")
+    assert missing.shape == (1, 1, 8, 8)
+    assert missing.sum() == 2 and missing[0, 0, 0, 0] and missing[0, 0, 3, 3]
+
+
+def test_linear_corruption_is_undone_by_data_consistency(exact_pipeline):
+    clean = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(5)) * 1.2 - 0.6
+    damaged = contrast(clean, 0.4)  # contrast severity 3: invertible
+    out = exact_pipeline(image=_unit(damaged), corruption="contrast", severity=3, output_type="pt").images * 2 - 1
+    assert float(psnr(out, clean).min()) > 40
+    matrix = operator_matrix("contrast", 3, 8, 8)
+    assert torch.allclose(matrix @ _unit(clean[0]).flatten(), _unit(damaged[0]).flatten(), atol=1e-5)
+
+
+def test_operator_matrix_of_a_blur_matches_the_blur():
+    image = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    blurred = apply_corruption(image, "gaussian_blur", 5)
+    matrix = operator_matrix("gaussian_blur", 5, 8, 8)
+    assert torch.allclose(matrix @ _unit(image).flatten(), _unit(blurred).flatten(), atol=1e-5)
+
+
+def test_impulse_noise_is_detected_and_inpainted_on_an_image_the_prior_explains(exact_pipeline):
+    clean = torch.full((8, 1, 8, 8), PRIOR_MEAN)
+    damaged = impulse_noise(clean, 0.1, generator=torch.Generator().manual_seed(7))
+    generators = [torch.Generator().manual_seed(i) for i in range(8)]
+    out = exact_pipeline(image=_unit(damaged), corruption="salt_and_pepper", generator=generators,
+                         restoration_steps=20, output_type="pt").images * 2 - 1
+    assert float(psnr(out, clean).mean()) > float(psnr(damaged, clean).mean()) + 3
+    untouched = damaged == clean
+    assert torch.allclose(out[untouched], clean[untouched], atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(strength=0.3, noise_sigma=0.1), "strength .* cannot be combined with noise_sigma"),
+    (dict(corruption="gaussian_noise"), "needs severity"),
+    (dict(corruption="gaussian_blur"), "needs severity"),
+    (dict(corruption="auto", severity=2), "severity needs a corruption name"),
+    (dict(severity=2), "severity needs a corruption name"),
+    (dict(noise_sigma=1.5), r"noise_sigma must be a number in \[0, 1\]"),
+    (dict(noise_sigma=float("nan")), "noise_sigma"),
+    (dict(noise_sigma=0.1, corruption="jpeg"), "noise_sigma describes Gaussian noise"),
+    (dict(noise_sigma=0.1, severity=2, corruption="gaussian_noise"), "not both"),
+    (dict(mask=np.zeros((8, 8)), corruption="gaussian_blur"), "does not fit"),
+    (dict(corruption="fog", severity=1), "unknown corruption 'fog'"),
+    (dict(corruption="impulse_noise", severity=6), "severity must be an integer from 1 to 5"),
+    (dict(strength=0.0), "strength"),
+    (dict(strength=True), "strength"),
+])
+def test_bad_restoration_arguments_raise_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        plan_restoration(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(noise_sigma=0.1), "need an image"),
+    (dict(image=torch.full((1, 1, 8, 8), float("nan")), noise_sigma=0.1), "NaN"),
+    (dict(image=torch.zeros(0, 1, 8, 8), noise_sigma=0.1), "non-empty"),
+    (dict(image=torch.zeros(1, 1, 8, 8), mask=torch.zeros(1, 1, 4, 4)), r"mask must have shape \(1, 1, 8, 8\)"),
+    (dict(image=torch.zeros(1, 1, 8, 8), noise_sigma=0.1, restoration_steps=2.5), "restoration_steps"),
+    (dict(batch_size=2.5), "batch_size"),
+    (dict(batch_size=True), "batch_size"),
+])
+def test_bad_pipeline_restoration_input_raises_value_error(exact_pipeline, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        exact_pipeline(num_inference_steps=2, **kwargs)
+
+
+def test_gaussian_noise_helper_and_matched_timestep_agree_on_units():
+    # sigma 0.1 in [0, 1] units is 0.2 in model units: the matched level must be 0.2, not 0.1.
+    t = noise_matched_timestep(RobustDDPMScheduler().alphas_cumprod, 0.1)
+    assert abs(float(noise_to_signal(RobustDDPMScheduler().alphas_cumprod)[t]) - 0.2) < 0.005
+    noisy = gaussian_noise(torch.zeros(1, 1, 64, 64), 0.1, generator=torch.Generator().manual_seed(0))
+    assert abs(float(noisy.std()) - 0.2) < 0.02
