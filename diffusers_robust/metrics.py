@@ -97,7 +97,7 @@ def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> floa
     a, b = features_a.double().numpy(), features_b.double().numpy()
     mean_a, mean_b = a.mean(axis=0), b.mean(axis=0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    root = linalg.sqrtm(cov_a @ cov_b)
     if not np.isfinite(root).all():  # singular product: regularise as the reference implementation does
         offset = np.eye(cov_a.shape[0]) * 1e-6
         root = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))

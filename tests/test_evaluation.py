@@ -35,3 +35,37 @@ def test_make_grid_tiles_images_in_a_square():
     grid = make_grid(np.ones((5, 8, 8, 1)) * 0.5)
     assert grid.size == (24, 16)
     assert np.asarray(grid)[..., 0].max() == 128 and np.asarray(grid)[8:, 16:].max() == 0  # the blank cell
+
+
+def test_frechet_distance_of_a_shifted_gaussian_is_the_squared_shift():
+    from diffusers_robust.metrics import frechet_distance, kernel_inception_distance
+
+    features = torch.randn(4000, 3, generator=torch.Generator().manual_seed(0))
+    shifted = features + torch.tensor([0.5, 0.0, 0.0])
+    assert abs(frechet_distance(features, shifted) - 0.25) < 1e-6  # same covariance: |mu_a - mu_b|^2
+    other = torch.randn(4000, 3, generator=torch.Generator().manual_seed(1))
+    assert frechet_distance(features, other) < 0.01
+    assert abs(kernel_inception_distance(features, other, subsets=5, subset_size=500)) < 0.01
+    assert kernel_inception_distance(features, shifted * 2, subsets=5, subset_size=500) > 0.1
+
+
+def test_psnr_ssim_median_filter_and_nearest_neighbours_on_known_cases():
+    from diffusers_robust.metrics import mean_psnr, median_filter, nearest_neighbour_distance, psnr, ssim
+
+    clean = torch.zeros(2, 1, 8, 8)
+    off = clean + 0.2  # 0.1 in [0, 1] units: PSNR 20 dB
+    assert abs(mean_psnr(off, clean) - 20.0) < 1e-4 and torch.allclose(psnr(off, clean), torch.tensor([20.0, 20.0]))
+    image = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert torch.allclose(ssim(image, image), torch.ones(2)) and float(ssim(image, -image).max()) < 0.5
+    spiky = clean.clone()
+    spiky[0, 0, 4, 4] = 1.0
+    assert torch.equal(median_filter(spiky), clean)
+    distance = nearest_neighbour_distance(torch.stack([clean[0], off[0]]), clean)
+    assert torch.allclose(distance, torch.tensor([0.0, 0.1]), atol=1e-6)
+
+
+def test_digits_classifier_never_saw_the_held_out_split():
+    from diffusers_robust.data import load_digits_dataset
+
+    classifier = digits_classifier()
+    assert classifier.shape_fit_[0] == len(load_digits_dataset()["train"]) == 1497
