@@ -194,9 +194,9 @@ class RobustDDPMPipeline(DiffusionPipeline):
         - A pipeline trained with `restoration_training` (it has a `condition_embedding`) restores the corruptions it
           was trained on with its learned, corruption-conditioned denoiser instead.
         - `strength=s` alone: SDEdit. Fresh noise to `t = s * T`, then `s * num_inference_steps` steps; the input is then
-          under noise of std `sqrt((1 - abar_t) / abar_t) / 2` in `[0, 1]` units (0.08 at s = 0.1, 0.23 at 0.2, 0.56 at
-          0.3 for the linear schedule), so it suits heavy damage, not mild noise. It is the default (0.3) when no other
-          restoration argument is given.
+          under noise of std `sqrt((1 - abar_t) / abar_t) / 2` in `[0, 1]` units (0.14 at s = 0.1, 0.32 at 0.2, 0.56 at
+          0.3 for the linear schedule and 50 steps), so it suits heavy damage, not mild noise. It is the default (0.3)
+          when no other restoration argument is given.
 
         Args:
             batch_size (`int`, *optional*, defaults to 1):
