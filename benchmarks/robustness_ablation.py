@@ -24,7 +24,9 @@ NOISE = ["--corruptions", "gaussian_noise", "impulse_noise", "--corruption_p", "
          "--corruption_conditioning", "true"]
 ARMS: dict[str, list[str]] = {
     "plain": PLAIN,
-    "restoration-training": [*PLAIN, *NOISE, "--restoration_training", "true", "--restoration_max_timestep", "50"],
+    # Restoration training needs min-SNR weighting (it is refused without): compare it with the `min-snr` arm.
+    "restoration-training": [*PLAIN, *NOISE, "--snr_gamma", "5", "--restoration_training", "true",
+                             "--restoration_max_timestep", "50"],
     "plain-seed1": [*PLAIN, "--seed", "1"],
     "main-job": [],
     "noisy-training": [*PLAIN, *NOISE],

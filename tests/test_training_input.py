@@ -78,6 +78,8 @@ def test_command_line_overrides_the_recipe_and_parses_types(tmp_path):
     (dict(corruption_severity=[0, 3]), "corruption_severity"),
     (dict(max_train_steps=None), "set max_train_steps or num_epochs"),
     (dict(train_batch_size=0), "train_batch_size"),
+    (dict(restoration_training=True), "restoration_training needs corruptions"),
+    (dict(restoration_training=True, corruptions=["gaussian_noise"], corruption_p=0.5), "restoration_training needs snr_gamma"),
 ])
 def test_bad_values_are_named(values, message):
     with pytest.raises(ValueError, match=message):
