@@ -10,6 +10,7 @@ import glob
 import io
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -143,6 +144,12 @@ def resize_and_crop(
     return image.crop((left, top, left + resolution, top + resolution))
 
 
+def _stable_message(error: Exception) -> str:
+    """The error text without object addresses (Pillow names in-memory files `<_io.BytesIO object at 0x...>`), so a bad
+    record has the same id every epoch and is counted once."""
+    return re.sub(r"<[\w.]+ object at 0x[0-9a-fA-F]+>", "in-memory bytes", str(error))
+
+
 def decode_image(value: Any) -> PIL.Image.Image:
     """Decode a Datasets image value (`{"bytes", "path"}`, a PIL image, or a path) and fail loudly if broken."""
     if isinstance(value, PIL.Image.Image):
@@ -219,7 +226,7 @@ class ImageRecordTransform:
             empty = np.zeros((self.channels, self.resolution, self.resolution), dtype=np.float32)
             return {
                 "pixel_values": empty, "augment_labels": np.zeros(self.label_dim, dtype=np.float32),
-                "record_id": f"{record_id} ({type(error).__name__}: {error})", "valid": False,
+                "record_id": f"{record_id} ({type(error).__name__}: {_stable_message(error)})", "valid": False,
             }
 
     def __call__(self, batch: dict[str, list], indices: Sequence[int] | None = None) -> dict[str, list]:
@@ -330,6 +337,15 @@ def load_image_dataset(
     else:
         dataset = dataset.map(transform, batched=True, batch_size=STREAM_MAP_BATCH_SIZE, remove_columns=[*keep, _INDEX_COLUMN])
     return ImageDataset(dataset, transform, column, streaming=True)
+
+
+def require_decodable(loaded: "ImageDataset", source: str) -> None:
+    """Raise `ValueError` naming `source` unless at least one record of `loaded` decodes (checked before training, so a
+    folder of broken files fails at once instead of training on nothing). Stops at the first good record."""
+    for record in loaded.dataset:
+        if record["valid"]:
+            return
+    raise ValueError(f"{source} holds no decodable image")
 
 
 def collate_image_batch(records: list[dict[str, Any]]) -> dict[str, Any]:

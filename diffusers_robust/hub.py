@@ -132,6 +132,23 @@ Training configuration: `training_config.yaml`; all figures: `metrics.json`.
     return path
 
 
+def prepare_hub_repo(repo_id: str, private: bool = False, token: str | None = None, endpoint: str | None = None) -> str:
+    """
+    Before training: check that a Hub token is available and the endpoint answers, and create `repo_id` (private when
+    asked), so `--push_to_hub` fails in seconds, not after the run. Returns the repository URL; `ValueError` otherwise.
+    """
+    from huggingface_hub.utils import get_token
+
+    api = HfApi(endpoint=endpoint, token=token)
+    if (token or get_token()) is None:
+        raise ValueError("push_to_hub needs a Hub token: set HF_TOKEN or run `hf auth login` (nothing was trained yet)")
+    try:
+        return str(api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"))
+    except Exception as error:  # noqa: BLE001 - connection, auth and name errors all stop the run before it starts
+        raise ValueError(f"push_to_hub: cannot create {repo_id} on {api.endpoint} ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''}); nothing was trained yet") from error
+
+
 def push_pipeline_to_hub(
     output_dir: str, repo_id: str, private: bool = False, token: str | None = None, endpoint: str | None = None
 ) -> str:

@@ -365,6 +365,9 @@ class RobustDDPMPipeline(DiffusionPipeline):
 
     @staticmethod
     def _check_generators(generator, batch_size: int) -> None:
+        items = generator if isinstance(generator, list) else [generator]
+        if generator is not None and not all(isinstance(item, torch.Generator) for item in items):
+            raise ValueError(f"generator must be a torch.Generator or a list of them, got {generator!r}")
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"got {len(generator)} generators for a batch of {batch_size}; pass one per image")
 

@@ -5,15 +5,31 @@ import os
 
 import diffusers
 import torch
+from diffusers import SchedulerMixin, UNet2DModel
 
 from .pipeline_robust_ddpm import RobustDDPMPipeline, load_pipeline_index
 
+# What a preset may name: a component is imported only from these libraries, and must be of the expected kind.
+ALLOWED_LIBRARIES = ("diffusers", "diffusers_robust")
+EXPECTED_KINDS = {"unet": UNet2DModel, "scheduler": SchedulerMixin}
 
-def _component_class(library: str, class_name: str) -> type:
+
+def _component_class(name: str, library: str, class_name: str) -> type:
+    """The class `model_index.json` names for component `name`, imported only from Diffusers or diffusers_robust and
+    checked to be a `UNet2DModel` (unet) or a DDPM-family scheduler (scheduler); `ValueError` otherwise."""
+    root = str(library).split(".")[0]
+    if root not in ALLOWED_LIBRARIES:
+        raise ValueError(f"model_index.json names {name} from '{library}'; a preset may only use {list(ALLOWED_LIBRARIES)}")
     module = diffusers if library == "diffusers" else importlib.import_module(library)
-    if not hasattr(module, class_name):
+    component = getattr(module, class_name, None)
+    if not isinstance(component, type):
         raise ValueError(f"model_index.json names {library}.{class_name}, which does not exist")
-    return getattr(module, class_name)
+    if not issubclass(component, EXPECTED_KINDS[name]):
+        raise ValueError(f"model_index.json names {library}.{class_name} as {name}, but {name} must be a "
+                         f"{EXPECTED_KINDS[name].__name__}")
+    if name == "scheduler" and not hasattr(component, "add_noise"):
+        raise ValueError(f"{library}.{class_name} cannot noise images for training (no add_noise)")
+    return component
 
 
 def build_pipeline_from_preset(preset: str | os.PathLike, seed: int | None = None) -> RobustDDPMPipeline:
@@ -45,8 +61,10 @@ def build_pipeline_from_preset(preset: str | os.PathLike, seed: int | None = Non
         for name in ("unet", "scheduler"):
             if name not in index:
                 raise ValueError(f"{preset}: model_index.json has no '{name}' component")
-            library, class_name = index[name]
-            component_class = _component_class(library, class_name)
+            entry = index[name]
+            if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(part, str) for part in entry)):
+                raise ValueError(f"{preset}: model_index.json entry '{name}' must be [library, class], got {entry!r}")
+            component_class = _component_class(name, *entry)
             config = component_class.load_config(os.path.join(preset, name))
             components[name] = component_class.from_config(config)
     return RobustDDPMPipeline(**components)

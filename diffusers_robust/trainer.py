@@ -75,9 +75,9 @@ def parameter_checksum(model: torch.nn.Module) -> float:
     return float((flat * weights).sum())
 
 
-def save_stream_position(dataloader, folder: str, rank: int) -> None:
-    """Save a `StatefulDataLoader`'s position (a stream) for this rank."""
-    torch.save(dataloader.state_dict(), os.path.join(folder, f"stream_position_rank{rank}.pt"))
+def save_stream_position(state: dict, folder: str, rank: int) -> None:
+    """Save a `StatefulDataLoader`'s position (its `state_dict()`, a stream) for this rank."""
+    torch.save(state, os.path.join(folder, f"stream_position_rank{rank}.pt"))
 
 
 def load_stream_position(dataloader, folder: str, rank: int) -> None:

@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -72,6 +73,7 @@ class TrainingConfig:
     checkpointing_steps: int = 500  # save a resumable checkpoint every N optimizer steps (and at the end)
     checkpoints_total_limit: int | None = 2  # keep at most N checkpoints; null: keep all
     resume_from_checkpoint: str | None = None  # 'latest' or a checkpoint folder
+    overwrite_output_dir: bool = False  # a fresh run deletes checkpoints of an earlier run in output_dir (else it stops)
     # Validation
     validation_steps: int = 500  # validate every N optimizer steps (and at the end)
     validation_images: int = 256  # held-out images for the validation loss
@@ -116,8 +118,25 @@ class TrainingConfig:
         for name in ("max_train_steps", "num_epochs", "checkpoints_total_limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 or null, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{item.name} must be a finite number, got {value}")
+        positive_or_null = {"learning_rate": self.learning_rate, "max_grad_norm": self.max_grad_norm,
+                            "snr_gamma": self.snr_gamma, "adam_epsilon": self.adam_epsilon, "ema_inv_gamma": self.ema_inv_gamma,
+                            "ema_power": self.ema_power}
+        for name, value in positive_or_null.items():
+            if value is not None and value <= 0:
+                nullable = " or null" if name in ("max_grad_norm", "snr_gamma") else ""
+                raise ValueError(f"{name} must be > 0{nullable}, got {value}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 < self.ema_max_decay <= 1:
+            raise ValueError(f"ema_max_decay must be in (0, 1], got {self.ema_max_decay}")
+        for name in ("lr_warmup_steps", "dataloader_num_workers", "adam_weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.corruption_p <= 1:
             raise ValueError(f"corruption_p must be in [0, 1], got {self.corruption_p}")
         if self.corruption_p > 0 and not self.corruptions:
@@ -153,13 +172,7 @@ class TrainingConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "TrainingConfig":
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"config file {path} does not exist")
-        with open(path, encoding="utf-8") as handle:
-            values = yaml.safe_load(handle) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: a config must be a mapping of option: value")
-        return cls.from_dict(values, source=str(path))
+        return cls.from_dict(read_yaml_values(path), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -246,19 +259,35 @@ def build_argument_parser() -> argparse.ArgumentParser:
         kind = hints[item.name]
         is_list = typing.get_origin(kind) is list or any(typing.get_origin(a) is list for a in typing.get_args(kind))
         default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
+        nargs = "*" if is_list else ("?" if kind is bool else None)  # a bare boolean flag means true
         parser.add_argument(
-            f"--{item.name}", type=_parse_value(kind), nargs="*" if is_list else None, default=argparse.SUPPRESS,
-            help=f"{helps.get(item.name, '')} (default: {default})",
+            f"--{item.name}", type=_parse_value(kind), nargs=nargs, const=True if kind is bool else None,
+            default=argparse.SUPPRESS, help=f"{helps.get(item.name, '')} (default: {default})",
         )
     return parser
 
 
+def read_yaml_values(path: str | os.PathLike) -> dict[str, Any]:
+    """The option mapping of a YAML recipe, each value parsed to its option's type (not yet validated as a whole)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} does not exist")
+    with open(path, encoding="utf-8") as handle:
+        values = yaml.safe_load(handle) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: a config must be a mapping of option: value")
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(TrainingConfig)})
+    if unknown:
+        raise ValueError(f"{path}: unknown option(s) {unknown}")
+    hints = typing.get_type_hints(TrainingConfig)
+    return {name: _coerce(name, hints[name], value, str(path)) for name, value in values.items()}
+
+
 def parse_training_config(argv: list[str] | None = None) -> TrainingConfig:
-    """Read `--config` (if given) and apply command-line overrides; errors name the bad option."""
+    """Read `--config` (if given), apply command-line overrides, then validate the merged options once; errors name
+    the bad option."""
     namespace = vars(build_argument_parser().parse_args(argv))
     config_path = namespace.pop("config")
-    values: dict[str, Any] = {}
-    if config_path is not None:
-        values = TrainingConfig.from_yaml(config_path).to_dict()
+    values = read_yaml_values(config_path) if config_path is not None else {}
     values.update(namespace)
-    return TrainingConfig.from_dict(values, source=config_path or "command line")
+    source = f"{config_path} with command-line overrides" if config_path and namespace else (config_path or "command line")
+    return TrainingConfig.from_dict(values, source=source)

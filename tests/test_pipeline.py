@@ -155,8 +155,12 @@ def test_restoration_accepts_pil_numpy_and_tensor_alike(overfit_pipeline):
     (dict(image=torch.full((1, 1, 8, 8), -1.0)), r"\[0, 1\]"),
     (dict(batch_size=2, generator=[torch.Generator()]), "1 generators for a batch of 2"),
     (dict(output_type="latent"), "output_type"),
+    (dict(generator=0), "generator must be a torch.Generator"),
+    (dict(num_inference_steps=float("nan")), "num_inference_steps"),
+    (dict(num_inference_steps=2.5), "num_inference_steps"),
+    (dict(image=torch.zeros(1, 1, 8, 8, dtype=torch.complex64)), "real values"),
 ])
 def test_bad_input_raises_value_error_naming_the_problem(tiny_unet, kwargs, message):
     pipe = RobustDDPMPipeline(unet=tiny_unet, scheduler=RobustDDPMScheduler())
     with pytest.raises(ValueError, match=message):
-        pipe(num_inference_steps=2, **kwargs)
+        pipe(**{"num_inference_steps": 2, **kwargs})

@@ -9,7 +9,9 @@ in `diffusers_robust` and are tested there.
 
 import json
 import logging
+import math
 import os
+import signal
 import time
 import traceback
 
@@ -25,19 +27,23 @@ from tqdm.auto import tqdm
 
 from diffusers_robust import RobustDDIMScheduler, RobustDDPMPipeline, build_pipeline_from_preset
 from diffusers_robust.checkpoints import (
+    apply_umask,
     begin_checkpoint,
+    complete_checkpoints,
+    explain_full_disk,
     finish_checkpoint,
     read_checkpoint_metadata,
     resolve_checkpoint,
     temporary_checkpoint_path,
 )
 from diffusers_robust.corruptions import RandomCorruption, canonical_name
-from diffusers_robust.data import SkippedRecords, collate_image_batch, load_image_dataset
+from diffusers_robust.data import SkippedRecords, collate_image_batch, load_image_dataset, require_decodable
 from diffusers_robust.evaluation import digits_quality, make_grid, stack_images, validation_losses
-from diffusers_robust.hub import push_pipeline_to_hub, write_model_card
+from diffusers_robust.hub import prepare_hub_repo, push_pipeline_to_hub, write_model_card
 from diffusers_robust.losses import min_snr_weights, weighted_mse
 from diffusers_robust.models import AugmentConditionedUNet, export_condition_embedding, export_unet
 from diffusers_robust.report import evaluate_pipeline, write_report
+from diffusers_robust.run_guard import OutputDirLock, StopSignals, check_resume_config, prepare_fresh_output_dir
 from diffusers_robust.trainer import (
     ROBUST_SCHEDULER_OPTIONS,
     configure_scheduler,
@@ -56,6 +62,23 @@ logger = get_logger(__name__, log_level="INFO")
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class TrainingStopped(RuntimeError):
+    """SIGTERM / SIGINT: the run stopped at a step boundary after saving a checkpoint."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def resume_hint(config: TrainingConfig) -> str:
+    """What to do after a diverged run: name the newest checkpoint saved while the loss was finite."""
+    saved = complete_checkpoints(config.output_dir)
+    if not saved:
+        return "No checkpoint was saved before it: lower learning_rate or set max_grad_norm and start again."
+    return (f"The last checkpoint, {saved[-1]}, was saved while the loss was finite: lower learning_rate or set "
+            f"max_grad_norm and resume with --resume_from_checkpoint {saved[-1]}.")
 
 
 def build_dataloader(config: TrainingConfig, loaded, shuffle_seed: int):
@@ -79,19 +102,37 @@ def main(argv: list[str] | None = None) -> None:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    signals = StopSignals().install()
+    lock = OutputDirLock(config.output_dir)
     try:
-        train(config, accelerator)
+        if accelerator.is_main_process:
+            lock.acquire()  # one writer per output_dir
+        train(config, accelerator, signals)
+    except TrainingStopped as stopped:
+        traceback.clear_frames(stopped.__traceback__)
+        logger.error(str(stopped))
+        raise SystemExit(stopped.exit_code) from None
     except BaseException as error:
         traceback.clear_frames(error.__traceback__)  # the failed run's locals (its DDP model) go before the group
         raise
     finally:
+        lock.release()
+        signals.uninstall()
         shutdown_distributed(accelerator)
 
 
-def train(config: TrainingConfig, accelerator: Accelerator) -> None:
+def train(config: TrainingConfig, accelerator: Accelerator, signals: StopSignals | None = None) -> None:
     started = time.perf_counter()
     set_seed(config.seed)
     rank, world_size = accelerator.process_index, accelerator.num_processes
+    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ValueError("mixed_precision fp16 needs a GPU (PyTorch has no fp16 autocast for CPU training); use bf16 or no")
+    if config.resume_from_checkpoint:  # what the checkpoint depends on must not change; the rest is logged
+        for name, (first, now) in check_resume_config(config.output_dir, config).items():
+            logger.info(f"resuming with {name} = {now!r} (the first run had {first!r})")
+    elif accelerator.is_main_process:
+        prepare_fresh_output_dir(config.output_dir, config.overwrite_output_dir)
+    accelerator.wait_for_everyone()
 
     # Model, scheduler, data: everything is checked before the first step, so bad input loses nothing.
     pipeline = build_pipeline_from_preset(config.pipeline, seed=config.seed)
@@ -110,6 +151,12 @@ def train(config: TrainingConfig, accelerator: Accelerator) -> None:
                                       channels=channels, resolution=resolution, seed=config.seed)
         loader = DataLoader(held_out.dataset, batch_size=256, collate_fn=collate_image_batch)
         validation_images = stack_images((b["pixel_values"] for b in loader), config.validation_images).to(accelerator.device)
+        if validation_images.shape[0] == 0:
+            raise ValueError(f"{config.dataset} split '{config.validation_split}' holds no decodable image; fix it or set "
+                             "validation_split: null")
+    require_decodable(train_data, f"{config.dataset} split '{config.dataset_split}'")
+    if config.push_to_hub and accelerator.is_main_process:  # a bad token or endpoint fails now, not after training
+        prepare_hub_repo(config.hub_model_id or os.path.basename(os.path.normpath(config.output_dir)), config.hub_private_repo)
     corrupt = None
     if config.corruptions:
         corrupt = RandomCorruption(config.corruptions, config.corruption_severity, config.corruption_p)
@@ -127,6 +174,11 @@ def train(config: TrainingConfig, accelerator: Accelerator) -> None:
     else:
         model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
     batches_per_epoch = None if train_data.streaming else len(train_dataloader)
+    effective_batch = config.train_batch_size
+    if not train_data.streaming and len(train_data.dataset) < config.train_batch_size * world_size:
+        effective_batch = math.ceil(len(train_data.dataset) / world_size)
+        logger.warning(f"train_batch_size {config.train_batch_size} x {world_size} process(es) exceeds the "
+                       f"{len(train_data.dataset)} training images: batches hold {effective_batch} images per process")
     max_train_steps, num_epochs = training_length(config, batches_per_epoch)
     # Stepped once per optimizer step by this loop (not prepared), so its schedule is right for any process count.
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
@@ -159,8 +211,9 @@ def train(config: TrainingConfig, accelerator: Accelerator) -> None:
 
     if accelerator.is_main_process:
         os.makedirs(os.path.join(config.output_dir, "samples"), exist_ok=True)
-        with open(os.path.join(config.output_dir, "training_config.yaml"), "w", encoding="utf-8") as handle:
-            handle.write(config.to_yaml())
+        if not config.resume_from_checkpoint:  # a resumed run keeps the first run's config (changes are logged)
+            with open(os.path.join(config.output_dir, "training_config.yaml"), "w", encoding="utf-8") as handle:
+                handle.write(config.to_yaml())
         tracker_config = {k: (str(v) if isinstance(v, list | type(None)) else v) for k, v in config.to_dict().items()}
         accelerator.init_trackers("diffusers-robust", config=tracker_config)
 
@@ -168,19 +221,40 @@ def train(config: TrainingConfig, accelerator: Accelerator) -> None:
     skipped = SkippedRecords()
     images_seen_here = 0
 
-    def save_checkpoint(epoch: int, batches_consumed: int) -> None:
-        folder = begin_checkpoint(config.output_dir, global_step) if accelerator.is_main_process else None
-        accelerator.wait_for_everyone()
-        folder = folder or temporary_checkpoint_path(config.output_dir, global_step)
-        accelerator.save_state(folder)  # every rank: FSDP / DeepSpeed shard their state here
-        if train_data.streaming:
-            save_stream_position(train_dataloader, folder, rank)
-        accelerator.wait_for_everyone()
+    def stream_state() -> dict | None:
+        return train_dataloader.state_dict() if train_data.streaming else None
+
+    def save_checkpoint(step: int, epoch: int, batches_consumed: int, stream: dict | None, micro_steps: int | None = None) -> str:
+        """Save the state after optimizer step `step` (the weights and optimizer are still those of `step`). Saved a
+        micro-batch later, Accelerate's micro-step counter (`micro_steps`, which sets the accumulation boundaries of a
+        resumed run) is put back to its value at `step` for the save."""
+        if micro_steps is not None:
+            current, accelerator.step = accelerator.step, micro_steps
+            try:
+                return save_checkpoint(step, epoch, batches_consumed, stream)
+            finally:
+                accelerator.step = current
+        if not all(torch.isfinite(p).all() for p in model.parameters()):  # never let diverged weights displace good ones
+            raise NonFiniteLossError(f"the weights are no longer finite at step {step}; not saving them. "
+                                     f"{resume_hint(config)}")
+        folder = None
         if accelerator.is_main_process:
-            final = finish_checkpoint(config.output_dir, global_step, {"epoch": epoch, "batches_consumed": batches_consumed},
-                                      config.checkpoints_total_limit)
+            folder = begin_checkpoint(config.output_dir, step, config.checkpoints_total_limit)
+        accelerator.wait_for_everyone()
+        folder = folder or temporary_checkpoint_path(config.output_dir, step)
+        with explain_full_disk(folder, f"checkpoint-{step}"):
+            accelerator.save_state(folder)  # every rank: FSDP / DeepSpeed shard their state here
+            if stream is not None:
+                save_stream_position(stream, folder, rank)
+        accelerator.wait_for_everyone()
+        final = os.path.join(config.output_dir, "checkpoints", f"checkpoint-{step}")
+        if accelerator.is_main_process:
+            with explain_full_disk(folder, f"checkpoint-{step}"):
+                final = finish_checkpoint(config.output_dir, step, {"epoch": epoch, "batches_consumed": batches_consumed},
+                                          config.checkpoints_total_limit)
             logger.info(f"saved checkpoint {final}")
         accelerator.wait_for_everyone()
+        return final
 
     def restoration_labels(corruption: str, severity: int, batch: int) -> torch.Tensor | None:
         """The conditioning that asks a restoration-trained model to undo `corruption`; None otherwise."""
@@ -230,6 +304,7 @@ def train(config: TrainingConfig, accelerator: Accelerator) -> None:
     progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="steps")
     model.train()
     loop_started, last_checkpoint, last_validation = time.perf_counter(), -1, -1
+    pending_checkpoint = None  # (step, epoch, batches consumed, stream position) waiting for a finite next loss
     epoch = first_epoch
     while global_step < max_train_steps and epoch < num_epochs:
         train_data.set_epoch(epoch)
@@ -274,14 +349,16 @@ def train(config: TrainingConfig, accelerator: Accelerator) -> None:
                     weights = min_snr_weights(scheduler.alphas_cumprod, timesteps, config.snr_gamma,
                                               scheduler.config.prediction_type)
                 loss = weighted_mse(prediction, noised.target, weights) * float(valid)
-                gathered_loss = accelerator.gather(loss.detach().reshape(1))
-                if not torch.isfinite(gathered_loss).all():
-                    save_checkpoint(epoch, batches_consumed)
-                    raise NonFiniteLossError(
-                        f"the training loss became {gathered_loss.tolist()} at step {global_step + 1}; the weights before "
-                        f"this step are saved in checkpoint-{global_step} under {config.output_dir}/checkpoints. "
-                        "Lower learning_rate or enable max_grad_norm, then resume with --resume_from_checkpoint latest."
-                    )
+                # One collective per micro-batch carries each rank's loss and whether it was asked to stop.
+                stop_here = float(signals is not None and signals.requested is not None)
+                gathered = accelerator.gather(torch.stack([loss.detach().float(), loss.new_tensor(stop_here)]).reshape(1, 2))
+                gathered_loss, stop_requested = gathered[:, 0], bool(gathered[:, 1].any())
+                if not torch.isfinite(gathered_loss).all():  # nothing is saved: these weights have diverged
+                    raise NonFiniteLossError(f"the training loss became {gathered_loss.tolist()} at step {global_step + 1}. "
+                                             f"{resume_hint(config)}")
+                if pending_checkpoint is not None:  # its weights just gave a finite loss: a checkpoint worth keeping
+                    save_checkpoint(*pending_checkpoint)
+                    last_checkpoint, pending_checkpoint = pending_checkpoint[0], None
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -304,9 +381,17 @@ def train(config: TrainingConfig, accelerator: Accelerator) -> None:
                              "train/images_per_second": throughput, "train/skipped_records": skipped.count}, step=global_step)
             progress.update(1)
             progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{throughput:.0f}")
-            if global_step % config.checkpointing_steps == 0 or global_step == max_train_steps:
-                save_checkpoint(epoch, batches_consumed)
+            if stop_requested:  # no next step will come: save now
+                saved = save_checkpoint(global_step, epoch, batches_consumed, stream_state())
+                name = signals.requested or "SIGTERM"  # another rank was signalled
+                raise TrainingStopped(f"stopped by {name} at step {global_step}; saved {saved}. Resume with "
+                                      "--resume_from_checkpoint latest", 128 + int(signal.Signals[name]))
+            if global_step == max_train_steps:
+                save_checkpoint(global_step, epoch, batches_consumed, stream_state())
                 last_checkpoint = global_step
+            elif global_step % config.checkpointing_steps == 0:
+                # Written once the next step's loss, computed on these weights, is finite (see above).
+                pending_checkpoint = (global_step, epoch, batches_consumed, stream_state(), accelerator.step)
             if global_step % config.validation_steps == 0 or global_step == max_train_steps:
                 validate()
                 last_validation = global_step
@@ -315,7 +400,7 @@ def train(config: TrainingConfig, accelerator: Accelerator) -> None:
         epoch += 1
     progress.close()
     if last_checkpoint != global_step:
-        save_checkpoint(epoch, batches_consumed)
+        save_checkpoint(global_step, epoch, batches_consumed, stream_state())
     final_losses = history["validation"].get(global_step) if last_validation == global_step else validate()
 
     # Cross-rank facts for the record: what each rank trained on and whether the weights agree.
@@ -328,11 +413,16 @@ def train(config: TrainingConfig, accelerator: Accelerator) -> None:
         sampler = sampling_pipeline()
         RobustDDPMPipeline(unet=sampler.unet, scheduler=scheduler, condition_embedding=sampler.condition_embedding
                            ).save_pretrained(config.output_dir, safe_serialization=True)
+        for component in ("unet", "condition_embedding"):
+            if os.path.isdir(os.path.join(config.output_dir, component)):
+                apply_umask(os.path.join(config.output_dir, component))
         metrics = {
             "global_step": global_step,
             "images_seen": int(per_rank[:, 0].sum().item()),
             "images_seen_per_rank": [int(v) for v in per_rank[:, 0].tolist()],
             "num_processes": world_size,
+            "train_batch_size_effective": effective_batch,
+            "mixed_precision": accelerator.mixed_precision,
             "resolution": resolution,
             "skipped_records": skipped.count,
             "skipped_record_ids": skipped.ids,
