@@ -352,14 +352,13 @@ class RobustDDPMPipeline(DiffusionPipeline):
         scheduler.set_timesteps(steps, jump_length=5, jump_n_sample=2, device=corrupted.device)
         known = (~missing).to(corrupted.dtype)
         sample = randn_tensor(corrupted.shape, generator=generator, device=corrupted.device, dtype=corrupted.dtype)
-        single = generator[0] if isinstance(generator, list) else generator  # undo_step takes one generator
         previous = scheduler.timesteps[0] + 1
         for t in self.progress_bar(scheduler.timesteps):
             if t < previous:
                 eps = self.unet(sample, t).sample
                 sample = scheduler.step(eps, t, sample, corrupted, known, generator).prev_sample
             else:
-                sample = scheduler.undo_step(sample, previous, single)
+                sample = scheduler.undo_step(sample, previous, generator)  # a list: each image its own noise
             previous = t
         return known * corrupted + (1 - known) * sample.clamp(-1, 1)
 

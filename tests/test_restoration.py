@@ -98,6 +98,17 @@ def test_inpainting_keeps_known_pixels_exactly_and_samples_the_prior_where_missi
     assert abs(float(filled.std()) - PRIOR_STD) < 0.05
 
 
+def test_inpainting_one_image_equals_the_same_item_of_a_batch_with_per_image_generators(exact_pipeline):
+    image = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(8))
+    mask = torch.zeros(3, 1, 8, 8)
+    mask[..., :4, :4] = 1
+    batch = exact_pipeline(image=image, mask=mask, generator=[torch.Generator().manual_seed(s) for s in (1, 2, 3)],
+                           restoration_steps=20, output_type="pt").images
+    single = exact_pipeline(image=image[1:2], mask=mask[1:2], generator=[torch.Generator().manual_seed(2)],
+                            restoration_steps=20, output_type="pt").images
+    torch.testing.assert_close(single[0], batch[1], atol=1e-5, rtol=0)
+
+
 def test_impulse_detection_flags_outliers_but_not_pixels_the_reference_agrees_with():
     clean = torch.full((1, 1, 8, 8), -1.0)
     clean[..., 3:5, 3:5] = 1.0  # a white square: extreme values that are not noise
