@@ -1,4 +1,5 @@
-"""Evaluation: denoising loss clean and under corruption, sample grids, and the digits quality score."""
+"""Evaluation: validation losses (clean, corrupted, restoration) at fixed evaluation seeds, restoration scored per
+corruption case, sample grids, and the digits quality score. `report.py` assembles them into the held-out report."""
 
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -110,17 +111,20 @@ def digits_quality(images: np.ndarray, confidence: float = 0.8, classifier=None)
 
     Returns:
         `confident_fraction` (share of samples whose top class probability is at least `confidence`),
-        `class_counts` (predicted class histogram, 10 entries) and `classes_present`.
+        `class_counts` (predicted class histogram, 10 entries), `classes_present` and `class_entropy_bits` (of the
+        predicted classes; log2(10) = 3.32 when every class is equally common).
     """
     classifier = classifier or digits_classifier()
     tensor = torch.from_numpy(np.asarray(images, dtype=np.float32)).permute(0, 3, 1, 2) * 2 - 1
     probabilities = digits_probabilities(tensor, classifier)
     predicted = probabilities.argmax(axis=1)
     counts = np.bincount(predicted, minlength=10)
+    shares = counts[counts > 0] / counts.sum()
     return {
         "confident_fraction": float((probabilities.max(axis=1) >= confidence).mean()),
         "class_counts": counts.tolist(),
         "classes_present": int((counts > 0).sum()),
+        "class_entropy_bits": float(-(shares * np.log2(shares)).sum()),
     }
 
 

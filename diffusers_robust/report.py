@@ -16,12 +16,18 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .evaluation import DEFAULT_RESTORATION_CASES, EVALUATION_SEED, evaluate_restoration, stack_images, validation_losses
+from .evaluation import (
+    DEFAULT_RESTORATION_CASES,
+    EVALUATION_SEED,
+    digits_quality,
+    evaluate_restoration,
+    stack_images,
+    validation_losses,
+)
 from .metrics import (
     InceptionFeatures,
     PixelFeatures,
     digits_classifier,
-    digits_probabilities,
     frechet_distance,
     kernel_inception_distance,
     nearest_neighbour_distance,
@@ -83,15 +89,7 @@ def generation_figures(samples: torch.Tensor, held_out: torch.Tensor, train: tor
         "share_closer_to_train": float((to_train < to_held_out).float().mean()),
     }
     if digits:
-        probabilities = digits_probabilities(samples, digits_classifier())
-        counts = np.bincount(probabilities.argmax(axis=1), minlength=10)
-        shares = counts / counts.sum()
-        figures["digits"] = {
-            "confident_fraction": float((probabilities.max(axis=1) >= 0.8).mean()),
-            "classes_present": int((counts > 0).sum()),
-            "class_counts": counts.tolist(),
-            "class_entropy_bits": float(-(shares[shares > 0] * np.log2(shares[shares > 0])).sum()),
-        }
+        figures["digits"] = digits_quality(((samples + 1) / 2).permute(0, 2, 3, 1).numpy())
     return figures
 
 
