@@ -69,10 +69,16 @@ def training_length(config: TrainingConfig, batches_per_epoch: int | None) -> tu
 
 
 def parameter_checksum(model: torch.nn.Module) -> float:
-    """A position-weighted sum of all parameters: equal on two ranks only if their weights are equal."""
-    flat = torch.cat([p.detach().flatten().double().cpu() for p in model.parameters()])
-    weights = torch.linspace(1.0, 2.0, flat.numel(), dtype=torch.float64)
-    return float((flat * weights).sum())
+    """A position-weighted sum of all parameters: equal on two ranks only if their weights are equal. One parameter at
+    a time, so it needs memory for the largest parameter in float64, not a float64 copy of the whole model."""
+    count = sum(p.numel() for p in model.parameters())
+    total, offset = 0.0, 0
+    for parameter in model.parameters():
+        flat = parameter.detach().flatten().double().cpu()
+        weights = 1.0 + torch.arange(offset, offset + flat.numel(), dtype=torch.float64) / max(count - 1, 1)
+        total += float((flat * weights).sum())
+        offset += flat.numel()
+    return total
 
 
 def save_stream_position(state: dict, folder: str, rank: int) -> None:

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 import traceback
@@ -438,9 +439,9 @@ def train(config: TrainingConfig, accelerator: Accelerator, signals: StopSignals
         }
         repo_id = config.hub_model_id or os.path.basename(os.path.normpath(config.output_dir))
         sampler.set_progress_bar_config(disable=True)
-        grid = sampler(batch_size=config.num_grid_images, generator=torch.Generator().manual_seed(config.seed),
-                       num_inference_steps=config.num_inference_steps, output_type="np").images
-        make_grid(grid).save(os.path.join(config.output_dir, "samples", "final.png"))
+        # The last validation sampled this grid from the same EMA weights and seed: reuse it.
+        samples_dir = os.path.join(config.output_dir, "samples")
+        shutil.copyfile(os.path.join(samples_dir, f"step-{global_step}.png"), os.path.join(samples_dir, "final.png"))
         if config.quality_samples > 0:
             samples = sampler(batch_size=config.quality_samples, generator=torch.Generator().manual_seed(config.seed + 1),
                               num_inference_steps=config.num_inference_steps, output_type="np").images
