@@ -78,7 +78,7 @@ def derive_arm(source: str, folder: str, overrides: dict) -> None:
 
 def table(output_dir: str, names: list[str]) -> tuple[str, dict]:
     results, lines = {}, []
-    head = ("| arm | confident samples | classes | pixel FID | NN dist. train / held-out | "
+    head = ("| arm | confident samples | classes | pixel FID | samples nearer train | "
             + " | ".join(f"{case} PSNR (gain)" for case in CASES) + " |")
     lines += [head, "|" + "---|" * (5 + len(CASES))]
     for name in names:
@@ -89,8 +89,7 @@ def table(output_dir: str, names: list[str]) -> tuple[str, dict]:
         memory = generation["memorisation"]
         cells = [f"{rows[c]['psnr']:.2f} ({rows[c]['psnr'] - rows[c]['psnr_input']:+.2f})" for c in CASES]
         lines.append(f"| {name} | {generation['digits']['confident_fraction']:.1%} | {generation['digits']['classes_present']} | "
-                     f"{generation['fid']:.3f} | {memory['median_distance_to_train']:.4f} / "
-                     f"{memory['median_distance_to_held_out']:.4f} | " + " | ".join(cells) + " |")
+                     f"{generation['fid']:.3f} | {memory['share_closer_to_train']:.1%} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n", results
 
 
