@@ -6,7 +6,9 @@
 Every arm is `training/configs/digits.yaml` (the main job's budget: 6000 steps of batch 64 on the embedded digits)
 with the overrides below, so arms differ only by the option they test. `plain` is a plain DDPM (no robust option);
 `plain-seed1` is the same with another training seed, to show run-to-run noise. `epsilon-scaling` is a sampling-time
-option, so it reuses the `plain` weights with the scheduler's epsilon scaling turned on. Each process runs one thread.
+option, so it reuses the `plain` weights with the scheduler's epsilon scaling turned on; `restoration-training-learned`
+evaluates the `restoration-training` weights with their conditioned denoiser (`--learned_restoration`) instead of the
+prior-based methods. Each process runs one thread.
 Finished arms (their `report.json` exists) are not run again; delete the folder to rerun one.
 """
 
@@ -34,8 +36,11 @@ ARMS: dict[str, list[str]] = {
     "input-perturbation": [*PLAIN, "--input_perturbation", "0.1"],
     "min-snr": [*PLAIN, "--snr_gamma", "5"],
 }
-# Sampling-time arms: (weights of arm, scheduler config overrides).
-DERIVED_ARMS = {"epsilon-scaling": ("plain", {"epsilon_scale_base": 1.005})}
+# Arms that reuse another arm's weights: (that arm, scheduler config overrides, extra `evaluate` arguments).
+DERIVED_ARMS = {
+    "epsilon-scaling": ("plain", {"epsilon_scale_base": 1.005}, []),
+    "restoration-training-learned": ("restoration-training", {}, ["--learned_restoration"]),
+}
 CASES = ["gaussian_noise/s1", "gaussian_noise/s3", "gaussian_noise/s5", "gaussian_noise/sigma0.3", "impulse_noise/s3",
          "impulse_noise/s5", "masking/s3", "gaussian_blur/s3"]
 
@@ -53,15 +58,16 @@ def train_and_evaluate(name: str, output_dir: str, extra: list[str]) -> None:
     folder = os.path.join(output_dir, name)
     if os.path.isfile(os.path.join(folder, "evaluation", "report.json")):
         return
+    evaluate_extra = []
     if name in DERIVED_ARMS:
-        source, overrides = DERIVED_ARMS[name]
+        source, overrides, evaluate_extra = DERIVED_ARMS[name]
         derive_arm(os.path.join(output_dir, source), folder, overrides)
     elif not os.path.isfile(os.path.join(folder, "model_index.json")):
         run([sys.executable, "training/train_robust_ddpm.py", "--config", "training/configs/digits.yaml", *ARMS[name],
              "--output_dir", folder, "--logger", "none", "--quality_samples", "0", "--report", "false",
              *extra], os.path.join(output_dir, f"{name}.train.log"))
     run([sys.executable, "-m", "diffusers_robust", "evaluate", folder, "--output_dir", os.path.join(folder, "evaluation"),
-         "--cases", *CASES], os.path.join(output_dir, f"{name}.evaluate.log"))
+         "--cases", *CASES, *evaluate_extra], os.path.join(output_dir, f"{name}.evaluate.log"))
     print(f"done: {name}", flush=True)
 
 

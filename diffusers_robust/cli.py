@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--inception_weights", default=None,
                           help="TorchScript Inception-v3 (inception-2015-12-05.pt) for FID/KID; default: offline pixel features")
     evaluate.add_argument("--seed", type=int, default=EVALUATION_SEED, help="evaluation seed (independent of training)")
+    evaluate.add_argument("--learned_restoration", action="store_true",
+                          help="restore with a restoration-trained pipeline's conditioned denoiser where it can")
     evaluate.add_argument("--device", default="cpu", help="torch device")
     return parser
 
@@ -69,7 +71,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
     pipeline = RobustDDPMPipeline.from_pretrained(args.pipeline).to(torch.device(args.device))
     pipeline.set_progress_bar_config(disable=True)
     report = evaluate_pipeline(pipeline, args.dataset, args.split, args.train_split, args.num_images, args.num_samples,
-                               args.sampling_steps, args.cases, args.inception_weights, args.seed)
+                               args.sampling_steps, args.cases, args.inception_weights, args.seed,
+                               learned_restoration=args.learned_restoration)
     paths = write_report(report, args.output_dir, title=f"Evaluation of {args.pipeline}")
     print(f"wrote {', '.join(paths.values())}")
 

@@ -177,6 +177,7 @@ def evaluate_restoration(
     classifier=None,
     batch_size: int = 100,
     progress: bool = True,
+    learned_restoration: bool = False,
 ) -> list[dict[str, Any]]:
     """
     Restore held-out images under each corruption case and score them against the clean images.
@@ -186,6 +187,8 @@ def evaluate_restoration(
         images (`torch.Tensor` of shape `(N, C, H, W)` in `[-1, 1]`): held-out clean images.
         labels (`np.ndarray` of shape `(N,)`, *optional*): their classes, for `classifier` accuracy (digits).
         seed (`int`): evaluation seed (corruption draws and the pipeline's generators), independent of training.
+        learned_restoration (`bool`): use a restoration-trained pipeline's conditioned denoiser for the corruptions it
+            was trained on (the pipeline's `learned_restoration`).
 
     Returns:
         One row per case: `case`, `method`, `psnr_input` / `psnr` / `psnr_median_filter` (dB, of the set's mean squared
@@ -202,6 +205,10 @@ def evaluate_restoration(
         corrupted = corrupt_case(images, corruption, level, seed)
         kwargs = {"noise_sigma": level} if isinstance(level, float) else {"corruption": corruption, "severity": level}
         plan = plan_restoration(**kwargs)
+        embedding = getattr(pipeline, "condition_embedding", None)
+        learned = learned_restoration and embedding is not None and corruption in embedding.corruptions
+        if learned:
+            kwargs["learned_restoration"] = True
         restored = []
         for start in range(0, images.shape[0], batch_size):
             chunk = (corrupted[start:start + batch_size] + 1) / 2
@@ -209,8 +216,6 @@ def evaluate_restoration(
             out = pipeline(image=chunk.to(pipeline.device), generator=generators, output_type="pt", **kwargs).images
             restored.append(out.cpu() * 2 - 1)
         outputs = {"input": corrupted, "": torch.cat(restored), "median_filter": median_filter(corrupted)}
-        embedding = getattr(pipeline, "condition_embedding", None)
-        learned = embedding is not None and corruption in embedding.corruptions
         row: dict[str, Any] = {"case": case_name(corruption, level), "method": "learned" if learned else plan.method}
         for suffix, output in outputs.items():
             key = f"_{suffix}" if suffix else ""

@@ -124,6 +124,7 @@ def evaluate_pipeline(
     inception_weights: str | None = None,
     seed: int = EVALUATION_SEED,
     progress: bool = True,
+    learned_restoration: bool = False,
 ) -> dict[str, Any]:
     """
     Evaluate a [`RobustDDPMPipeline`] on held-out data: restoration per corruption case, generation (FID/KID and on
@@ -132,6 +133,7 @@ def evaluate_pipeline(
     Args:
         inception_weights (`str`, *optional*): a TorchScript Inception-v3 file for FID/KID; without it, an offline
             pixel feature extractor is used and the report says so.
+        learned_restoration (`bool`): restore with a restoration-trained pipeline's conditioned denoiser where it can.
     """
     config = pipeline.unet.config
     size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
@@ -143,7 +145,8 @@ def evaluate_pipeline(
     features = InceptionFeatures(inception_weights, pipeline.device) if inception_weights else PixelFeatures()
 
     steps = tqdm(total=3, desc="evaluate", disable=not progress)
-    restoration = evaluate_restoration(pipeline, held_out, labels, cases, seed, classifier, progress=progress)
+    restoration = evaluate_restoration(pipeline, held_out, labels, cases, seed, classifier, progress=progress,
+                                       learned_restoration=learned_restoration)
     steps.update(1)
     samples = generate(pipeline, num_samples, sampling_steps, seed)
     generation = generation_figures(samples, held_out, train, features, digits, seed)

@@ -126,12 +126,13 @@ def test_restoration_training_saves_the_condition_embedding_and_restores_with_it
     assert float(pipe.condition_embedding.projection.weight.detach().abs().sum()) > 0  # trained, not the zero initialisation
     assert pipe.unet.config.class_embed_type is None  # the UNet stays a plain UNet2DModel
     image = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    learned = pipe(image=image, corruption="impulse_noise", severity=3, output_type="pt",
+    learned = pipe(image=image, corruption="impulse_noise", severity=3, output_type="pt", learned_restoration=True,
                    generator=torch.Generator().manual_seed(0)).images
-    pipe.condition_embedding = None  # the same call without the embedding is the prior-based (inpainting) path
-    prior = pipe(image=image, corruption="impulse_noise", severity=3, output_type="pt",
+    prior = pipe(image=image, corruption="impulse_noise", severity=3, output_type="pt",  # the default: inpainting
                  generator=torch.Generator().manual_seed(0)).images
     assert learned.shape == prior.shape == (2, 1, 8, 8) and not torch.equal(learned, prior)
+    with pytest.raises(ValueError, match=r"learned_restoration needs a corruption this pipeline was trained to undo"):
+        pipe(image=image, corruption="gaussian_blur", severity=3, learned_restoration=True)
 
 
 def test_lr_follows_warmup_and_cosine_per_optimizer_step(trained):
