@@ -13,7 +13,7 @@ export NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 .venv/bin/python - "$start" <<'PY'
 import json, sys, time
 metrics = json.load(open("outputs/digits/metrics.json"))
-quality = metrics["digits_quality"]
+quality = {"samples": metrics["report"]["generation"]["samples"], **metrics["report"]["generation"]["digits"]}
 print(f"steps {metrics['global_step']}, images {metrics['images_seen']}, validation loss (clean) "
       f"{metrics['validation_losses']['clean']:.4f}")
 print(f"samples classified with p >= 0.8: {quality['confident_fraction']:.1%} of {quality['samples']}; "

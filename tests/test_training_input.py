@@ -93,6 +93,6 @@ def test_values_of_the_wrong_type_are_named(values, message):
 
 def test_shipped_recipes_parse():
     config = TrainingConfig.from_yaml(os.path.join(REPO_ROOT, "training", "configs", "digits.yaml"))
-    assert config.corruption_conditioning and config.quality_samples == 256
+    assert config.report and config.report_samples == 256 and config.max_train_steps == 6000
     cifar = TrainingConfig.from_yaml(os.path.join(REPO_ROOT, "training", "configs", "cifar10.yaml"))
     assert cifar.pipeline == "pipelines/ddpm-cifar10-32" and cifar.mixed_precision == "bf16"
