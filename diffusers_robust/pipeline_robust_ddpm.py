@@ -143,20 +143,36 @@ class RobustDDPMPipeline(DiffusionPipeline):
         return kwargs
 
     def _denoiser(self, labels: torch.Tensor | None = None):
-        """`(x_t, t) -> eps` from the UNet; with `labels`, their embedding is added to the time embedding (as in
-        training), through a forward hook on `unet.time_embedding`, so the saved UNet stays a plain `UNet2DModel`."""
+        """`(x_t, t) -> eps` from the UNet, whatever the scheduler's `prediction_type` (a `sample` or `v_prediction`
+        output is converted to the noise it implies); `t` is `(B,)`. With `labels`, their embedding is added to the time
+        embedding (as in training) through a forward hook on `unet.time_embedding`, so the saved UNet stays a plain
+        `UNet2DModel`."""
+        prediction_type = self.scheduler.config.prediction_type
 
         def predict(sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-            if labels is None:
-                return self.unet(sample, timesteps).sample
-            added = self.condition_embedding(labels).to(sample.dtype)
-            handle = self.unet.time_embedding.register_forward_hook(lambda module, args, output: output + added)
-            try:
-                return self.unet(sample, timesteps).sample
-            finally:
-                handle.remove()
+            output = self._unet_output(sample, timesteps, labels)
+            if prediction_type == "epsilon":
+                return output
+            alpha = self.scheduler.alphas_cumprod.to(sample.device)[timesteps.to(sample.device)]
+            alpha = alpha.reshape(-1, 1, 1, 1).to(sample.dtype)
+            if prediction_type == "v_prediction":  # v = sqrt(a) eps - sqrt(1 - a) x0
+                return alpha.sqrt() * output + (1 - alpha).sqrt() * sample
+            if prediction_type == "sample":
+                return (sample - alpha.sqrt() * output) / (1 - alpha).sqrt()
+            raise ValueError(f"restoration supports prediction_type epsilon, v_prediction or sample, got '{prediction_type}'")
 
         return predict
+
+    def _unet_output(self, sample: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet's raw prediction (what `prediction_type` says), with `labels` embedded when given."""
+        if labels is None:
+            return self.unet(sample, timesteps).sample
+        added = self.condition_embedding(labels).to(sample.dtype)
+        handle = self.unet.time_embedding.register_forward_hook(lambda module, args, output: output + added)
+        try:
+            return self.unet(sample, timesteps).sample
+        finally:
+            handle.remove()
 
     @torch.no_grad()
     def __call__(
@@ -363,9 +379,10 @@ class RobustDDPMPipeline(DiffusionPipeline):
         known = (~missing).to(corrupted.dtype)
         sample = randn_tensor(corrupted.shape, generator=generator, device=corrupted.device, dtype=corrupted.dtype)
         previous = scheduler.timesteps[0] + 1
+        denoiser = self._denoiser()
         for t in self.progress_bar(scheduler.timesteps):
             if t < previous:
-                eps = self.unet(sample, t).sample
+                eps = denoiser(sample, t.reshape(1).expand(sample.shape[0]))  # RePaint steps with predicted noise
                 sample = scheduler.step(eps, t, sample, corrupted, known, generator).prev_sample
             else:
                 sample = scheduler.undo_step(sample, previous, generator)  # a list: each image its own noise

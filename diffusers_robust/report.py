@@ -94,10 +94,11 @@ def generation_figures(samples: torch.Tensor, held_out: torch.Tensor, train: tor
 
 
 def pipeline_denoiser(pipeline):
-    """`(x_t, t, labels) -> eps` of a pipeline, and the `labels_for` of its condition embedding (or None)."""
+    """`(x_t, t, labels) -> prediction` of a pipeline's UNet (as its `prediction_type` says, like the training loss), and
+    the `labels_for` of its condition embedding (or None)."""
 
     def denoise(sample: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        return pipeline._denoiser(labels)(sample, timesteps)
+        return pipeline._unet_output(sample, timesteps, labels)
 
     embedding = pipeline.condition_embedding
     if embedding is None:

@@ -39,6 +39,17 @@ class ExactGaussianDenoiser(ModelMixin, ConfigMixin):
         return UNet2DOutput(sample=(sample - alpha.sqrt() * clean) / (1 - alpha).sqrt())
 
 
+class ExactGaussianVelocity(ExactGaussianDenoiser):
+    """The same exact denoiser, answering in `v = sqrt(a) eps - sqrt(1 - a) x0` (prediction_type v_prediction)."""
+
+    def forward(self, sample: torch.Tensor, timestep) -> UNet2DOutput:
+        eps = super().forward(sample, timestep).sample
+        t = torch.as_tensor(timestep).reshape(-1).expand(sample.shape[0])
+        alpha = self.alphas_cumprod[t].view(-1, 1, 1, 1).to(sample.dtype)
+        clean = (sample - (1 - alpha).sqrt() * eps) / alpha.sqrt()
+        return UNet2DOutput(sample=alpha.sqrt() * eps - (1 - alpha).sqrt() * clean)
+
+
 @pytest.fixture(scope="module")
 def exact_pipeline() -> RobustDDPMPipeline:
     return RobustDDPMPipeline(unet=ExactGaussianDenoiser(), scheduler=RobustDDPMScheduler())
@@ -57,6 +68,14 @@ def test_noise_matched_restoration_is_the_analytic_posterior_mean(exact_pipeline
     assert abs(level - 2 * sigma) < 0.005  # the matched timestep has the input's noise level
     expected = PRIOR_MEAN + PRIOR_STD**2 / (PRIOR_STD**2 + level**2) * (observed - PRIOR_MEAN)
     torch.testing.assert_close(restored, expected, atol=1e-4, rtol=0)
+
+
+def test_restoration_is_the_same_for_a_v_prediction_model(exact_pipeline):
+    velocity = RobustDDPMPipeline(unet=ExactGaussianVelocity(), scheduler=RobustDDPMScheduler(prediction_type="v_prediction"))
+    observed = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(9))
+    for kwargs in (dict(noise_sigma=0.1), dict(noise_sigma=0.2, restoration_steps=4), dict(corruption="contrast", severity=3)):
+        expected = exact_pipeline(image=observed, output_type="pt", **kwargs).images
+        torch.testing.assert_close(velocity(image=observed, output_type="pt", **kwargs).images, expected, atol=1e-4, rtol=0)
 
 
 def test_gaussian_severity_uses_the_table_sigma_and_auto_estimates_it(exact_pipeline):
