@@ -12,8 +12,8 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from diffusers_robust.corruptions import RandomCorruption
-from diffusers_robust.data import collate_image_batch, load_image_dataset
+from diffusers_robust.data.corruptions import RandomCorruption
+from diffusers_robust.data.datasets import collate_image_batch, load_image_dataset
 
 RECIPE = os.path.join(os.path.dirname(__file__), "..", "training", "configs", "augment", "edm.yaml")
 

@@ -5,8 +5,9 @@ Usage: python benchmarks/bench_train_step.py [--preset pipelines/ddpm-digits] [-
 
 The reference is the inner loop of Diffusers' `examples/unconditional_image_generation/train_unconditional.py`
 (random noise and timesteps, `add_noise`, UNet forward, MSE, backward, clip, AdamW, LR scheduler, EMA). Ours adds
-a RandomCorruption (p = 0.5), `add_training_noise` with input perturbation, augment-label conditioning and
-min-SNR weights. The two alternate in blocks of steps so machine noise hits both; images/s and the ratio are printed.
+the training script's objective (`RobustDiffusionObjective`: a RandomCorruption with p = 0.5 and corruption labels,
+input perturbation, augment-label conditioning, min-SNR weights), fused AdamW and a foreach EMA. The two alternate
+in blocks of steps so machine noise hits both; images/s and the ratio are printed.
 Batches are decoded before a block's timer starts (the data pipeline has its own benchmark); moving them to the
 device is timed. The model FLOPs of one step (forward and backward, counted by `torch.utils.flop_counter`) give
 the achieved TFLOP/s and, with `--peak-tflops` (the device's dense peak at the chosen precision), its share.
@@ -26,12 +27,12 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusers_robust import build_pipeline_from_preset
-from diffusers_robust.corruptions import RandomCorruption
-from diffusers_robust.data import collate_image_batch, load_image_dataset
-from diffusers_robust.losses import min_snr_weights, weighted_mse
-from diffusers_robust.models import AugmentConditionedUNet
-from diffusers_robust.trainer import configure_scheduler
-from diffusers_robust.training_config import TrainingConfig
+from diffusers_robust.data.corruptions import RandomCorruption
+from diffusers_robust.data.datasets import collate_image_batch, load_image_dataset
+from diffusers_robust.models import LabelConditionedUNet
+from diffusers_robust.training.config import TrainingConfig
+from diffusers_robust.training.objective import RobustDiffusionObjective
+from diffusers_robust.training.setup import build_optimizer, configure_scheduler
 
 RECIPE = os.path.join(os.path.dirname(__file__), "..", "training", "configs", "augment", "edm.yaml")
 
@@ -45,16 +46,27 @@ def batches(preset_unet, batch_size: int):
                               collate_fn=collate_image_batch)
 
 
-def make_trainer(preset: str, robust: bool, label_dim: int, device: torch.device, amp_dtype: torch.dtype | None):
+def make_trainer(preset: str, robust: bool, label_dim: int, device: torch.device, amp_dtype: torch.dtype | None,
+                 channels_last: bool = False, compile_model: bool = False):
+    """One training step of either loop. Ours is the training script's: `RobustDiffusionObjective` (corruption with
+    labels, input perturbation, min-SNR) with the recipe's optimizer (fused AdamW) and a foreach EMA."""
     pipeline = build_pipeline_from_preset(preset, seed=0)
-    config = TrainingConfig(input_perturbation=0.1 if robust else 0.0)
+    config = TrainingConfig(input_perturbation=0.1 if robust else 0.0, learning_rate=1e-4, snr_gamma=5.0)
     scheduler = configure_scheduler(pipeline.scheduler, config)
-    model = AugmentConditionedUNet(pipeline.unet, label_dim if robust else 0).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    corruption = RandomCorruption(["gaussian_noise", "impulse_noise"], (1, 3), p=0.5)
+    objective = RobustDiffusionObjective(scheduler, snr_gamma=config.snr_gamma, corruption=corruption,
+                                         augment_dim=label_dim)
+    model = LabelConditionedUNet(pipeline.unet, objective.label_dim if robust else 0).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if compile_model else model
+    if robust:
+        optimizer = build_optimizer(model, config, device)
+    else:  # the example's optimizer: PyTorch's default AdamW implementation for the device
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=10, num_training_steps=10_000)
-    ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, power=0.75)
+    ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, power=0.75, foreach=robust)
     ema.to(device)
-    corrupt = RandomCorruption(["gaussian_noise", "impulse_noise"], (1, 3), p=0.5)
 
     def autocast():
         return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
@@ -63,24 +75,19 @@ def make_trainer(preset: str, robust: bool, label_dim: int, device: torch.device
         clean = batch["pixel_values"].to(device, non_blocking=True)
         labels = batch["augment_labels"].to(device, non_blocking=True)
         if robust:
-            clean, _ = corrupt(clean, generator=generator)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), generator=generator).to(device)
-            noised = scheduler.add_training_noise(clean, t, generator=generator)
-            weights = min_snr_weights(scheduler.alphas_cumprod, t, 5.0)
             with autocast():
-                prediction = model(noised.noisy_images, t, labels)
-            loss = weighted_mse(prediction.float(), noised.target, weights)
+                loss = objective(forward, clean, labels, generator).loss.mean()
         else:  # the Diffusers example
             noise = torch.randn(clean.shape, device=device)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), device=device)
             with autocast():
-                prediction = model(scheduler.add_noise(clean, noise, t), t)
+                prediction = forward(scheduler.add_noise(clean, noise, t), t)
             loss = F.mse_loss(prediction.float(), noise)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         lr_scheduler.step()
-        optimizer.zero_grad()
+        optimizer.zero_grad(set_to_none=True)
         ema.step(model.parameters())
 
     return step
@@ -106,6 +113,8 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=5, help="steps per alternation block")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no", help="autocast of the forward pass")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (both loops)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (both loops)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense peak at this precision, for the share of peak (H200 bf16: 989)")
     args = parser.parse_args()
@@ -115,8 +124,9 @@ def main() -> None:
     unet = build_pipeline_from_preset(args.preset).unet
     data = batches(unet, args.batch_size)
     label_dim = next(data)["augment_labels"].shape[1]
-    trainers = {"diffusers example": make_trainer(args.preset, False, label_dim, device, amp_dtype),
-                "diffusers-robust": make_trainer(args.preset, True, label_dim, device, amp_dtype)}
+    options = {"channels_last": args.channels_last, "compile_model": args.compile}
+    trainers = {"diffusers example": make_trainer(args.preset, False, label_dim, device, amp_dtype, **options),
+                "diffusers-robust": make_trainer(args.preset, True, label_dim, device, amp_dtype, **options)}
     generator = torch.Generator().manual_seed(0)
     for step in trainers.values():  # warm-up
         step(next(data), generator)

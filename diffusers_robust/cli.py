@@ -1,15 +1,24 @@
 """`diffusers-robust` command line (also `python -m diffusers_robust`). Subcommands:
 
-- `evaluate PIPELINE`: the held-out evaluation report (restoration, generation, memorisation, losses) of a pipeline
-  folder or Hub id, written as `report.json`, `report.md` and PNG plots.
+- `train`: train a robust DDPM (the options of `training/train_robust_ddpm.py`; several processes with
+  `accelerate launch -m diffusers_robust train ...`).
+- `sample PIPELINE`: generate images (a PNG grid and/or one PNG per image) with DDIM or DDPM.
+- `restore PIPELINE INPUT...`: restore corrupted image files (or folders of them) with the pipeline's restoration.
+- `evaluate PIPELINE`: the held-out evaluation report (restoration, generation, memorisation, losses), written as
+  `report.json`, `report.md` and PNG plots.
+- `push FOLDER REPO_ID`: upload a trained pipeline folder with its model card to the Hub (never checkpoints or logs).
 
 Bad input exits with code 2 and a one-line message.
 """
 
 import argparse
+import os
 import sys
 
-from .evaluation import DEFAULT_RESTORATION_CASES, EVALUATION_SEED
+from .evaluation.losses import EVALUATION_SEED
+from .evaluation.restoration import DEFAULT_RESTORATION_CASES
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def _positive(text: str) -> int:
@@ -21,7 +30,7 @@ def _positive(text: str) -> int:
 
 def _case(text: str) -> tuple[str, int | float]:
     """`gaussian_noise/s3` (table severity) or `gaussian_noise/sigma0.3` (Gaussian std in [0, 1] units)."""
-    from .corruptions import canonical_name
+    from .data.corruptions import canonical_name
 
     name, _, level = text.partition("/")
     try:
@@ -34,12 +43,54 @@ def _case(text: str) -> tuple[str, int | float]:
     raise argparse.ArgumentTypeError(f"expected <corruption>/s<1..5> or gaussian_noise/sigma<std>, got {text!r}")
 
 
+def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pipeline", help="pipeline folder or Hub id (RobustDDPMPipeline)")
+    parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generators (one per image: seed + index)")
+    parser.add_argument("--batch_size", type=_positive, default=64, help="images per pipeline call")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .training.config import build_argument_parser
+
     parser = argparse.ArgumentParser(prog="diffusers-robust", description="Robust DDPMs on top of Diffusers.")
     commands = parser.add_subparsers(dest="command", required=True)
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+
+    train = commands.add_parser("train", help="train a robust DDPM", formatter_class=defaults,
+                                description="Train a robust DDPM. Options come from --config, then the command line; "
+                                            "several processes: accelerate launch -m diffusers_robust train ...")
+    build_argument_parser(train)
+
+    sample = commands.add_parser("sample", help="generate images with a pipeline", formatter_class=defaults,
+                                 description="Generate images: a PNG grid and/or one PNG per image.")
+    _add_pipeline_arguments(sample)
+    sample.add_argument("--output_dir", default="samples", help="where the images go")
+    sample.add_argument("--num_images", type=_positive, default=16, help="images to generate")
+    sample.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="DDIM (deterministic) or ancestral DDPM")
+    sample.add_argument("--num_inference_steps", type=_positive, default=50, help="denoising steps")
+    sample.add_argument("--output", choices=("grid", "images", "both"), default="both",
+                        help="grid.png, image-<i>.png per image, or both")
+
+    restore = commands.add_parser("restore", help="restore corrupted image files", formatter_class=defaults,
+                                  description="Restore image files (or every image in the folders given) with the "
+                                              "pipeline's restoration; the restored images keep their file names.")
+    _add_pipeline_arguments(restore)
+    restore.add_argument("inputs", nargs="+", help="image files or folders of images, at the pipeline's sample size")
+    restore.add_argument("--output_dir", default="restored", help="where the restored images go")
+    restore.add_argument("--corruption", default=None,
+                         help="what damaged the images (gaussian_noise, impulse_noise, gaussian_blur, ..., or auto)")
+    restore.add_argument("--severity", type=int, choices=range(1, 6), default=None, help="1..5, the corruption's severity")
+    restore.add_argument("--noise_sigma", type=float, default=None, help="Gaussian noise std in [0, 1] image units")
+    restore.add_argument("--strength", type=float, default=None, help="SDEdit strength in (0, 1] (the default method)")
+    restore.add_argument("--masks", default=None,
+                         help="folder of mask images named like the inputs: white where a pixel is missing")
+    restore.add_argument("--restoration_steps", type=_positive, default=None, help="denoiser calls per restoration")
+    restore.add_argument("--learned_restoration", action="store_true",
+                         help="restore with a restoration-trained pipeline's conditioned denoiser")
+
     evaluate = commands.add_parser(
-        "evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="held-out evaluation report of a pipeline",
+        "evaluate", formatter_class=defaults, help="held-out evaluation report of a pipeline",
         description="Restoration (PSNR, SSIM, classifier accuracy), generation (FID/KID, digits figures), memorisation "
                     "and validation losses of a pipeline, on held-out data, into report.json, report.md and PNG plots.",
     )
@@ -59,32 +110,188 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--learned_restoration", action="store_true",
                           help="restore with a restoration-trained pipeline's conditioned denoiser where it can")
     evaluate.add_argument("--device", default="cpu", help="torch device")
+
+    push = commands.add_parser("push", help="upload a trained pipeline folder to the Hub", formatter_class=defaults,
+                               description="Upload the pipeline, model card, metrics, config, sample grid and report of "
+                                           "a training output folder (never checkpoints or logs). The token comes from "
+                                           "HF_TOKEN or `hf auth login`.")
+    push.add_argument("folder", help="training output folder (model_index.json, unet/, scheduler/, ...)")
+    push.add_argument("repo_id", help="'user/name' on the Hub")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
     return parser
 
 
-def run_evaluate(args: argparse.Namespace) -> None:
+def _load_pipeline(args: argparse.Namespace):
     import torch
 
-    from .pipeline_robust_ddpm import RobustDDPMPipeline
-    from .report import evaluate_pipeline, write_report
+    from .pipelines.pipeline_robust_ddpm import RobustDDPMPipeline
 
     pipeline = RobustDDPMPipeline.from_pretrained(args.pipeline).to(torch.device(args.device))
     pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _generators(seed: int, start: int, count: int) -> list:
+    import torch
+
+    return [torch.Generator().manual_seed(seed + start + i) for i in range(count)]
+
+
+def run_sample(args: argparse.Namespace) -> list[str]:
+    from tqdm.auto import tqdm
+
+    from .evaluation.images import make_grid
+    from .schedulers import RobustDDIMScheduler, RobustDDPMScheduler
+
+    pipeline = _load_pipeline(args)
+    scheduler_class = RobustDDIMScheduler if args.sampler == "ddim" else RobustDDPMScheduler
+    pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config)
+    os.makedirs(args.output_dir, exist_ok=True)
+    written, images = [], []
+    for start in tqdm(range(0, args.num_images, args.batch_size), desc="sample"):
+        count = min(args.batch_size, args.num_images - start)
+        batch = pipeline(batch_size=count, generator=_generators(args.seed, start, count),
+                         num_inference_steps=args.num_inference_steps, output_type="np").images
+        images.extend(batch)
+        if args.output in ("images", "both"):
+            for index, picture in enumerate(pipeline.numpy_to_pil(batch)):
+                path = os.path.join(args.output_dir, f"image-{start + index:05d}.png")
+                picture.save(path)
+                written.append(path)
+    if args.output in ("grid", "both"):
+        import numpy as np
+
+        path = os.path.join(args.output_dir, "grid.png")
+        make_grid(np.stack(images)).save(path)
+        written.append(path)
+    return written
+
+
+def _image_files(inputs: list[str]) -> list[str]:
+    files = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(item, name) for name in os.listdir(item) if name.lower().endswith(IMAGE_SUFFIXES))
+            if not found:
+                raise ValueError(f"{item} holds no image file ({', '.join(IMAGE_SUFFIXES)})")
+            files.extend(found)
+        elif os.path.isfile(item):
+            files.append(item)
+        else:
+            raise FileNotFoundError(f"{item} is neither an image file nor a folder")
+    names = [os.path.basename(path) for path in files]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"several inputs are named {duplicates}: the restored files would overwrite each other")
+    return files
+
+
+def _read_images(files: list[str], channels: int, size: int, what: str):
+    """Decoded images `(N, H, W, C)` in `[0, 1]`; `ValueError` naming a file that is broken or the wrong size."""
+    import numpy as np
+
+    from .data.datasets import decode_image, to_mode
+
+    arrays = []
+    for path in files:
+        try:
+            image = to_mode(decode_image(path), channels)
+        except Exception as error:  # noqa: BLE001 - any decoding failure names the file
+            raise ValueError(f"cannot read {what} {path}: {error}") from None
+        if image.size != (size, size):
+            raise ValueError(f"{what} {path} is {image.size[0]}x{image.size[1]} pixels; the pipeline restores "
+                             f"{size}x{size} images (restoration must not resample the damage)")
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        arrays.append(array[..., None] if array.ndim == 2 else array)
+    return np.stack(arrays)
+
+
+def run_restore(args: argparse.Namespace) -> list[str]:
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from .pipelines.restoration import plan_restoration
+
+    plan_restoration(corruption=args.corruption, severity=args.severity, noise_sigma=args.noise_sigma,
+                     strength=args.strength, mask=None if args.masks is None else np.zeros(1))  # bad options fail first
+    files = _image_files(args.inputs)
+    pipeline = _load_pipeline(args)
+    channels, size = pipeline.unet.config.in_channels, pipeline.unet.config.sample_size
+    size = size if isinstance(size, int) else size[0]
+    images = _read_images(files, channels, size, "input")
+    masks = None
+    if args.masks is not None:
+        mask_files = [os.path.join(args.masks, os.path.basename(path)) for path in files]
+        masks = (_read_images(mask_files, 1, size, "mask") > 0.5).astype(np.float32)
+    os.makedirs(args.output_dir, exist_ok=True)
+    options = {"corruption": args.corruption, "severity": args.severity, "noise_sigma": args.noise_sigma,
+               "strength": args.strength, "restoration_steps": args.restoration_steps,
+               "learned_restoration": args.learned_restoration}
+    written = []
+    for start in tqdm(range(0, len(files), args.batch_size), desc="restore"):
+        stop = min(start + args.batch_size, len(files))
+        mask = None if masks is None else masks[start:stop]
+        restored = pipeline(image=images[start:stop], mask=mask, generator=_generators(args.seed, start, stop - start),
+                            output_type="pil", **options).images
+        for path, picture in zip(files[start:stop], restored, strict=True):
+            target = os.path.join(args.output_dir, os.path.splitext(os.path.basename(path))[0] + ".png")
+            picture.save(target)
+            written.append(target)
+    return written
+
+
+def run_evaluate(args: argparse.Namespace) -> list[str]:
+    from .evaluation.report import evaluate_pipeline, write_report
+
+    pipeline = _load_pipeline(args)
     report = evaluate_pipeline(pipeline, args.dataset, args.split, args.train_split, args.num_images, args.num_samples,
                                args.sampling_steps, args.cases, args.inception_weights, args.seed,
                                learned_restoration=args.learned_restoration)
-    paths = write_report(report, args.output_dir, title=f"Evaluation of {args.pipeline}")
-    print(f"wrote {', '.join(paths.values())}")
+    return list(write_report(report, args.output_dir, title=f"Evaluation of {args.pipeline}").values())
+
+
+def run_push(args: argparse.Namespace) -> list[str]:
+    from .hub import push_pipeline_to_hub, write_model_card
+
+    if not os.path.isfile(os.path.join(args.folder, "model_index.json")):
+        raise FileNotFoundError(f"{args.folder} holds no model_index.json: not a saved pipeline")
+    if not os.path.isfile(os.path.join(args.folder, "README.md")):  # a card is written from the run's own record
+        import yaml
+
+        from .training.summary import RunSummary
+
+        config_path = os.path.join(args.folder, "training_config.yaml")
+        if not os.path.isfile(config_path) or not os.path.isfile(os.path.join(args.folder, "metrics.json")):
+            raise FileNotFoundError(f"{args.folder} has no README.md model card, and no metrics.json and "
+                                    "training_config.yaml to write one from")
+        with open(config_path, encoding="utf-8") as handle:
+            config = yaml.safe_load(handle)
+        write_model_card(args.folder, args.repo_id, config, RunSummary.load(args.folder), config.get("license", "apache-2.0"))
+    return [push_pipeline_to_hub(args.folder, args.repo_id, private=args.private)]
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if args.command == "train":  # the training entry point parses its own options (and runs under accelerate)
+        from .training.config import parse_training_config
+        from .training.loop import run_training
+
+        try:
+            config = parse_training_config(argv[1:])
+        except (ValueError, FileNotFoundError) as error:
+            print(f"diffusers-robust train: error: {error}".splitlines()[0], file=sys.stderr)
+            return 2
+        run_training(config)
+        return 0
+    commands = {"sample": run_sample, "restore": run_restore, "evaluate": run_evaluate, "push": run_push}
     try:
-        if args.command == "evaluate":
-            run_evaluate(args)
+        written = commands[args.command](args)
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"diffusers-robust {args.command}: error: {error}".splitlines()[0], file=sys.stderr)
         return 2
+    shown = written if len(written) <= 5 else [*written[:2], f"... ({len(written) - 4} more)", *written[-2:]]
+    print(f"wrote {', '.join(shown)}")
     return 0
 
 

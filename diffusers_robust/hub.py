@@ -2,9 +2,12 @@
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
+
+if TYPE_CHECKING:
+    from .training.summary import RunSummary
 
 # What a pipeline repository holds; checkpoints, logs and optimizer state never leave the machine.
 PIPELINE_FILES = [
@@ -32,22 +35,24 @@ def write_model_card(
     output_dir: str,
     repo_id: str,
     training_config: Mapping[str, Any],
-    metrics: Mapping[str, Any],
+    summary: "RunSummary",
     license: str = "apache-2.0",
 ) -> str:
     """
     Write `output_dir/README.md`: Hub metadata (`library_name: diffusers`, tags including `diffusers-robust`
-    and `unconditional-image-generation`, dataset, license) and a body saying how the model was trained,
-    its robust options, validation figures, the sample grid and a usage snippet. Returns the path.
+    and `unconditional-image-generation`, dataset, license) and a body saying how the model was trained (from
+    `training_config`, the recipe as a dict, and `summary`, the run's [`RunSummary`]), its robust options, validation
+    figures, the sample grid and a usage snippet. Returns the path.
     """
+    from .schedulers.robust_options import options_acting_at
+
     dataset = str(training_config.get("dataset"))
-    scheduler_options = metrics.get("scheduler_robust_options", {})
-    training_options = {key: scheduler_options.get(key) for key in ("prediction_type", "input_perturbation", "offset_noise",
-                                                                    "pyramid_noise_discount")}
+    scheduler_options = summary.scheduler_robust_options
+    training_options = {key: scheduler_options.get(key) for key in ("prediction_type", *options_acting_at("training"))}
     training_options.update({key: training_config.get(key) for key in (
-        "snr_gamma", "corruptions", "corruption_p", "corruption_severity", "corruption_conditioning", "augment",
-        "augment_conditioning")})
-    sampling_options = {key: scheduler_options.get(key) for key in ("epsilon_scale_base", "epsilon_scale_slope")}
+        "snr_gamma", "corruptions", "corruption_p", "corruption_severity", "corruption_conditioning",
+        "restoration_training", "augment", "augment_conditioning")})
+    sampling_options = {key: scheduler_options.get(key) for key in options_acting_at("sampling")}
     card_data = ModelCardData(
         library_name="diffusers",
         license=license,
@@ -55,19 +60,19 @@ def write_model_card(
         datasets=[dataset] if "/" in dataset and not os.path.exists(dataset) else None,
         pipeline_tag="unconditional-image-generation",
     )
-    validation = metrics.get("validation_losses", {})
+    validation = summary.validation_losses
     robust_lines = "\n".join(f"- `{key}`: {value}" for key, value in training_options.items())
     scheduler_lines = "\n".join(f"- `{key}`: {value}" for key, value in sampling_options.items())
-    quality = metrics.get("digits_quality")
+    quality = summary.digits_quality
     quality_text = (
         f"\nSample quality (classifier trained on the real digits, {quality['samples']} samples): "
         f"{quality['confident_fraction']:.1%} classified with probability >= 0.8; "
-        f"{quality['classes_present']} of 10 classes present.\n" if quality else ""
+        f"{quality['classes_present']} of {len(quality['class_counts'])} classes present.\n" if quality else ""
     )
-    report = metrics.get("report")
+    report = summary.report
     report_text = ""
     if report:
-        from .report import restoration_markdown
+        from .evaluation.report import restoration_markdown
 
         generation = report["generation"]
         report_text = f"""
@@ -90,9 +95,9 @@ against the held-out images with {generation["feature_extractor"]} features. Ful
 # {repo_id}
 
 An unconditional DDPM trained with [diffusers-robust](https://pypi.org/project/diffusers-robust/) on
-`{dataset}` (split `{training_config.get("dataset_split")}`) at {metrics.get("resolution")}x{metrics.get("resolution")} pixels
-for {metrics.get("global_step")} optimizer steps ({metrics.get("images_seen")} images, batch
-{training_config.get("train_batch_size")} x {metrics.get("num_processes")} processes x
+`{dataset}` (split `{training_config.get("dataset_split")}`) at {summary.resolution}x{summary.resolution} pixels
+for {summary.global_step} optimizer steps ({summary.images_seen} images, batch
+{summary.train_batch_size_effective} x {summary.num_processes} processes x
 {training_config.get("gradient_accumulation_steps")} accumulation), seed {training_config.get("seed")},
 {"EMA weights" if training_config.get("use_ema") else "raw weights"}.
 
@@ -106,7 +111,7 @@ Sampling-time epsilon scaling stored in the scheduler (`lambda_t = slope * t + b
 
 ## Validation
 
-Denoising loss on {metrics.get("validation_images", 0)} held-out images (`{training_config.get("validation_split")}`),
+Denoising loss on {summary.validation_images} held-out images (`{training_config.get("validation_split")}`),
 clean and with the validation corruptions at severities {training_config.get("validation_severities")}:
 
 {_format_losses(validation) if validation else "No validation split was configured."}

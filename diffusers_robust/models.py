@@ -1,4 +1,5 @@
-"""UNet conditioning on augment labels (non-leaking augmentation, Karras et al. 2022)."""
+"""UNet conditioning on a label vector (augment labels for non-leaking augmentation, Karras et al. 2022, and corruption
+labels), and the label embedding a restoration-trained pipeline keeps."""
 
 import torch
 from diffusers import ConfigMixin, ModelMixin, UNet2DModel
@@ -11,9 +12,10 @@ def _public_config(unet: UNet2DModel) -> dict:
     return {key: value for key, value in unet.config.items() if not key.startswith("_")}
 
 
-class AugmentConditionedUNet(nn.Module):
+class LabelConditionedUNet(nn.Module):
     r"""
-    A [`~diffusers.UNet2DModel`] told which augmentation its training image went through.
+    A [`~diffusers.UNet2DModel`] told what was done to its training image: which augmentation (augment labels) and
+    which corruption (corruption labels), concatenated into one label vector.
 
     The labels `(B, L)` pass through a bias-free linear layer into the UNet's time-embedding space and are
     added to the time embedding (the UNet is built with `class_embed_type="identity"`). Zero labels, as at
@@ -22,54 +24,54 @@ class AugmentConditionedUNet(nn.Module):
 
     Args:
         unet ([`~diffusers.UNet2DModel`]): built with `class_embed_type=None`.
-        augment_dim (`int`): length `L` of the augment-label vector; 0 turns conditioning off.
+        label_dim (`int`): length `L` of the label vector; 0 turns conditioning off.
 
     Example:
 
     ```py
     >>> import torch
     >>> from diffusers import UNet2DModel
-    >>> from diffusers_robust.models import AugmentConditionedUNet
+    >>> from diffusers_robust.models import LabelConditionedUNet
     >>> unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 32),
     ...                    down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
-    >>> model = AugmentConditionedUNet(unet, augment_dim=7)
+    >>> model = LabelConditionedUNet(unet, label_dim=7)
     >>> model(torch.zeros(2, 1, 8, 8), torch.tensor([1, 2]), torch.zeros(2, 7)).shape
     torch.Size([2, 1, 8, 8])
     ```
     """
 
-    def __init__(self, unet: UNet2DModel, augment_dim: int = 0):
+    def __init__(self, unet: UNet2DModel, label_dim: int = 0):
         super().__init__()
         if unet.config.class_embed_type is not None or unet.config.num_class_embeds is not None:
-            raise ValueError("AugmentConditionedUNet needs a UNet without class conditioning")
-        self.augment_dim = augment_dim
-        if augment_dim > 0:
+            raise ValueError("LabelConditionedUNet needs a UNet without class conditioning")
+        self.label_dim = label_dim
+        if label_dim > 0:
             config = {**_public_config(unet), "class_embed_type": "identity"}
             conditioned = UNet2DModel.from_config(config)
             conditioned.load_state_dict(unet.state_dict())
             unet = conditioned
             time_embed_dim = unet.time_embedding.linear_2.out_features
-            self.augment_projection = nn.Linear(augment_dim, time_embed_dim, bias=False)
-            nn.init.zeros_(self.augment_projection.weight)
+            self.label_projection = nn.Linear(label_dim, time_embed_dim, bias=False)
+            nn.init.zeros_(self.label_projection.weight)
         self.unet = unet
 
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor, augment_labels: torch.Tensor | None = None
+        self, sample: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Predict from `sample` `(B, C, H, W)` at `timestep` `(B,)`; `augment_labels` `(B, L)`, zeros if None."""
-        if self.augment_dim == 0:
+        """Predict from `sample` `(B, C, H, W)` at `timestep` `(B,)`; `labels` `(B, L)`, zeros if None."""
+        if self.label_dim == 0:
             return self.unet(sample, timestep).sample
-        if augment_labels is None:
-            augment_labels = torch.zeros(sample.shape[0], self.augment_dim, device=sample.device, dtype=sample.dtype)
-        if augment_labels.shape != (sample.shape[0], self.augment_dim):
+        if labels is None:
+            labels = torch.zeros(sample.shape[0], self.label_dim, device=sample.device, dtype=sample.dtype)
+        if labels.shape != (sample.shape[0], self.label_dim):
             raise ValueError(
-                f"augment_labels must have shape ({sample.shape[0]}, {self.augment_dim}), got {tuple(augment_labels.shape)}"
+                f"labels must have shape ({sample.shape[0]}, {self.label_dim}), got {tuple(labels.shape)}"
             )
-        embedding = self.augment_projection(augment_labels.to(self.augment_projection.weight.dtype))
+        embedding = self.label_projection(labels.to(self.label_projection.weight.dtype))
         return self.unet(sample, timestep, class_labels=embedding).sample
 
 
-def export_unet(model: AugmentConditionedUNet | nn.Module) -> UNet2DModel:
+def export_unet(model: LabelConditionedUNet | nn.Module) -> UNet2DModel:
     """A plain `UNet2DModel` (no class embedding) with the trained weights, for sampling and saving."""
     unet = model.unet
     config = {**_public_config(unet), "class_embed_type": None}
@@ -83,7 +85,7 @@ class ConditionEmbedding(ModelMixin, ConfigMixin):
     The learned embedding of a conditioning vector, saved with a pipeline that was trained to restore.
 
     A bias-free linear map from the labels `(B, L)` into the UNet's time-embedding space, added to the time embedding
-    (what [`AugmentConditionedUNet`] does while training). All-zero labels add exactly zero, so the UNet alone is the
+    (what [`LabelConditionedUNet`] does while training). All-zero labels add exactly zero, so the UNet alone is the
     unconditional model; `labels_for` builds the labels that ask it to undo a corruption.
 
     Args:
@@ -127,11 +129,11 @@ class ConditionEmbedding(ModelMixin, ConfigMixin):
         return self.projection(labels.to(self.projection.weight.dtype))
 
 
-def export_condition_embedding(model: AugmentConditionedUNet, label_names: list[str]) -> ConditionEmbedding:
+def export_condition_embedding(model: LabelConditionedUNet, label_names: list[str]) -> ConditionEmbedding:
     """The trained label projection of `model` as a [`ConditionEmbedding`] (a pipeline component)."""
-    if model.augment_dim != len(label_names):
-        raise ValueError(f"the model has {model.augment_dim} label slots, got {len(label_names)} names")
-    weight = model.augment_projection.weight.detach()
+    if model.label_dim != len(label_names):
+        raise ValueError(f"the model has {model.label_dim} label slots, got {len(label_names)} names")
+    weight = model.label_projection.weight.detach()
     embedding = ConditionEmbedding(list(label_names), weight.shape[0])
     embedding.projection.weight.data.copy_(weight)
     return embedding

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from conftest import REPO_ROOT
 
-from diffusers_robust.augment import AugmentPipeline
+from diffusers_robust.data.augment import AugmentPipeline
 
 RECIPES = os.path.join(REPO_ROOT, "training", "configs", "augment")
 

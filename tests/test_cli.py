@@ -1,6 +1,8 @@
-"""`diffusers-robust` end to end on a tiny saved pipeline: evaluate writes its report; bad input exits with 2."""
+"""`diffusers-robust` end to end on a tiny saved pipeline: train, sample, restore, evaluate and push; bad input exits
+with 2 and one line."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -59,9 +61,85 @@ def test_evaluate_writes_report_json_markdown_and_plots(tiny_pipeline_folder, tm
     (["evaluate", "PIPELINE", "--cases", "gaussian_noise/s9"], "gaussian_noise/s9"),
     (["evaluate", "PIPELINE", "--num_images", "0"], "num_images"),
     (["evaluate", "PIPELINE", "--dataset", "/no/such/folder"], "error:"),
+    (["sample", "/no/such/pipeline"], "error:"),
+    (["sample", "PIPELINE", "--num_images", "0"], "num_images"),
+    (["restore", "PIPELINE", "/no/such/image.png"], "/no/such/image.png"),
+    (["restore", "PIPELINE", "BIG_IMAGE", "--noise_sigma", "0.1"], "is 16x16 pixels"),
+    (["restore", "PIPELINE", "SMALL_IMAGE", "--noise_sigma", "0.1", "--strength", "0.3"], "strength"),
+    (["train", "--max_grad_norm", "-1"], "max_grad_norm must be > 0"),
+    (["push", "/no/such/folder", "me/model"], "model_index.json"),
 ])
 def test_bad_input_exits_with_code_2_and_one_line(tiny_pipeline_folder, tmp_path, args, message):
-    args = [tiny_pipeline_folder if a == "PIPELINE" else a for a in args]
-    result = run_cli(*args, "--output_dir", str(tmp_path / "out"))
+    images = {"BIG_IMAGE": _write_images(tmp_path / "big", 1, 16)[0], "SMALL_IMAGE": _write_images(tmp_path / "small", 1)[0]}
+    args = [tiny_pipeline_folder if a == "PIPELINE" else images.get(a, a) for a in args]
+    result = run_cli(*args, *([] if args[0] == "push" else ["--output_dir", str(tmp_path / "out")]))
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def _write_images(folder, count: int, size: int = 8) -> list[str]:
+    import numpy as np
+    import PIL.Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for index in range(count):
+        path = folder / f"digit-{index}.png"
+        PIL.Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_every_subcommand_has_help():
+    for command in ("train", "sample", "restore", "evaluate", "push"):
+        result = run_cli(command, "--help")
+        assert result.returncode == 0 and "usage: diffusers-robust " + command in result.stdout
+    assert "--input_perturbation" in run_cli("train", "--help").stdout
+
+
+def test_sample_writes_a_grid_and_each_image_reproducibly_per_seed(tiny_pipeline_folder, tmp_path):
+    import numpy as np
+    import PIL.Image
+
+    for name in ("a", "b"):
+        result = run_cli("sample", tiny_pipeline_folder, "--output_dir", str(tmp_path / name), "--num_images", "5",
+                         "--batch_size", "2", "--num_inference_steps", "3", "--seed", "7")
+        assert result.returncode == 0, result.stderr[-2000:]
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == ["grid.png"] + [f"image-{i:05d}.png" for i in range(5)]
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    assert PIL.Image.open(tmp_path / "a" / "grid.png").size[0] >= 256  # 8x8 samples enlarged for people
+    first, second = (np.asarray(PIL.Image.open(tmp_path / "a" / f"image-0000{i}.png")) for i in (0, 1))
+    assert first.shape == (8, 8) and not np.array_equal(first, second)
+
+
+def test_restore_writes_each_input_under_its_name_and_keeps_unmasked_pixels(tiny_pipeline_folder, tmp_path):
+    import numpy as np
+    import PIL.Image
+
+    inputs = _write_images(tmp_path / "inputs", 3)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    mask = np.zeros((8, 8), dtype=np.uint8)
+    mask[2:5, 3:6] = 255
+    for path in inputs:
+        PIL.Image.fromarray(mask).save(masks / os.path.basename(path))
+    result = run_cli("restore", tiny_pipeline_folder, str(tmp_path / "inputs"), "--output_dir", str(tmp_path / "out"),
+                     "--masks", str(masks), "--restoration_steps", "5", "--batch_size", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    for path in inputs:
+        before = np.asarray(PIL.Image.open(path))
+        after = np.asarray(PIL.Image.open(tmp_path / "out" / os.path.basename(path)))
+        assert after.shape == (8, 8)
+        assert np.array_equal(after[mask == 0], before[mask == 0])  # inpainting keeps every known pixel
+        assert not np.array_equal(after[mask > 0], before[mask > 0])
+
+
+def test_train_subcommand_trains_the_same_run_as_the_script(tiny_preset, tmp_path):
+    from conftest import tiny_training_args
+
+    result = run_cli("train", *tiny_training_args(tiny_preset, tmp_path / "run", max_train_steps=2, validation_steps=2))
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["global_step"] == 2 and (tmp_path / "run" / "unet" / "diffusion_pytorch_model.safetensors").exists()

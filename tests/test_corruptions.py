@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from diffusers_robust.corruptions import (
+from diffusers_robust.data.corruptions import (
     CORRUPTIONS,
     SEVERITY_TABLE,
     RandomCorruption,

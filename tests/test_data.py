@@ -11,7 +11,7 @@ import torch
 from conftest import REPO_ROOT
 from torch.utils.data import DataLoader
 
-from diffusers_robust.data import (
+from diffusers_robust.data.datasets import (
     SkippedRecords,
     collate_image_batch,
     load_digits_dataset,
@@ -93,7 +93,7 @@ def test_bad_records_are_skipped_counted_and_reported_by_file(image_folder, capl
     tracker = SkippedRecords()
     loader = DataLoader(loaded.dataset, batch_size=8, collate_fn=collate_image_batch, num_workers=2)
     good = 0
-    with caplog.at_level(logging.WARNING, logger="diffusers_robust.data"):
+    with caplog.at_level(logging.WARNING, logger="diffusers_robust.data.datasets"):
         for batch in loader:
             tracker.update(batch)
             good += len(batch["pixel_values"])

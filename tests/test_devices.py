@@ -10,9 +10,9 @@ import torch
 from conftest import make_tiny_unet
 
 from diffusers_robust import RobustDDIMScheduler, RobustDDPMPipeline, RobustDDPMScheduler
-from diffusers_robust.corruptions import CORRUPTIONS, RandomCorruption, apply_corruption
-from diffusers_robust.losses import min_snr_weights, weighted_mse
-from diffusers_robust.models import AugmentConditionedUNet, export_unet
+from diffusers_robust.data.corruptions import CORRUPTIONS, RandomCorruption, apply_corruption
+from diffusers_robust.models import LabelConditionedUNet, export_unet
+from diffusers_robust.training.objective import min_snr_weights, weighted_mse
 
 DEVICES = [
     "cpu",
@@ -80,7 +80,7 @@ def test_a_bf16_autocast_training_step_on_the_device_is_finite_and_exports_float
     """One step of the training objective (augment labels, min-SNR weights) under bf16 autocast, as
     `mixed_precision: bf16` runs it; the exported UNet keeps float32 weights."""
     torch.manual_seed(0)
-    model = AugmentConditionedUNet(make_tiny_unet(), augment_dim=4).to(device).train()
+    model = LabelConditionedUNet(make_tiny_unet(), label_dim=4).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = RobustDDPMScheduler(num_train_timesteps=100, input_perturbation=0.1)
     generator = torch.Generator().manual_seed(7)

@@ -4,9 +4,10 @@ from conftest import make_tiny_unet
 from sklearn.datasets import load_digits
 
 from diffusers_robust import RobustDDPMScheduler
-from diffusers_robust.evaluation import digits_quality, make_grid, validation_losses
-from diffusers_robust.metrics import digits_classifier
-from diffusers_robust.models import AugmentConditionedUNet
+from diffusers_robust.evaluation.images import make_grid
+from diffusers_robust.evaluation.losses import validation_losses
+from diffusers_robust.evaluation.metrics import digits_classifier, digits_quality
+from diffusers_robust.models import LabelConditionedUNet
 
 
 def test_digits_quality_tells_real_digits_from_noise():
@@ -20,7 +21,7 @@ def test_digits_quality_tells_real_digits_from_noise():
 
 
 def test_validation_losses_are_seeded_and_cover_each_corruption_and_severity():
-    model = AugmentConditionedUNet(make_tiny_unet(), augment_dim=0)
+    model = LabelConditionedUNet(make_tiny_unet(), label_dim=0)
     images = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     scheduler = RobustDDPMScheduler()
     first = validation_losses(model, scheduler, images, ["gaussian_noise", "masking"], (1, 5))
@@ -32,13 +33,22 @@ def test_validation_losses_are_seeded_and_cover_each_corruption_and_severity():
 
 
 def test_make_grid_tiles_images_in_a_square():
-    grid = make_grid(np.ones((5, 8, 8, 1)) * 0.5)
+    grid = make_grid(np.ones((5, 8, 8, 1)) * 0.5, min_size=1)
     assert grid.size == (24, 16)
     assert np.asarray(grid)[..., 0].max() == 128 and np.asarray(grid)[8:, 16:].max() == 0  # the blank cell
 
 
+def test_make_grid_enlarges_small_images_by_whole_pixels_to_at_least_256_pixels():
+    images = np.random.default_rng(0).random((4, 8, 8, 1))
+    grid = np.asarray(make_grid(images))  # 2 x 2 cells of 8 px: each pixel becomes a 16 x 16 square
+    assert grid.shape[:2] == (256, 256)
+    first = grid[:128, :128, 0] if grid.ndim == 3 else grid[:128, :128]
+    assert (first == np.kron(first[::16, ::16], np.ones((16, 16), dtype=first.dtype))).all()
+    assert first[::16, ::16].tolist() == (images[0, ..., 0] * 255).round().astype(np.uint8).tolist()
+
+
 def test_frechet_distance_of_a_shifted_gaussian_is_the_squared_shift():
-    from diffusers_robust.metrics import frechet_distance, kernel_inception_distance
+    from diffusers_robust.evaluation.metrics import frechet_distance, kernel_inception_distance
 
     features = torch.randn(4000, 3, generator=torch.Generator().manual_seed(0))
     shifted = features + torch.tensor([0.5, 0.0, 0.0])
@@ -50,7 +60,7 @@ def test_frechet_distance_of_a_shifted_gaussian_is_the_squared_shift():
 
 
 def test_psnr_ssim_median_filter_and_nearest_neighbours_on_known_cases():
-    from diffusers_robust.metrics import mean_psnr, median_filter, nearest_neighbour_distance, psnr, ssim
+    from diffusers_robust.evaluation.metrics import mean_psnr, median_filter, nearest_neighbour_distance, psnr, ssim
 
     clean = torch.zeros(2, 1, 8, 8)
     off = clean + 0.2  # 0.1 in [0, 1] units: PSNR 20 dB
@@ -65,7 +75,7 @@ def test_psnr_ssim_median_filter_and_nearest_neighbours_on_known_cases():
 
 
 def test_digits_classifier_never_saw_the_held_out_split():
-    from diffusers_robust.data import load_digits_dataset
+    from diffusers_robust.data.datasets import load_digits_dataset
 
     classifier = digits_classifier()
     assert classifier.shape_fit_[0] == len(load_digits_dataset()["train"]) == 1497

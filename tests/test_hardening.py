@@ -18,10 +18,10 @@ import yaml
 from conftest import SCRIPT, tiny_training_args, training_env
 from safetensors.torch import load_file
 
-from diffusers_robust.checkpoints import complete_checkpoints
-from diffusers_robust.data import ImageRecordTransform
-from diffusers_robust.presets import build_pipeline_from_preset
-from diffusers_robust.training_config import parse_training_config
+from diffusers_robust.data.datasets import ImageRecordTransform
+from diffusers_robust.pipelines.presets import build_pipeline_from_preset
+from diffusers_robust.training.checkpoints import complete_checkpoints
+from diffusers_robust.training.config import parse_training_config
 
 pytestmark = pytest.mark.slow
 
@@ -79,6 +79,8 @@ def test_resume_refuses_changed_options_the_checkpoint_depends_on_and_keeps_the_
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming with learning_rate = 0.0005 (the first run had 0.001)" in resumed.stderr
     assert (out / "training_config.yaml").read_text() == first
+    # The schedule is a function of the step: step 3 (after 2 warm-up steps, the last of 3) trains at the new peak LR.
+    assert json.loads((out / "metrics.json").read_text())["lr_history"] == {"3": pytest.approx(5e-4, rel=1e-12)}
 
 
 def _launch(args: list[str], **popen) -> subprocess.Popen:

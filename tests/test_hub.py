@@ -85,3 +85,20 @@ assert loaded.scheduler.config.input_perturbation == 0.1
     run_client(code, env)
     assert not state.repos["bob/direct"].private
     assert "unet/diffusion_pytorch_model.safetensors" in state.repos["bob/direct"].files
+
+
+def test_push_command_uploads_a_trained_folder_and_rewrites_a_missing_card(tiny_preset, tmp_path, hub):
+    state, env = hub
+    output_dir = tmp_path / "run"
+    trained = subprocess.run([sys.executable, SCRIPT, *tiny_training_args(tiny_preset, output_dir, max_train_steps=2)],
+                             env=training_env(), capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    (output_dir / "README.md").unlink()  # written again from metrics.json and training_config.yaml
+    pushed = subprocess.run([sys.executable, "-m", "diffusers_robust", "push", str(output_dir), "bob/tiny", "--private"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert pushed.returncode == 0, pushed.stderr[-3000:]
+    repo = state.repos["bob/tiny"]
+    assert repo.private and {"model_index.json", "unet/diffusion_pytorch_model.safetensors", "README.md"} <= set(repo.files)
+    assert not any(name.startswith(("checkpoints/", "logs/")) for name in repo.files)
+    card = (output_dir / "README.md").read_text()
+    assert "# bob/tiny" in card and "for 2 optimizer steps" in card and TOKEN not in pushed.stdout + pushed.stderr

@@ -2,7 +2,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from diffusers_robust.losses import min_snr_weights, weighted_mse
+from diffusers_robust.training.objective import min_snr_weights, weighted_mse
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])

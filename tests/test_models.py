@@ -2,12 +2,12 @@ import pytest
 import torch
 from conftest import make_tiny_unet
 
-from diffusers_robust.models import AugmentConditionedUNet, export_unet
+from diffusers_robust.models import LabelConditionedUNet, export_unet
 
 
-def _trained_projection_model(augment_dim=5):
-    model = AugmentConditionedUNet(make_tiny_unet(), augment_dim=augment_dim)
-    torch.nn.init.normal_(model.augment_projection.weight, std=1.0)
+def _trained_projection_model(label_dim=5):
+    model = LabelConditionedUNet(make_tiny_unet(), label_dim=label_dim)
+    torch.nn.init.normal_(model.label_projection.weight, std=1.0)
     # A UNet fresh from init barely reacts to its time embedding; give the embedding path real weights.
     for module in model.unet.modules():
         if isinstance(module, torch.nn.Linear):
@@ -33,17 +33,17 @@ def test_non_zero_labels_change_the_prediction():
 
 
 def test_projection_starts_at_zero_so_training_starts_from_the_unconditioned_unet():
-    model = AugmentConditionedUNet(make_tiny_unet(), augment_dim=4)
-    assert torch.count_nonzero(model.augment_projection.weight) == 0
+    model = LabelConditionedUNet(make_tiny_unet(), label_dim=4)
+    assert torch.count_nonzero(model.label_projection.weight) == 0
 
 
 def test_wrong_label_shape_is_named():
-    model = AugmentConditionedUNet(make_tiny_unet(), augment_dim=4)
-    with pytest.raises(ValueError, match=r"augment_labels must have shape \(2, 4\)"):
+    model = LabelConditionedUNet(make_tiny_unet(), label_dim=4)
+    with pytest.raises(ValueError, match=r"labels must have shape \(2, 4\)"):
         model(torch.zeros(2, 1, 8, 8), torch.tensor([1, 2]), torch.zeros(2, 3))
 
 
 def test_no_conditioning_keeps_the_unet_as_is():
     unet = make_tiny_unet()
-    model = AugmentConditionedUNet(unet, augment_dim=0)
+    model = LabelConditionedUNet(unet, label_dim=0)
     assert model.unet is unet

@@ -8,9 +8,9 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from diffusers_robust import RobustDDPMPipeline, RobustDDPMScheduler
-from diffusers_robust.corruptions import apply_corruption, contrast, gaussian_noise, impulse_noise
-from diffusers_robust.metrics import psnr
-from diffusers_robust.restoration import (
+from diffusers_robust.data.corruptions import apply_corruption, contrast, gaussian_noise, impulse_noise
+from diffusers_robust.evaluation.metrics import psnr
+from diffusers_robust.pipelines.restoration import (
     detect_missing_pixels,
     estimate_noise_sigma,
     noise_matched_timestep,

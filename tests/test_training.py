@@ -16,8 +16,8 @@ from conftest import SCRIPT, tiny_training_args, training_env
 from safetensors.torch import load_file
 
 from diffusers_robust import RobustDDPMPipeline, RobustDDPMScheduler
-from diffusers_robust.checkpoints import complete_checkpoints, resolve_checkpoint
-from diffusers_robust.data import STREAM_MAP_BATCH_SIZE
+from diffusers_robust.data.datasets import STREAM_MAP_BATCH_SIZE
+from diffusers_robust.training.checkpoints import complete_checkpoints, resolve_checkpoint
 
 EDM = os.path.join(os.path.dirname(SCRIPT), "configs", "augment", "edm.yaml")
 
@@ -143,7 +143,7 @@ def test_lr_follows_warmup_and_cosine_per_optimizer_step(trained):
 
 
 def test_help_lists_every_option():
-    from diffusers_robust.training_config import TrainingConfig
+    from diffusers_robust.training.config import TrainingConfig
 
     result = subprocess.run([sys.executable, SCRIPT, "--help"], env=training_env(), capture_output=True, text=True)
     assert result.returncode == 0
@@ -157,7 +157,7 @@ def _checkpoint_state(folder: str) -> dict[str, torch.Tensor]:
     for index, values in optimizer["state"].items():
         for key, value in values.items():
             state[f"optimizer.{index}.{key}"] = torch.as_tensor(value)
-    ema = torch.load(os.path.join(folder, "custom_checkpoint_1.pkl"), weights_only=False)
+    ema = torch.load(os.path.join(folder, "custom_checkpoint_0.pkl"), weights_only=False)
     for index, value in enumerate(ema["shadow_params"]):
         state[f"ema.{index}"] = value
     state["ema.optimization_step"] = torch.as_tensor(ema["optimization_step"])

@@ -9,7 +9,7 @@ import datasets
 import pytest
 from conftest import REPO_ROOT, SCRIPT, tiny_training_args, training_env
 
-from diffusers_robust.training_config import TrainingConfig, parse_training_config
+from diffusers_robust.training.config import TrainingConfig, parse_training_config
 
 
 def run(args: list[str]) -> subprocess.CompletedProcess:

@@ -231,7 +231,7 @@ def apply_corruption(
 
     ```py
     >>> import torch
-    >>> from diffusers_robust.corruptions import apply_corruption
+    >>> from diffusers_robust.data.corruptions import apply_corruption
     >>> x = torch.zeros(2, 3, 32, 32)
     >>> y = apply_corruption(x, "gaussian_noise", 3, generator=torch.Generator().manual_seed(0))
     >>> y.shape
@@ -256,7 +256,7 @@ class RandomCorruption:
 
     ```py
     >>> import torch
-    >>> from diffusers_robust.corruptions import RandomCorruption
+    >>> from diffusers_robust.data.corruptions import RandomCorruption
     >>> corrupt = RandomCorruption(["gaussian_noise", "salt_and_pepper"], severity=(1, 3), p=0.5)
     >>> images, applied = corrupt(torch.zeros(4, 3, 8, 8), generator=torch.Generator().manual_seed(0))
     >>> len(applied)  # one entry per sample: None or (name, severity)

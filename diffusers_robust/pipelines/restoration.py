@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .corruptions import CORRUPTION_OPS, canonical_name, corruption_parameter
+from ..data.corruptions import CORRUPTION_OPS, canonical_name, corruption_parameter
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -16,22 +16,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .evaluation import (
-    DEFAULT_RESTORATION_CASES,
-    EVALUATION_SEED,
-    digits_quality,
-    evaluate_restoration,
-    stack_images,
-    validation_losses,
-)
-from .metrics import (
-    InceptionFeatures,
-    PixelFeatures,
-    digits_classifier,
-    frechet_distance,
-    kernel_inception_distance,
-    nearest_neighbour_distance,
-)
+from .images import stack_images
+from .losses import EVALUATION_SEED, validation_losses
+from .metrics import InceptionFeatures, Metric, PixelFeatures, Reference, digits_classifier, generation_metrics
+from .restoration import DEFAULT_RESTORATION_CASES, evaluate_restoration
 
 REPORT_VERSION = 1
 LOSS_CORRUPTIONS = ("gaussian_noise", "impulse_noise", "gaussian_blur")
@@ -39,7 +27,7 @@ LOSS_CORRUPTIONS = ("gaussian_noise", "impulse_noise", "gaussian_blur")
 
 def load_evaluation_images(dataset: str, split: str, channels: int, resolution: int, limit: int) -> torch.Tensor:
     """Up to `limit` images `(N, C, H, W)` in `[-1, 1]` of `dataset`'s `split`, in order; `ValueError` if none decode."""
-    from .data import collate_image_batch, load_image_dataset
+    from ..data.datasets import collate_image_batch, load_image_dataset
 
     loaded = load_image_dataset(dataset, split, channels=channels, resolution=resolution)
     batches = (batch["pixel_values"] for batch in DataLoader(loaded.dataset, batch_size=256, collate_fn=collate_image_batch))
@@ -50,7 +38,7 @@ def load_evaluation_images(dataset: str, split: str, channels: int, resolution: 
 
 
 def _digits_labels(split: str, count: int) -> np.ndarray:
-    from .data import load_digits_dataset
+    from ..data.datasets import load_digits_dataset
 
     return np.asarray(load_digits_dataset()[split]["label"][:count])
 
@@ -58,7 +46,7 @@ def _digits_labels(split: str, count: int) -> np.ndarray:
 @torch.no_grad()
 def generate(pipeline, count: int, steps: int, seed: int, batch_size: int = 256) -> torch.Tensor:
     """`count` DDIM samples `(N, C, H, W)` in `[-1, 1]` from `pipeline`, one seeded generator per image."""
-    from .schedulers import RobustDDIMScheduler
+    from ..schedulers import RobustDDIMScheduler
 
     sampler = type(pipeline)(**{**pipeline.components, "scheduler": RobustDDIMScheduler.from_config(pipeline.scheduler.config)})
     sampler.set_progress_bar_config(disable=True)
@@ -70,26 +58,12 @@ def generate(pipeline, count: int, steps: int, seed: int, batch_size: int = 256)
     return torch.cat(out)
 
 
-def generation_figures(samples: torch.Tensor, held_out: torch.Tensor, train: torch.Tensor, features, digits: bool,
-                       seed: int) -> dict[str, Any]:
-    """FID / KID of samples against held-out images, memorisation, and on digits the classifier's view."""
-    sample_features, held_out_features = features(samples), features(held_out)
-    figures: dict[str, Any] = {
-        "samples": int(samples.shape[0]),
-        "feature_extractor": features.name,
-        "fid": frechet_distance(sample_features, held_out_features),
-        "kid": kernel_inception_distance(sample_features, held_out_features, seed=seed),
-    }
-    # Train images compared: a random subset as large as the held-out set, so neither side wins by being bigger.
-    subset = train[torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))[: held_out.shape[0]]]
-    to_train, to_held_out = nearest_neighbour_distance(samples, subset), nearest_neighbour_distance(samples, held_out)
-    figures["memorisation"] = {
-        "median_distance_to_train": float(to_train.median()),
-        "median_distance_to_held_out": float(to_held_out.median()),
-        "share_closer_to_train": float((to_train < to_held_out).float().mean()),
-    }
-    if digits:
-        figures["digits"] = digits_quality(((samples + 1) / 2).permute(0, 2, 3, 1).numpy())
+def generation_figures(samples: torch.Tensor, reference: Reference, metrics: Sequence[Metric]) -> dict[str, Any]:
+    """The figures of generated `samples` `(N, C, H, W)` in `[-1, 1]`: each [`Metric`]'s against the held-out
+    `reference` (by default FID / KID, memorisation, and on digits the classifier's view)."""
+    figures: dict[str, Any] = {"samples": int(samples.shape[0])}
+    for metric in metrics:
+        figures.update(metric.compute(samples, reference))
     return figures
 
 
@@ -105,7 +79,7 @@ def pipeline_denoiser(pipeline):
         return denoise, None
 
     def labels_for(corruption: str, severity: int, batch: int) -> torch.Tensor | None:
-        from .corruptions import canonical_name
+        from ..data.corruptions import canonical_name
 
         name = canonical_name(corruption)
         return embedding.labels_for(name, severity, batch, pipeline.device) if name in embedding.corruptions else None
@@ -150,7 +124,7 @@ def evaluate_pipeline(
                                        learned_restoration=learned_restoration)
     steps.update(1)
     samples = generate(pipeline, num_samples, sampling_steps, seed)
-    generation = generation_figures(samples, held_out, train, features, digits, seed)
+    generation = generation_figures(samples, Reference(held_out, labels, train), generation_metrics(features, digits, seed))
     steps.update(1)
     denoise, labels_for = pipeline_denoiser(pipeline)
     losses = validation_losses(denoise, pipeline.scheduler, held_out.to(pipeline.device), LOSS_CORRUPTIONS, (1, 3, 5),
@@ -243,7 +217,7 @@ def plot_restoration(rows: list[dict[str, Any]], path: str) -> None:
 
 def write_report(report: dict[str, Any], output_dir: str, title: str = "Evaluation") -> dict[str, str]:
     """Write `report.json`, `report.md`, `restoration.png` and `samples.png` into `output_dir`; returns their paths."""
-    from .evaluation import make_grid
+    from .images import make_grid
 
     os.makedirs(output_dir, exist_ok=True)
     paths = {name: os.path.join(output_dir, name) for name in ("report.json", "report.md", "restoration.png", "samples.png")}

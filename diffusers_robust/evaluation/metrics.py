@@ -1,8 +1,12 @@
 """Figures that score images: restoration (PSNR, SSIM), distribution distances (FID, KID) over a pluggable feature
-extractor, memorisation (nearest-neighbour distances), and the digits classifier.
+extractor, memorisation (nearest-neighbour distances), and the digits classifier; each also as a [`Metric`]
+(`name`, `compute(images, reference) -> figures`), the interface through which the report uses them.
 
 Every metric takes image tensors `(B, C, H, W)` in `[-1, 1]` and reports on the `[0, 1]` scale.
 """
+
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -160,3 +164,137 @@ def digits_probabilities(images: torch.Tensor, classifier) -> np.ndarray:
     unit = (images.float().cpu() + 1) / 2
     small = F.interpolate(unit[:, :1], size=(8, 8), mode="area").reshape(len(unit), 64).numpy() * 16.0
     return classifier.predict_proba(small)
+
+
+def digits_quality(images: np.ndarray, confidence: float = 0.8, classifier=None) -> dict[str, float | list[int]]:
+    """
+    Score generated digits with a classifier trained on the real digits.
+
+    Args:
+        images (`np.ndarray` of shape `(N, H, W, 1)` in `[0, 1]`): generated samples at any resolution;
+            they are area-resized to 8x8 like the real digits.
+
+    Returns:
+        `confident_fraction` (share of samples whose top class probability is at least `confidence`),
+        `class_counts` (predicted class histogram, 10 entries), `classes_present` and `class_entropy_bits` (of the
+        predicted classes; log2(10) = 3.32 when every class is equally common).
+    """
+    classifier = classifier or digits_classifier()
+    tensor = torch.from_numpy(np.asarray(images, dtype=np.float32)).permute(0, 3, 1, 2) * 2 - 1
+    probabilities = digits_probabilities(tensor, classifier)
+    predicted = probabilities.argmax(axis=1)
+    counts = np.bincount(predicted, minlength=10)
+    shares = counts[counts > 0] / counts.sum()
+    return {
+        "confident_fraction": float((probabilities.max(axis=1) >= confidence).mean()),
+        "class_counts": counts.tolist(),
+        "classes_present": int((counts > 0).sum()),
+        "class_entropy_bits": float(-(shares * np.log2(shares)).sum()),
+    }
+
+
+@dataclass
+class Reference:
+    """What a metric compares against: held-out `images` `(N, C, H, W)` in `[-1, 1]`, and where known their class
+    `labels` `(N,)` and `train_images` (for memorisation)."""
+
+    images: torch.Tensor
+    labels: np.ndarray | None = None
+    train_images: torch.Tensor | None = None
+
+
+class Metric(Protocol):
+    """A figure of images against a [`Reference`]: `compute(images, reference)` returns named figures. Generation
+    metrics receive samples; restoration metrics receive restored images aligned with `reference.images`. A new metric
+    is a class here and an entry in [`generation_metrics`] or [`restoration_metrics`]."""
+
+    name: str
+
+    def compute(self, images: torch.Tensor, reference: Reference) -> dict[str, Any]: ...
+
+
+class DistributionDistance:
+    """FID and KID of the images against the reference images, over a feature extractor (pixels or Inception)."""
+
+    name = "distribution"
+
+    def __init__(self, features: "PixelFeatures | InceptionFeatures", seed: int = 0):
+        self.features, self.seed = features, seed
+
+    def compute(self, images: torch.Tensor, reference: Reference) -> dict[str, Any]:
+        ours, theirs = self.features(images), self.features(reference.images)
+        return {"feature_extractor": self.features.name, "fid": frechet_distance(ours, theirs),
+                "kid": kernel_inception_distance(ours, theirs, seed=self.seed)}
+
+
+class Memorisation:
+    """Nearest-neighbour distances of samples to train images and to held-out images (a random train subset as large as
+    the held-out set, so neither side wins by being bigger)."""
+
+    name = "memorisation"
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def compute(self, images: torch.Tensor, reference: Reference) -> dict[str, Any]:
+        train, held_out = reference.train_images, reference.images
+        subset = train[torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(self.seed))[: held_out.shape[0]]]
+        to_train, to_held_out = nearest_neighbour_distance(images, subset), nearest_neighbour_distance(images, held_out)
+        return {"memorisation": {
+            "median_distance_to_train": float(to_train.median()),
+            "median_distance_to_held_out": float(to_held_out.median()),
+            "share_closer_to_train": float((to_train < to_held_out).float().mean()),
+        }}
+
+
+class DigitsScore:
+    """Digits only: how the classifier of the real digits reads generated samples ([`digits_quality`])."""
+
+    name = "digits"
+
+    def __init__(self, classifier=None):
+        self.classifier = classifier
+
+    def compute(self, images: torch.Tensor, reference: Reference) -> dict[str, Any]:
+        return {"digits": digits_quality(((images + 1) / 2).permute(0, 2, 3, 1).numpy(), classifier=self.classifier)}
+
+
+class PSNR:
+    """PSNR in dB of the set's mean squared error against the reference images ([`mean_psnr`])."""
+
+    name = "psnr"
+
+    def compute(self, images: torch.Tensor, reference: Reference) -> dict[str, Any]:
+        return {"psnr": mean_psnr(images, reference.images)}
+
+
+class SSIM:
+    """Mean SSIM against the reference images ([`ssim`])."""
+
+    name = "ssim"
+
+    def compute(self, images: torch.Tensor, reference: Reference) -> dict[str, Any]:
+        return {"ssim": float(ssim(images, reference.images).mean())}
+
+
+class ClassifierAccuracy:
+    """Share of images the classifier assigns the reference's label (digits: a classifier of the train split)."""
+
+    name = "accuracy"
+
+    def __init__(self, classifier):
+        self.classifier = classifier
+
+    def compute(self, images: torch.Tensor, reference: Reference) -> dict[str, Any]:
+        predicted = digits_probabilities(images, self.classifier).argmax(1)
+        return {"accuracy": float((predicted == reference.labels).mean())}
+
+
+def generation_metrics(features: "PixelFeatures | InceptionFeatures", digits: bool, seed: int) -> list[Metric]:
+    """The report's generation metrics: FID/KID, memorisation, and on digits the classifier's figures."""
+    return [DistributionDistance(features, seed), Memorisation(seed), *([DigitsScore()] if digits else [])]
+
+
+def restoration_metrics(classifier=None) -> list[Metric]:
+    """The report's restoration metrics: PSNR, SSIM, and with a classifier (digits) its accuracy."""
+    return [PSNR(), SSIM(), *([ClassifierAccuracy(classifier)] if classifier is not None else [])]

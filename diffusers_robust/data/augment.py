@@ -11,15 +11,19 @@ transform-specific features: for `Affine` the deviation of its normalised 2x3 ma
 (6 values: a11 - 1, a12, a21, a22 - 1, tx / W, ty / H); for noise transforms one magnitude.
 """
 
+from __future__ import annotations
+
 import inspect
 import json
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import albumentations as A
 import numpy as np
 import yaml
+
+if TYPE_CHECKING:  # imported when a recipe is used: a run without augmentation never loads Albumentations/OpenCV
+    import albumentations as A
 
 
 def _affine_features(params: dict[str, Any], height: int, width: int) -> list[float]:
@@ -66,6 +70,8 @@ def _leaf_transforms(transform: A.BasicTransform) -> list[A.BasicTransform]:
 
 def _check_recipe_dict(recipe: dict[str, Any], source: str) -> None:
     """Reject unknown keys with a message naming them; Albumentations' own errors are less direct."""
+    import albumentations as A
+
     if "transform" not in recipe:
         raise ValueError(f"{source}: an augment recipe needs a top-level 'transform' key, got {sorted(recipe)}")
     unknown = set(recipe) - {"transform", "__version__"}
@@ -103,7 +109,7 @@ class AugmentPipeline:
 
     ```py
     >>> import numpy as np
-    >>> from diffusers_robust.augment import AugmentPipeline
+    >>> from diffusers_robust.data.augment import AugmentPipeline
     >>> pipe = AugmentPipeline.from_file("training/configs/augment/edm.yaml", seed=0)  # doctest: +SKIP
     >>> image, labels = pipe(np.zeros((32, 32, 3), np.uint8))  # doctest: +SKIP
     >>> labels.shape == (pipe.label_dim,)  # doctest: +SKIP
@@ -112,6 +118,8 @@ class AugmentPipeline:
     """
 
     def __init__(self, compose: A.Compose, seed: int | None = None):
+        import albumentations as A
+
         self.compose = A.from_dict(A.to_dict(compose))  # a copy of its own, recording applied parameters
         self.compose.save_applied_params = True
         self._leaf_objects = _leaf_transforms(self.compose)
@@ -126,12 +134,13 @@ class AugmentPipeline:
         self.label_dim = offset
 
     @classmethod
-    def from_dict(cls, recipe: dict[str, Any], seed: int | None = None, source: str = "recipe") -> "AugmentPipeline":
+    def from_dict(cls, recipe: dict[str, Any], seed: int | None = None, source: str = "recipe") -> AugmentPipeline:
         _check_recipe_dict(recipe, source)
+        import albumentations as A
         return cls(A.from_dict(recipe), seed=seed)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, seed: int | None = None) -> "AugmentPipeline":
+    def from_file(cls, path: str | os.PathLike, seed: int | None = None) -> AugmentPipeline:
         """Load a recipe saved by `A.save` (`.yaml`, `.yml` or `.json`)."""
         path = os.fspath(path)
         if not os.path.isfile(path):
@@ -143,11 +152,13 @@ class AugmentPipeline:
         return cls.from_dict(recipe, seed=seed, source=path)
 
     def to_dict(self) -> dict[str, Any]:
+        import albumentations as A
         return A.to_dict(self.compose)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the recipe in Albumentations' serialisation (YAML unless `path` ends in `.json`)."""
         path = os.fspath(path)
+        import albumentations as A
         A.save(self.compose, path, data_format="json" if path.endswith(".json") else "yaml")
 
     def set_random_seed(self, seed: int) -> None:

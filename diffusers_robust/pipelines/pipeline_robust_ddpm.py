@@ -11,7 +11,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, RePaintScheduler, 
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import hf_hub_download, snapshot_download
 
-from .models import ConditionEmbedding
+from ..models import ConditionEmbedding
 from .restoration import (
     DETECTION_SIGMA,
     LEARNED_RESTORATION_SIGMA,
@@ -236,7 +236,7 @@ class RobustDDPMPipeline(DiffusionPipeline):
             eta (`float`, *optional*, defaults to 0.0):
                 DDIM's eta, passed to schedulers whose `step` takes it (generation and SDEdit).
             corruption (`str`, *optional*):
-                What damaged `image`: a name from `diffusers_robust.corruptions` (aliases accepted) or `"auto"`.
+                What damaged `image`: a name from `diffusers_robust.data.corruptions` (aliases accepted) or `"auto"`.
             severity (`int`, *optional*):
                 1..5, the corruption table's severity; required for Gaussian noise and the linear corruptions.
             noise_sigma (`float`, *optional*):

@@ -11,86 +11,108 @@ from typing import Any
 
 import yaml
 
-from .corruptions import canonical_name
+from ..data.corruptions import canonical_name
+from ..schedulers.robust_noise import validate_robust_options
+from ..schedulers.robust_options import robust_option
+
+
+def option(default: Any, help: str) -> Any:
+    """A config field with its `--help` text as metadata (lists get a fresh copy per instance)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def robust_option_field(name: str) -> Any:
+    """A config field for the robust scheduler option `name`: its default (off) and help come from the one table of
+    robust options next to the schedulers."""
+    spec = robust_option(name)
+    return field(default=spec.default, metadata={"help": f"{spec.help} (acts at {spec.acts_at})"})
 
 
 @dataclass
 class TrainingConfig:
-    """Every option of `training/train_robust_ddpm.py`. The comment after each field is its `--help` text."""
+    """Every option of `training/train_robust_ddpm.py` (`diffusers-robust train`); each field's `help` metadata is its
+    `--help` text and its line in the README table."""
 
     # Run
-    seed: int = 0  # seeds weights, data order, augmentation, corruption and noise
-    output_dir: str = "outputs/robust-ddpm"  # pipeline, checkpoints, samples, logs, metrics and model card go here
-    pipeline: str = "pipelines/ddpm-digits"  # preset folder (model_index.json + configs) to train from
+    seed: int = option(0, "seeds weights, data order, augmentation, corruption and noise")
+    output_dir: str = option("outputs/robust-ddpm", "pipeline, checkpoints, samples, logs, metrics and model card go here")
+    pipeline: str = option("pipelines/ddpm-digits", "preset folder (model_index.json + configs) to train from")
     # Data
-    dataset: str = "digits"  # 'digits' (embedded), an image folder, parquet/arrow files, or a Hub dataset name
-    dataset_split: str = "train"  # split to train on
-    validation_split: str | None = "test"  # held-out split for the validation loss; null skips the loss
-    image_column: str | None = None  # image column; detected (first Image feature) if null
-    streaming: bool = False  # stream the dataset (IterableDataset) instead of map-style
-    channels: int | None = None  # 1 or 3; null takes the preset UNet's in_channels
-    resolution: int | None = None  # training resolution in pixels; null takes the preset UNet's sample_size
-    center_crop: bool = True  # center crop after resizing; false: random crop
-    shuffle_buffer: int = 1000  # shuffle buffer of a stream, in records
-    dataloader_num_workers: int = 0  # DataLoader worker processes per training process
+    dataset: str = option("digits", "'digits' (embedded), an image folder, parquet/arrow files, or a Hub dataset name")
+    dataset_split: str = option("train", "split to train on")
+    validation_split: str | None = option("test", "held-out split for the validation loss; null skips the loss")
+    image_column: str | None = option(None, "image column; detected (first Image feature) if null")
+    streaming: bool = option(False, "stream the dataset (IterableDataset) instead of map-style")
+    channels: int | None = option(None, "1 or 3; null takes the preset UNet's in_channels")
+    resolution: int | None = option(None, "training resolution in pixels; null takes the preset UNet's sample_size")
+    center_crop: bool = option(True, "center crop after resizing; false: random crop")
+    shuffle_buffer: int = option(1000, "shuffle buffer of a stream, in records")
+    dataloader_num_workers: int = option(0, "DataLoader worker processes per training process")
     # Augmentation and corruption ("noisy training")
-    augment: str | None = None  # Albumentations recipe file, e.g. training/configs/augment/edm.yaml; null: none
-    augment_conditioning: bool = True  # feed augment labels to the UNet while training, zeros when sampling
-    corruptions: list[str] = field(default_factory=list)  # corruptions applied to training images, e.g. [gaussian_noise]
-    corruption_p: float = 0.0  # probability that a training image is corrupted before noising
-    corruption_severity: list[int] = field(default_factory=lambda: [1, 5])  # inclusive severity range drawn from
-    corruption_conditioning: bool = True  # feed which corruption a training image got to the UNet, zeros when sampling
-    restoration_training: bool = False  # corrupted images keep their clean image as the target, so the model learns to undo them
-    restoration_max_timestep: int | None = None  # restoration training: corrupted images get timesteps below this; null: all
-    # Diffusion objective (null keeps the preset scheduler's value)
-    prediction_type: str | None = None  # epsilon, v_prediction or sample; null: the preset scheduler's
-    input_perturbation: float | None = None  # DDPM-IP gamma (0.1 recommended)
-    offset_noise: float | None = None  # std of per-channel offset noise
-    pyramid_noise_discount: float | None = None  # multi-resolution noise discount; 0 = off
-    epsilon_scale_base: float | None = None  # sampling-time epsilon scaling b (saved in the pipeline's scheduler)
-    epsilon_scale_slope: float | None = None  # sampling-time epsilon scaling k
-    snr_gamma: float | None = None  # min-SNR-gamma loss weighting (5.0 in the paper); null: plain MSE
+    augment: str | None = option(None, "Albumentations recipe file, e.g. training/configs/augment/edm.yaml; null: none")
+    augment_conditioning: bool = option(True, "feed augment labels to the UNet while training, zeros when sampling")
+    corruptions: list[str] = option([], "corruptions applied to training images, e.g. [gaussian_noise]")
+    corruption_p: float = option(0.0, "probability that a training image is corrupted before noising")
+    corruption_severity: list[int] = option([1, 5], "inclusive severity range drawn from")
+    corruption_conditioning: bool = option(True, "feed which corruption a training image got to the UNet, zeros when sampling")
+    restoration_training: bool = option(
+        False, "corrupted images keep their clean image as the target, so the model learns to undo them")
+    restoration_max_timestep: int | None = option(
+        None, "restoration training: corrupted images get timesteps below this; null: all")
+    # Diffusion objective: the robust scheduler options (schedulers/robust_options.py) replace the preset's values
+    prediction_type: str | None = option(None, "epsilon, v_prediction or sample; null: the preset scheduler's")
+    input_perturbation: float = robust_option_field("input_perturbation")
+    offset_noise: float = robust_option_field("offset_noise")
+    pyramid_noise_discount: float = robust_option_field("pyramid_noise_discount")
+    epsilon_scale_base: float = robust_option_field("epsilon_scale_base")
+    epsilon_scale_slope: float = robust_option_field("epsilon_scale_slope")
+    snr_gamma: float | None = option(None, "min-SNR-gamma loss weighting (5.0 in the paper); null: plain MSE")
     # Optimisation
-    train_batch_size: int = 64  # images per process per micro-batch
-    max_train_steps: int | None = 2000  # optimizer steps; null: derived from num_epochs
-    num_epochs: int | None = None  # epochs, used when max_train_steps is null
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    learning_rate: float = 2e-4  # peak learning rate
-    lr_scheduler: str = "cosine"  # cosine, constant or linear (after warm-up)
-    lr_warmup_steps: int = 100  # linear warm-up, in optimizer steps
-    adam_beta1: float = 0.9  # AdamW beta1
-    adam_beta2: float = 0.999  # AdamW beta2
-    adam_weight_decay: float = 0.0  # AdamW decoupled weight decay
-    adam_epsilon: float = 1e-8  # AdamW epsilon
-    max_grad_norm: float | None = 1.0  # gradient clipping norm; null: no clipping
-    mixed_precision: str = "no"  # no, fp16 or bf16
+    train_batch_size: int = option(64, "images per process per micro-batch")
+    max_train_steps: int | None = option(2000, "optimizer steps; null: derived from num_epochs")
+    num_epochs: int | None = option(None, "epochs, used when max_train_steps is null")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    learning_rate: float = option(2e-4, "peak learning rate")
+    lr_scheduler: str = option("cosine", "cosine, constant or linear (after warm-up)")
+    lr_warmup_steps: int = option(100, "linear warm-up, in optimizer steps")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    adam_weight_decay: float = option(0.0, "AdamW decoupled weight decay")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon")
+    max_grad_norm: float | None = option(1.0, "gradient clipping norm; null: no clipping")
+    mixed_precision: str = option("no", "no, fp16 or bf16")
+    fused_optimizer: bool = option(True, "fused AdamW kernel where PyTorch has one for the device (CUDA, CPU)")
+    num_threads: int | None = option(
+        None, "PyTorch threads per process; null: OMP_NUM_THREADS, else cores / processes on this machine")
     # EMA
-    use_ema: bool = True  # keep an exponential moving average of the weights; the EMA weights are exported
-    ema_max_decay: float = 0.9999  # upper bound of the EMA decay
-    ema_inv_gamma: float = 1.0  # EMA warm-up: decay = 1 - (1 + step / inv_gamma) ** -power
-    ema_power: float = 0.75  # EMA warm-up power
+    use_ema: bool = option(True, "keep an exponential moving average of the weights; the EMA weights are exported")
+    ema_max_decay: float = option(0.9999, "upper bound of the EMA decay")
+    ema_inv_gamma: float = option(1.0, "EMA warm-up: decay = 1 - (1 + step / inv_gamma) ** -power")
+    ema_power: float = option(0.75, "EMA warm-up power")
     # Checkpoints
-    checkpointing_steps: int = 500  # save a resumable checkpoint every N optimizer steps (and at the end)
-    checkpoints_total_limit: int | None = 2  # keep at most N checkpoints; null: keep all
-    resume_from_checkpoint: str | None = None  # 'latest' or a checkpoint folder
-    overwrite_output_dir: bool = False  # a fresh run deletes checkpoints of an earlier run in output_dir (else it stops)
+    checkpointing_steps: int = option(500, "save a resumable checkpoint every N optimizer steps (and at the end)")
+    checkpoints_total_limit: int | None = option(2, "keep at most N checkpoints; null: keep all")
+    resume_from_checkpoint: str | None = option(None, "'latest' or a checkpoint folder")
+    overwrite_output_dir: bool = option(False, "a fresh run deletes checkpoints of an earlier run in output_dir (else it stops)")
     # Validation
-    validation_steps: int = 500  # validate every N optimizer steps (and at the end)
-    validation_images: int = 256  # held-out images for the validation loss
-    validation_corruptions: list[str] | None = None  # corruptions for the validation loss; null: the training list
-    validation_severities: list[int] = field(default_factory=lambda: [1, 3, 5])  # severities for the validation loss
-    num_grid_images: int = 16  # images in the sample grid
-    num_inference_steps: int = 50  # DDIM steps for sample grids
-    quality_samples: int = 0  # digits only: score N samples with a classifier of the real digits; 0 = off
-    report: bool = True  # at the end, write the held-out report of diffusers-robust evaluate to output_dir/evaluation
-    report_images: int = 300  # held-out images restored per corruption case in the report
-    report_samples: int = 256  # samples generated for the report's FID/KID, digits and memorisation figures
+    validation_steps: int = option(500, "validate every N optimizer steps (and at the end)")
+    validation_images: int = option(256, "held-out images for the validation loss")
+    validation_corruptions: list[str] | None = option(None, "corruptions for the validation loss; null: the training list")
+    validation_severities: list[int] = option([1, 3, 5], "severities for the validation loss")
+    num_grid_images: int = option(16, "images in the sample grid")
+    num_inference_steps: int = option(50, "DDIM steps for sample grids")
+    quality_samples: int = option(0, "digits only: score N samples with a classifier of the real digits; 0 = off")
+    report: bool = option(True, "at the end, write the held-out report of diffusers-robust evaluate to output_dir/evaluation")
+    report_images: int = option(300, "held-out images restored per corruption case in the report")
+    report_samples: int = option(256, "samples generated for the report's FID/KID, digits and memorisation figures")
     # Logging and Hub
-    logger: str = "tensorboard"  # tensorboard, wandb or none
-    push_to_hub: bool = False  # upload the pipeline and model card (never checkpoints or logs)
-    hub_model_id: str | None = None  # 'user/name'; defaults to the output folder's name
-    hub_private_repo: bool = False  # create the Hub repository as private
-    license: str = "apache-2.0"  # license in the model card
+    logger: str = option("tensorboard", "tensorboard, wandb or none")
+    push_to_hub: bool = option(False, "upload the pipeline and model card (never checkpoints or logs)")
+    hub_model_id: str | None = option(None, "'user/name'; defaults to the output folder's name")
+    hub_private_repo: bool = option(False, "create the Hub repository as private")
+    license: str = option("apache-2.0", "license in the model card")
 
     def __post_init__(self):
         self.validate()
@@ -156,6 +178,13 @@ class TrainingConfig:
             raise ValueError(f"corruption_severity must be [low, high] within 1..5, got {self.corruption_severity}")
         if any(not 1 <= s <= 5 for s in self.validation_severities):
             raise ValueError(f"validation_severities must lie in 1..5, got {self.validation_severities}")
+        validate_robust_options(self.input_perturbation, self.offset_noise, self.pyramid_noise_discount,
+                                self.epsilon_scale_base, self.epsilon_scale_slope, self.prediction_type or "epsilon")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1 or null, got {self.num_threads}")
+        if self.quality_samples > 0 and self.dataset != "digits":
+            raise ValueError("quality_samples scores samples with a classifier of the embedded digits: it needs "
+                             f"dataset: digits, got {self.dataset!r} (the report's FID/KID works for any dataset)")
         if self.channels not in (None, 1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         if self.push_to_hub and not (self.hub_model_id or os.path.basename(os.path.normpath(self.output_dir))):
@@ -181,17 +210,9 @@ class TrainingConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def _help_texts() -> dict[str, str]:
-    """The comment after each field in this file's source, used as `--help` text."""
-    import inspect
-
-    texts = {}
-    for line in inspect.getsource(TrainingConfig).splitlines():
-        stripped = line.strip()
-        if ":" in stripped and "#" in stripped and not stripped.startswith("#"):
-            name = stripped.split(":", 1)[0]
-            texts[name] = stripped.split("#", 1)[1].strip()
-    return texts
+def help_texts(config_class: type | None = None) -> dict[str, str]:
+    """`{field: help}` of a config dataclass (its fields' `help` metadata)."""
+    return {item.name: item.metadata.get("help", "") for item in dataclasses.fields(config_class or TrainingConfig)}
 
 
 def _parse_value(kind: Any) -> typing.Callable[[str], Any]:
@@ -246,25 +267,31 @@ def _coerce(name: str, kind: Any, value: Any, source: str) -> Any:
     raise ValueError(f"{source}: {name} must be {expected}{' or null' if optional else ''}, got {value!r}")
 
 
-def build_argument_parser() -> argparse.ArgumentParser:
+def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) -> argparse.ArgumentParser:
+    """One `--<field>` per field of a config dataclass, typed from its annotation (`null` for optional fields, a bare
+    boolean flag means true, lists take several values), with the field's `help` metadata and default. Unset options
+    are absent from the parsed namespace, so a recipe file's values are not overridden by defaults."""
+    hints = typing.get_type_hints(config_class)
+    for item in dataclasses.fields(config_class):
+        kind = hints[item.name]
+        is_list = typing.get_origin(kind) is list or any(typing.get_origin(a) is list for a in typing.get_args(kind))
+        default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
+        nargs = "*" if is_list else ("?" if kind is bool else None)
+        parser.add_argument(
+            f"--{item.name}", type=_parse_value(kind), nargs=nargs, const=True if kind is bool else None,
+            default=argparse.SUPPRESS, help=f"{item.metadata.get('help', '')} (default: {default})",
+        )
+    return parser
+
+
+def build_argument_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """`--config recipe.yaml` plus one `--<option>` per field of [`TrainingConfig`]."""
-    parser = argparse.ArgumentParser(
+    parser = parser or argparse.ArgumentParser(
         description="Train a robust DDPM with Accelerate. Options come from --config, then command-line overrides.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", default=None, help="YAML recipe, e.g. training/configs/digits.yaml")
-    helps = _help_texts()
-    hints = typing.get_type_hints(TrainingConfig)
-    for item in dataclasses.fields(TrainingConfig):
-        kind = hints[item.name]
-        is_list = typing.get_origin(kind) is list or any(typing.get_origin(a) is list for a in typing.get_args(kind))
-        default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
-        nargs = "*" if is_list else ("?" if kind is bool else None)  # a bare boolean flag means true
-        parser.add_argument(
-            f"--{item.name}", type=_parse_value(kind), nargs=nargs, const=True if kind is bool else None,
-            default=argparse.SUPPRESS, help=f"{helps.get(item.name, '')} (default: {default})",
-        )
-    return parser
+    return add_config_arguments(parser, TrainingConfig)
 
 
 def read_yaml_values(path: str | os.PathLike) -> dict[str, Any]:

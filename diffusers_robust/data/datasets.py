@@ -300,7 +300,7 @@ def load_image_dataset(
 
     ```py
     >>> from torch.utils.data import DataLoader
-    >>> from diffusers_robust.data import collate_image_batch, load_image_dataset
+    >>> from diffusers_robust.data.datasets import collate_image_batch, load_image_dataset
     >>> loaded = load_image_dataset("digits", channels=1, resolution=16)
     >>> batch = next(iter(DataLoader(loaded.dataset, batch_size=8, collate_fn=collate_image_batch)))
     >>> batch["pixel_values"].shape

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from .checkpoints import checkpoints_dir, complete_checkpoints
-from .training_config import TrainingConfig
+from .config import TrainingConfig
 
 logger = logging.getLogger(__name__)
 

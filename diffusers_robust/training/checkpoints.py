@@ -1,0 +1,250 @@
+"""Crash-safe checkpoint folders: written under a temporary name, renamed when complete, rotated.
+
+Layout: `<output_dir>/checkpoints/checkpoint-<step>/` holding Accelerate's `save_state` files, a streamed dataset's
+`stream_position_rank<r>.pt`, and `checkpoint.json` (`{"step": int, "epoch": int, "batches_consumed": int}`). A save
+in progress lives in `checkpoint-<step>.tmp`; a kill during the save leaves that folder behind, which is never picked up
+and is removed by the next save, so the previous complete checkpoint stays usable.
+"""
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+METADATA_FILE = "checkpoint.json"
+
+
+def checkpoints_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, "checkpoints")
+
+
+def complete_checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoint folders, oldest first (by step)."""
+    root = checkpoints_dir(output_dir)
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        match = CHECKPOINT_PATTERN.match(name)
+        if match and os.path.isfile(os.path.join(root, name, METADATA_FILE)):
+            found.append((int(match.group(1)), os.path.join(root, name)))
+    return [path for _, path in sorted(found)]
+
+
+def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str) -> str:
+    """`latest` -> the newest complete checkpoint; a path -> that folder, checked to be complete."""
+    if resume_from_checkpoint == "latest":
+        found = complete_checkpoints(output_dir)
+        if not found:
+            raise FileNotFoundError(f"resume_from_checkpoint=latest but {checkpoints_dir(output_dir)} has no complete checkpoint")
+        return found[-1]
+    if not os.path.isfile(os.path.join(resume_from_checkpoint, METADATA_FILE)):
+        raise FileNotFoundError(f"{resume_from_checkpoint} is not a complete checkpoint (no {METADATA_FILE})")
+    return resume_from_checkpoint
+
+
+def temporary_checkpoint_path(output_dir: str, step: int) -> str:
+    return os.path.join(checkpoints_dir(output_dir), f"checkpoint-{step}.tmp")
+
+
+def begin_checkpoint(output_dir: str, step: int, total_limit: int | None = None) -> str:
+    """Main process: clear leftovers of interrupted saves, make room (with `total_limit`, drop the oldest checkpoints so
+    that `total_limit - 1` remain, never the last one: a full disk then still takes the new save), and return the
+    temporary folder to save into."""
+    root = checkpoints_dir(output_dir)
+    os.makedirs(root, exist_ok=True)
+    for name in os.listdir(root):
+        if name.endswith(".tmp"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    if total_limit is not None:
+        for old in complete_checkpoints(output_dir)[: -max(total_limit - 1, 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+    path = temporary_checkpoint_path(output_dir, step)
+    os.makedirs(path)
+    return path
+
+
+def finish_checkpoint(output_dir: str, step: int, metadata: dict[str, Any], total_limit: int | None) -> str:
+    """Main process, after every rank saved: write metadata, rename into place, drop the oldest beyond `total_limit`."""
+    temporary = temporary_checkpoint_path(output_dir, step)
+    with open(os.path.join(temporary, METADATA_FILE), "w", encoding="utf-8") as handle:
+        json.dump({"step": step, **metadata}, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    apply_umask(temporary)
+    final = os.path.join(checkpoints_dir(output_dir), f"checkpoint-{step}")
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(temporary, final)
+    if total_limit is not None:
+        for old in complete_checkpoints(output_dir)[:-total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_checkpoint_metadata(path: str) -> dict[str, Any]:
+    with open(os.path.join(path, METADATA_FILE), encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def apply_umask(folder: str) -> None:
+    """Give every file under `folder` the mode the umask allows (`0o666 & ~umask`), as `open()` would: safetensors writes
+    its files through a private temporary file (mode 0600), which would make exported weights unreadable to others."""
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = 0o666 & ~umask
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, mode)
+
+
+@contextlib.contextmanager
+def explain_full_disk(folder: str, what: str):
+    """Turn a full disk while writing `what` into `folder` into an `OSError` that says so and names the place (PyTorch's
+    own message is `basic_ios::clear: iostream error`); the partial folder is removed, older checkpoints are untouched."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        text = str(error)
+        by_errno = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+        # PyTorch's writer reports a full disk without errno; trust its message only when the disk is indeed full.
+        markers = ("No space left", "iostream error", "file write failed", "inline_container")
+        by_message = any(marker in text for marker in markers)
+        if not (by_errno or (by_message and _disk_nearly_full(folder))):
+            raise
+        if folder.endswith(".tmp"):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise OSError(errno.ENOSPC, f"no space left on {os.path.dirname(folder)} while saving {what}; the checkpoints "
+                                    "saved before it are complete: free space, then --resume_from_checkpoint latest") from error
+
+
+def _disk_nearly_full(folder: str, margin: int = 64 * 2**20) -> bool:
+    """True when the file system holding `folder` has less than `margin` bytes left (a write error there is a full disk)."""
+    path = folder
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    usage = shutil.disk_usage(path or ".")
+    return usage.free < margin
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the weights stopped being finite; nothing was saved from that point on."""
+
+
+@dataclass
+class TrainingPosition:
+    """Where a run stands: optimizer `step`, data `epoch`, micro-batches consumed by this process, and (a stream) the
+    `StatefulDataLoader` position."""
+
+    step: int
+    epoch: int
+    batches_consumed: int
+    stream: dict | None = None
+
+
+class Checkpointer:
+    r"""
+    Owns the run's checkpoints: folders (written under a temporary name, renamed when complete), stream positions,
+    rotation (`total_limit`), metadata, and the rule that only finite weights are saved.
+
+    A periodic checkpoint is *deferred*: [`defer`] records the position after a step, and [`confirm`] writes it once the
+    next micro-batch's loss, computed on those weights, was finite. Accelerate's micro-step counter is put back to its
+    value at the step for that save, so a resumed run accumulates gradients at the same boundaries.
+
+    Args:
+        accelerator (`accelerate.Accelerator`): saves and loads the prepared model, optimizer, EMA and RNG state.
+        model (`torch.nn.Module`): the prepared model (its weights are checked to be finite before a save).
+        output_dir (`str`): checkpoints go to `output_dir/checkpoints/checkpoint-<step>`.
+        total_limit (`int`, *optional*): keep at most this many checkpoints (the newest).
+        stream_loader (`StatefulDataLoader`, *optional*): a streamed dataset's loader, whose position is saved per rank.
+    """
+
+    def __init__(self, accelerator, model, output_dir: str, total_limit: int | None = None, stream_loader=None):
+        self.accelerator = accelerator
+        self.model = model
+        self.output_dir = output_dir
+        self.total_limit = total_limit
+        self.stream_loader = stream_loader
+        self.last_saved_step: int | None = None
+        self._pending: tuple[TrainingPosition, int] | None = None
+
+    def position(self, step: int, epoch: int, batches_consumed: int) -> TrainingPosition:
+        """The position after `step`, with the stream's position when there is one."""
+        stream = self.stream_loader.state_dict() if self.stream_loader is not None else None
+        return TrainingPosition(step, epoch, batches_consumed, stream)
+
+    def defer(self, position: TrainingPosition) -> None:
+        """Save `position` once [`confirm`] is called (the next loss was finite)."""
+        self._pending = (position, self.accelerator.step)
+
+    def confirm(self) -> str | None:
+        """Write the deferred checkpoint, if any; returns its folder."""
+        if self._pending is None:
+            return None
+        position, micro_steps = self._pending
+        self._pending = None
+        current, self.accelerator.step = self.accelerator.step, micro_steps
+        try:
+            return self.save(position)
+        finally:
+            self.accelerator.step = current
+
+    def save(self, position: TrainingPosition) -> str:
+        """Save the state at `position` now (every rank calls it); returns the checkpoint folder."""
+        accelerator = self.accelerator
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):  # never displace good checkpoints
+            raise NonFiniteLossError(f"the weights are no longer finite at step {position.step}; not saving them. "
+                                     f"{self.resume_hint()}")
+        step, rank = position.step, accelerator.process_index
+        folder = begin_checkpoint(self.output_dir, step, self.total_limit) if accelerator.is_main_process else None
+        accelerator.wait_for_everyone()
+        folder = folder or temporary_checkpoint_path(self.output_dir, step)
+        with explain_full_disk(folder, f"checkpoint-{step}"):
+            accelerator.save_state(folder)  # every rank: FSDP / DeepSpeed shard their state here
+            if position.stream is not None:
+                torch.save(position.stream, os.path.join(folder, f"stream_position_rank{rank}.pt"))
+        accelerator.wait_for_everyone()
+        final = os.path.join(checkpoints_dir(self.output_dir), f"checkpoint-{step}")
+        if accelerator.is_main_process:
+            with explain_full_disk(folder, f"checkpoint-{step}"):
+                metadata = {"epoch": position.epoch, "batches_consumed": position.batches_consumed}
+                final = finish_checkpoint(self.output_dir, step, metadata, self.total_limit)
+            logger.info(f"saved checkpoint {final}")
+        accelerator.wait_for_everyone()
+        self.last_saved_step = step
+        return final
+
+    def resume(self, resume_from_checkpoint: str) -> tuple[str, TrainingPosition]:
+        """Load `latest` or a checkpoint folder into the registered objects (and the stream loader); returns the folder
+        and the position it was saved at."""
+        path = resolve_checkpoint(self.output_dir, resume_from_checkpoint)
+        self.accelerator.load_state(path)
+        metadata = read_checkpoint_metadata(path)
+        if self.stream_loader is not None:
+            stream = os.path.join(path, f"stream_position_rank{self.accelerator.process_index}.pt")
+            if not os.path.isfile(stream):
+                raise FileNotFoundError(f"{path} holds no stream position for rank {self.accelerator.process_index}: "
+                                        "was it saved with another number of processes?")
+            self.stream_loader.load_state_dict(torch.load(stream, weights_only=False))
+        self.last_saved_step = metadata["step"]
+        return path, TrainingPosition(metadata["step"], metadata["epoch"], metadata["batches_consumed"])
+
+    def resume_hint(self) -> str:
+        """What to do after a diverged run: name the newest checkpoint saved while the loss was finite."""
+        saved = complete_checkpoints(self.output_dir)
+        if not saved:
+            return "No checkpoint was saved before it: lower learning_rate or set max_grad_norm and start again."
+        return (f"The last checkpoint, {saved[-1]}, was saved while the loss was finite: lower learning_rate or set "
+                f"max_grad_norm and resume with --resume_from_checkpoint {saved[-1]}.")

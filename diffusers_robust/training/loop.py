@@ -1,0 +1,454 @@
+"""The training run in named phases: [`set_up`], [`resume`], [`run_steps`] (with a [`Checkpointer`] and a
+[`Validator`]) and [`export`]. `train` calls them in that order; `training/train_robust_ddpm.py` is a thin `main()`."""
+
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from diffusers.training_utils import EMAModel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..data.corruptions import RandomCorruption
+from ..data.datasets import ImageDataset, SkippedRecords, collate_image_batch, load_image_dataset, require_decodable
+from ..evaluation.images import make_grid, stack_images, upscale_for_display
+from ..evaluation.losses import validation_losses
+from ..hub import prepare_hub_repo, push_pipeline_to_hub, write_model_card
+from ..models import LabelConditionedUNet, export_condition_embedding, export_unet
+from ..pipelines.pipeline_robust_ddpm import RobustDDPMPipeline
+from ..pipelines.presets import build_pipeline_from_preset
+from ..schedulers import RobustDDIMScheduler, RobustDDPMScheduler
+from ..schedulers.robust_options import ROBUST_OPTION_NAMES
+from .checkpoints import Checkpointer, NonFiniteLossError, TrainingPosition, apply_umask
+from .config import TrainingConfig
+from .distributed import parameter_checksum, step_seed
+from .objective import RobustDiffusionObjective
+from .run_guard import StopSignals, check_resume_config, prepare_fresh_output_dir
+from .setup import (
+    build_dataloader,
+    build_lr_scheduler,
+    build_optimizer,
+    configure_scheduler,
+    resolve_image_shape,
+    training_length,
+)
+from .summary import RunSummary
+
+logger = get_logger(__name__, log_level="INFO")
+
+
+class TrainingStopped(RuntimeError):
+    """SIGTERM / SIGINT: the run stopped at a step boundary after saving a checkpoint."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class TrainingRun:
+    """Everything [`set_up`] built: the prepared model, optimizer and data, the objective, and the run's length."""
+
+    config: TrainingConfig
+    accelerator: Accelerator
+    scheduler: RobustDDPMScheduler
+    model: torch.nn.Module  # prepared LabelConditionedUNet
+    optimizer: torch.optim.Optimizer
+    ema: EMAModel | None
+    objective: RobustDiffusionObjective
+    train_data: ImageDataset
+    dataloader: DataLoader
+    validation_images: torch.Tensor | None  # (N, C, H, W) in [-1, 1], on the device
+    channels: int
+    resolution: int
+    max_train_steps: int
+    num_epochs: int
+    batches_per_epoch: int | None  # None for a stream
+    effective_batch: int
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None  # built by `resume` (it depends on the start step)
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+@dataclass
+class StepStats:
+    """What the step loop measured, for the run summary."""
+
+    lr: dict[int, float] = field(default_factory=dict)
+    loss: dict[int, float] = field(default_factory=dict)
+    validation: dict[int, dict[str, float]] = field(default_factory=dict)
+    skipped: SkippedRecords = field(default_factory=SkippedRecords)
+    images_seen_here: int = 0
+
+
+def set_up(config: TrainingConfig, accelerator: Accelerator) -> TrainingRun:
+    """Check the output folder, build the model, scheduler, objective, data and optimizer, and prepare them. Everything
+    is checked before the first step, so bad input loses nothing."""
+    set_seed(config.seed)
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ValueError("mixed_precision fp16 needs a GPU (PyTorch has no fp16 autocast for CPU training); use bf16 or no")
+    if config.resume_from_checkpoint:  # what the checkpoint depends on must not change; the rest is logged
+        for name, (first, now) in check_resume_config(config.output_dir, config).items():
+            logger.info(f"resuming with {name} = {now!r} (the first run had {first!r})")
+    elif accelerator.is_main_process:
+        prepare_fresh_output_dir(config.output_dir, config.overwrite_output_dir)
+    accelerator.wait_for_everyone()
+
+    pipeline = build_pipeline_from_preset(config.pipeline, seed=config.seed)
+    scheduler = configure_scheduler(pipeline.scheduler, config)
+    channels, resolution = resolve_image_shape(pipeline.unet, config)
+    pipeline.unet.register_to_config(sample_size=resolution)  # the exported pipeline samples at the training size
+    train_data = load_image_dataset(
+        config.dataset, config.dataset_split, streaming=config.streaming, image_column=config.image_column,
+        channels=channels, resolution=resolution, center_crop=config.center_crop, augment=config.augment,
+        seed=config.seed, shuffle_buffer=config.shuffle_buffer, rank=rank, world_size=world_size,
+        num_shards=max(8, world_size * max(1, config.dataloader_num_workers)),
+    )
+    validation_images = None
+    if config.validation_split is not None:
+        held_out = load_image_dataset(config.dataset, config.validation_split, image_column=config.image_column,
+                                      channels=channels, resolution=resolution, seed=config.seed)
+        loader = DataLoader(held_out.dataset, batch_size=256, collate_fn=collate_image_batch)
+        validation_images = stack_images((b["pixel_values"] for b in loader), config.validation_images).to(accelerator.device)
+        if validation_images.shape[0] == 0:
+            raise ValueError(f"{config.dataset} split '{config.validation_split}' holds no decodable image; fix it or set "
+                             "validation_split: null")
+    require_decodable(train_data, f"{config.dataset} split '{config.dataset_split}'")
+    if config.push_to_hub and accelerator.is_main_process:  # a bad token or endpoint fails now, not after training
+        prepare_hub_repo(hub_repo_id(config), config.hub_private_repo)
+
+    corruption = None
+    if config.corruptions:
+        corruption = RandomCorruption(config.corruptions, config.corruption_severity, config.corruption_p)
+    objective = RobustDiffusionObjective(
+        scheduler, snr_gamma=config.snr_gamma, corruption=corruption,
+        augment_dim=train_data.label_dim if config.augment_conditioning else 0,
+        condition_on_corruption=config.corruption_conditioning, restoration_training=config.restoration_training,
+        restoration_max_timestep=config.restoration_max_timestep,
+    )
+    # The label vector (augment, then corruption labels) is all zeros at sampling time (non-leaking).
+    model = LabelConditionedUNet(pipeline.unet, objective.label_dim).to(accelerator.device)
+    optimizer = build_optimizer(model, config, accelerator.device)
+    dataloader = build_dataloader(config, train_data, config.seed)
+    if train_data.streaming:  # already split by rank; Accelerate must not shard it again
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
+    batches_per_epoch = None if train_data.streaming else len(dataloader)
+    effective_batch = config.train_batch_size
+    if not train_data.streaming and len(train_data.dataset) < config.train_batch_size * world_size:
+        effective_batch = math.ceil(len(train_data.dataset) / world_size)
+        logger.warning(f"train_batch_size {config.train_batch_size} x {world_size} process(es) exceeds the "
+                       f"{len(train_data.dataset)} training images: batches hold {effective_batch} images per process")
+    max_train_steps, num_epochs = training_length(config, batches_per_epoch)
+    ema = None
+    if config.use_ema:
+        ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=config.ema_max_decay, use_ema_warmup=True,
+                       inv_gamma=config.ema_inv_gamma, power=config.ema_power, foreach=True)
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    return TrainingRun(config, accelerator, scheduler, model, optimizer, ema, objective, train_data, dataloader,
+                       validation_images, channels, resolution, max_train_steps, num_epochs, batches_per_epoch,
+                       effective_batch)
+
+
+def resume(run: TrainingRun, checkpointer: Checkpointer) -> TrainingPosition:
+    """Load the checkpoint the config names (if any) and build the LR schedule from its step; returns the start."""
+    config = run.config
+    position = TrainingPosition(step=0, epoch=0, batches_consumed=0)
+    if config.resume_from_checkpoint:
+        path, position = checkpointer.resume(config.resume_from_checkpoint)
+        if not run.train_data.streaming:
+            position.epoch = position.batches_consumed // run.batches_per_epoch
+        logger.info(f"resumed from {path} at step {position.step}")
+    run.lr_scheduler = build_lr_scheduler(config, run.optimizer, run.max_train_steps, start_step=position.step)
+    if run.is_main_process:
+        os.makedirs(os.path.join(config.output_dir, "samples"), exist_ok=True)
+        if not config.resume_from_checkpoint:  # a resumed run keeps the first run's config (changes are logged)
+            with open(os.path.join(config.output_dir, "training_config.yaml"), "w", encoding="utf-8") as handle:
+                handle.write(config.to_yaml())
+        tracker_config = {k: (str(v) if isinstance(v, list | type(None)) else v) for k, v in config.to_dict().items()}
+        run.accelerator.init_trackers("diffusers-robust", config=tracker_config)
+    return position
+
+
+class Validator:
+    """Validation of the EMA weights on the main process: held-out losses (clean, corrupted, restoration) and a sample
+    grid (`samples/step-<n>.png`, TensorBoard); and the sampling pipeline that export saves."""
+
+    def __init__(self, run: TrainingRun, stats: StepStats):
+        self.run, self.stats = run, stats
+        config = run.config
+        self.corruptions = config.validation_corruptions if config.validation_corruptions is not None else config.corruptions
+
+    def sampling_pipeline(self) -> RobustDDPMPipeline:
+        """The current weights as a pipeline: plain UNet, DDIM sampler, and (restoration training) the label embedding."""
+        run = self.run
+        unwrapped = run.accelerator.unwrap_model(run.model)
+        unet = export_unet(unwrapped).to(run.accelerator.device).eval()
+        embedding = None
+        if run.config.restoration_training:  # kept so the pipeline can ask for restoration with the training labels
+            embedding = export_condition_embedding(unwrapped, run.objective.label_names).to(run.accelerator.device).eval()
+        return RobustDDPMPipeline(unet=unet, scheduler=RobustDDIMScheduler.from_config(run.scheduler.config),
+                                  condition_embedding=embedding)
+
+    def __call__(self, step: int) -> dict[str, float]:
+        run, config = self.run, self.run.config
+        losses = {}
+        if run.ema is not None:
+            run.ema.store(run.model.parameters())
+            run.ema.copy_to(run.model.parameters())
+        if run.is_main_process:
+            unwrapped = run.accelerator.unwrap_model(run.model).eval()
+            if run.validation_images is not None:
+                device = run.accelerator.device
+                losses = validation_losses(
+                    unwrapped, run.scheduler, run.validation_images, self.corruptions, config.validation_severities,
+                    labels_for=lambda name, severity, batch: run.objective.restoration_labels(name, severity, batch, device),
+                )
+            sampler = self.sampling_pipeline()
+            sampler.set_progress_bar_config(disable=True)
+            samples = sampler(batch_size=config.num_grid_images, generator=torch.Generator().manual_seed(config.seed),
+                              num_inference_steps=config.num_inference_steps, output_type="np").images
+            make_grid(samples).save(os.path.join(config.output_dir, "samples", f"step-{step}.png"))
+            run.accelerator.log({f"validation/{k}": v for k, v in losses.items()}, step=step)
+            for tracker in run.accelerator.trackers:
+                if tracker.name == "tensorboard":
+                    tracker.writer.add_images("samples", upscale_for_display(samples), step, dataformats="NHWC")
+            self.stats.validation[step] = losses
+            unwrapped.train()
+        if run.ema is not None:
+            run.ema.restore(run.model.parameters())
+        run.accelerator.wait_for_everyone()
+        return losses
+
+
+def run_steps(
+    run: TrainingRun, start: TrainingPosition, checkpointer: Checkpointer, validate: Validator, stats: StepStats,
+    signals: StopSignals | None = None,
+) -> TrainingPosition:
+    """The step loop, from `start` to `max_train_steps`: one objective call, backward and optimizer step per micro-batch,
+    LR and EMA per optimizer step, periodic checkpoints and validation. Returns where it ended."""
+    config, accelerator, model = run.config, run.accelerator, run.model
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    step, epoch, batches_consumed = start.step, start.epoch, start.batches_consumed
+    batches_to_skip = 0 if run.train_data.streaming else batches_consumed - epoch * run.batches_per_epoch
+    progress = tqdm(total=run.max_train_steps, initial=step, disable=not accelerator.is_local_main_process, desc="steps")
+    model.train()
+    loop_started, last_validation = time.perf_counter(), -1
+    while step < run.max_train_steps and epoch < run.num_epochs:
+        run.train_data.set_epoch(epoch)
+        batches = run.dataloader
+        if not run.train_data.streaming:
+            run.dataloader.set_epoch(epoch)
+            if batches_to_skip:  # skipped by the sampler: the records are never read or decoded
+                batches = accelerator.skip_first_batches(run.dataloader, batches_to_skip)
+                batches_to_skip = 0
+        for batch in batches:
+            stats.skipped.update(batch)
+            generator = torch.Generator().manual_seed(step_seed(config.seed, rank, batches_consumed))
+            torch.manual_seed(step_seed(config.seed + 1, rank, batches_consumed))  # dropout
+            images = batch["pixel_values"].to(accelerator.device, non_blocking=True)
+            labels = batch["augment_labels"].to(accelerator.device, non_blocking=True)
+            valid = images.shape[0] > 0
+            if not valid:  # every record of this batch was bad: keep ranks in step with a zero-weight dummy
+                images = torch.zeros(1, run.channels, run.resolution, run.resolution, device=accelerator.device)
+                labels = torch.zeros(1, labels.shape[1], device=accelerator.device)
+            with accelerator.accumulate(model):
+                loss = run.objective(model, images, labels, generator).loss.mean() * float(valid)
+                # One collective per micro-batch carries each rank's loss and whether it was asked to stop.
+                stop_here = float(signals is not None and signals.requested is not None)
+                gathered = accelerator.gather(torch.stack([loss.detach().float(), loss.new_tensor(stop_here)]).reshape(1, 2))
+                gathered_loss, stop_requested = gathered[:, 0], bool(gathered[:, 1].any())
+                if not torch.isfinite(gathered_loss).all():  # nothing is saved: these weights have diverged
+                    raise NonFiniteLossError(f"the training loss became {gathered_loss.tolist()} at step {step + 1}. "
+                                             f"{checkpointer.resume_hint()}")
+                checkpointer.confirm()  # the deferred checkpoint's weights just gave a finite loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                run.optimizer.step()
+                run.optimizer.zero_grad(set_to_none=True)
+            batches_consumed += 1
+            stats.images_seen_here += int(valid) * batch["pixel_values"].shape[0]
+            if not accelerator.sync_gradients:
+                continue
+
+            stats.lr[step + 1] = run.lr_scheduler.get_last_lr()[0]
+            run.lr_scheduler.step()
+            if run.ema is not None:
+                run.ema.step(model.parameters())
+            step += 1
+            mean_loss = gathered_loss.mean().item()
+            stats.loss[step] = mean_loss
+            throughput = stats.images_seen_here * world_size / (time.perf_counter() - loop_started)
+            accelerator.log({"train/loss": mean_loss, "train/lr": stats.lr[step], "train/images_per_second": throughput,
+                             "train/skipped_records": stats.skipped.count}, step=step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{throughput:.0f}")
+            if stop_requested:  # no next step will come: save now
+                saved = checkpointer.save(checkpointer.position(step, epoch, batches_consumed))
+                name = (signals.requested if signals is not None else None) or "SIGTERM"  # another rank was signalled
+                raise TrainingStopped(f"stopped by {name} at step {step}; saved {saved}. Resume with "
+                                      "--resume_from_checkpoint latest", 128 + int(signal.Signals[name]))
+            if step == run.max_train_steps:
+                checkpointer.save(checkpointer.position(step, epoch, batches_consumed))
+            elif step % config.checkpointing_steps == 0:  # written once the next loss, on these weights, is finite
+                checkpointer.defer(checkpointer.position(step, epoch, batches_consumed))
+            if step % config.validation_steps == 0 or step == run.max_train_steps:
+                validate(step)
+                last_validation = step
+            if step >= run.max_train_steps:
+                break
+        epoch += 1
+    progress.close()
+    end = checkpointer.position(step, epoch, batches_consumed)
+    if checkpointer.last_saved_step != step:
+        checkpointer.save(end)
+    if last_validation != step:
+        validate(step)
+    return end
+
+
+def hub_repo_id(config: TrainingConfig) -> str:
+    """`hub_model_id`, or the output folder's name."""
+    return config.hub_model_id or os.path.basename(os.path.normpath(config.output_dir))
+
+
+def export(run: TrainingRun, end: TrainingPosition, stats: StepStats, validate: Validator) -> RunSummary | None:
+    """Save the EMA weights as a pipeline, then (main process) the final grid, the held-out report, `metrics.json`,
+    the model card, and the Hub upload. Returns the run summary on the main process."""
+    config, accelerator = run.config, run.accelerator
+    # Cross-rank facts for the record: what each rank trained on and whether the weights agree.
+    per_rank = accelerator.gather(torch.tensor([stats.images_seen_here, float(stats.skipped.count)],
+                                               device=accelerator.device).reshape(1, 2))
+    checksums = None
+    if accelerator.num_processes > 1:
+        local = parameter_checksum(accelerator.unwrap_model(run.model))
+        checksums = accelerator.gather(torch.tensor([local], dtype=torch.float64, device=accelerator.device)).tolist()
+    if run.ema is not None:
+        run.ema.copy_to(run.model.parameters())
+    summary = None
+    if accelerator.is_main_process:
+        sampler = validate.sampling_pipeline()
+        sampler.set_progress_bar_config(disable=True)
+        RobustDDPMPipeline(unet=sampler.unet, scheduler=run.scheduler, condition_embedding=sampler.condition_embedding
+                           ).save_pretrained(config.output_dir, safe_serialization=True)
+        for component in ("unet", "condition_embedding"):
+            if os.path.isdir(os.path.join(config.output_dir, component)):
+                apply_umask(os.path.join(config.output_dir, component))
+        # The last validation sampled this grid from the same EMA weights and seed: reuse it.
+        samples_dir = os.path.join(config.output_dir, "samples")
+        shutil.copyfile(os.path.join(samples_dir, f"step-{end.step}.png"), os.path.join(samples_dir, "final.png"))
+        summary = RunSummary(
+            global_step=end.step,
+            images_seen=int(per_rank[:, 0].sum().item()),
+            images_seen_per_rank=[int(v) for v in per_rank[:, 0].tolist()],
+            num_processes=accelerator.num_processes,
+            train_batch_size_effective=run.effective_batch,
+            mixed_precision=accelerator.mixed_precision,
+            resolution=run.resolution,
+            skipped_records=stats.skipped.count,
+            skipped_record_ids=stats.skipped.ids,
+            records_decoded_this_run=run.train_data.transform.records_decoded if config.dataloader_num_workers == 0 else None,
+            parameter_checksums_per_rank=checksums,
+            lr_history=stats.lr,
+            loss_history=stats.loss,
+            validation_losses=stats.validation.get(end.step) or {},
+            validation_history=stats.validation,
+            validation_images=0 if run.validation_images is None else int(run.validation_images.shape[0]),
+            scheduler_robust_options={k: run.scheduler.config[k] for k in ("prediction_type", *ROBUST_OPTION_NAMES)},
+            training_wall_time_seconds=time.perf_counter() - run.started,
+        )
+        if config.quality_samples > 0:
+            from ..evaluation.metrics import digits_quality
+
+            samples = sampler(batch_size=config.quality_samples, generator=torch.Generator().manual_seed(config.seed + 1),
+                              num_inference_steps=config.num_inference_steps, output_type="np").images
+            summary.digits_quality = {"samples": config.quality_samples, **digits_quality(samples)}
+        repo_id = hub_repo_id(config)
+        if config.report and run.validation_images is not None:  # the held-out report of `diffusers-robust evaluate`
+            from ..evaluation.report import evaluate_pipeline, write_report
+
+            report = evaluate_pipeline(sampler, config.dataset, config.validation_split, config.dataset_split,
+                                       config.report_images, config.report_samples, config.num_inference_steps)
+            write_report(report, os.path.join(config.output_dir, "evaluation"), title=f"Evaluation of {repo_id}")
+            summary.report = {key: value for key, value in report.items() if not key.startswith("_")}
+        summary.save(config.output_dir)
+        write_model_card(config.output_dir, repo_id, config.to_dict(), summary, config.license)
+        logger.info(f"wrote the pipeline, samples, metrics.json and README.md to {config.output_dir}")
+        if config.push_to_hub:
+            push_pipeline_to_hub(config.output_dir, repo_id, private=config.hub_private_repo)
+            logger.info(f"pushed the pipeline to {repo_id}")
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def train(config: TrainingConfig, accelerator: Accelerator, signals: StopSignals | None = None) -> RunSummary | None:
+    """One training run: set up, resume, the step loop, export. Returns the run summary on the main process."""
+    run = set_up(config, accelerator)
+    stream_loader = run.dataloader if run.train_data.streaming else None
+    checkpointer = Checkpointer(accelerator, run.model, config.output_dir, config.checkpoints_total_limit, stream_loader)
+    start = resume(run, checkpointer)
+    stats = StepStats()
+    validate = Validator(run, stats)
+    end = run_steps(run, start, checkpointer, validate, stats, signals)
+    return export(run, end, stats, validate)
+
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`accelerate launch training/train_robust_ddpm.py [--config recipe.yaml] [--option value ...]`."""
+    from .config import parse_training_config
+
+    run_training(parse_training_config(argv))
+
+
+def run_training(config: TrainingConfig) -> None:
+    """Run `config` in this process (one of several under `accelerate launch`): hold the output folder's lock, handle
+    SIGTERM / SIGINT (exit 128 + signal after a checkpoint), train, and shut the process group down cleanly."""
+    import logging
+    import traceback
+
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    from .distributed import set_thread_count, shutdown_distributed
+    from .run_guard import OutputDirLock
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.logger == "none" else config.logger,
+        project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_thread_count(config.num_threads, accelerator.num_processes if accelerator.device.type == "cpu" else 1)
+    signals = StopSignals().install()
+    lock = OutputDirLock(config.output_dir)
+    try:
+        if accelerator.is_main_process:
+            lock.acquire()  # one writer per output_dir
+        train(config, accelerator, signals)
+    except TrainingStopped as stopped:
+        traceback.clear_frames(stopped.__traceback__)
+        logger.error(str(stopped))
+        raise SystemExit(stopped.exit_code) from None
+    except BaseException as error:
+        traceback.clear_frames(error.__traceback__)  # the failed run's locals (its DDP model) go before the group
+        raise
+    finally:
+        lock.release()
+        signals.uninstall()
+        shutdown_distributed(accelerator)

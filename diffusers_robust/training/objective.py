@@ -1,0 +1,215 @@
+"""The training objective: min-SNR loss weights, the weighted MSE, and [`RobustDiffusionObjective`], the one callable
+that turns clean images into the training loss."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..schedulers.robust_noise import PREDICTION_TYPES
+
+
+def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio `a_t / (1 - a_t)` at `timesteps` (shape `(B,)`); 0 where `a_t = 0`."""
+    alpha_bar = alphas_cumprod.to(timesteps.device)[timesteps].double()
+    return alpha_bar / (1.0 - alpha_bar)
+
+
+def min_snr_weights(
+    alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, snr_gamma: float, prediction_type: str = "epsilon"
+) -> torch.Tensor:
+    r"""
+    Min-SNR-gamma loss weights (Hang et al., ICCV 2023), finite for every timestep.
+
+    The weight on the mean squared error of each sample is `min(SNR, g) / SNR` for `epsilon`,
+    `min(SNR, g) / (SNR + 1)` for `v_prediction` and `min(SNR, g)` for `sample`. The epsilon weight is
+    computed as `min(1, g / SNR)`, which is 1 (not NaN) where SNR is 0, as at the last timestep of a
+    zero-terminal-SNR schedule (`rescale_betas_zero_snr=True`).
+
+    Args:
+        alphas_cumprod (`torch.Tensor` of shape `(T,)`): the scheduler's cumulative alphas.
+        timesteps (`torch.LongTensor` of shape `(B,)`): training timesteps.
+        snr_gamma (`float`): the clamp `g`, > 0 (5.0 in the paper).
+        prediction_type (`str`): `"epsilon"`, `"v_prediction"` or `"sample"`.
+
+    Returns:
+        `torch.Tensor` of shape `(B,)`, float32.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers import DDPMScheduler
+    >>> from diffusers_robust.training.objective import min_snr_weights
+    >>> s = DDPMScheduler(rescale_betas_zero_snr=True)
+    >>> min_snr_weights(s.alphas_cumprod, torch.tensor([0, 999]), 5.0)
+    tensor([5.0010e-04, 1.0000e+00])
+    ```
+    """
+    if snr_gamma <= 0:
+        raise ValueError(f"snr_gamma must be > 0, got {snr_gamma}")
+    ratio = snr(alphas_cumprod, timesteps)
+    clamped = torch.clamp(ratio, max=snr_gamma)
+    if prediction_type == "epsilon":
+        weights = torch.clamp(snr_gamma / ratio, max=1.0)
+    elif prediction_type == "v_prediction":
+        weights = clamped / (ratio + 1.0)
+    elif prediction_type == "sample":
+        weights = clamped
+    else:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got '{prediction_type}'")
+    return weights.float()
+
+
+def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error per sample `(B,)` (mean over C, H, W), times `weights` `(B,)` when given, then averaged."""
+    per_sample = ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, prediction.ndim)))
+    if weights is not None:
+        per_sample = per_sample * weights.to(per_sample.device)
+    return per_sample.mean()
+
+
+@dataclass
+class ObjectiveOutput:
+    """What one call of [`RobustDiffusionObjective`] computed.
+
+    Args:
+        loss (`torch.Tensor` of shape `(B,)`): per-sample loss, min-SNR weighted when `snr_gamma` is set; the caller
+            reduces it (mean over the batch).
+        timesteps (`torch.LongTensor` of shape `(B,)`): the training timesteps drawn.
+        applied (`list`): per sample, the `(corruption, severity)` applied to the input, or `None`.
+    """
+
+    loss: torch.Tensor
+    timesteps: torch.Tensor
+    applied: list[tuple[str, int] | None]
+
+
+class RobustDiffusionObjective:
+    r"""
+    The training loss of a robust DDPM, in one place: corrupt the images (optional), draw timesteps, noise them with the
+    scheduler's `add_training_noise` (input perturbation, offset and pyramid noise, restoration targets), run the
+    label-conditioned model, and weight the squared error per sample (min-SNR-gamma).
+
+    The training script, the training-step benchmark and the validation loss all call it, so they measure one thing.
+    Random numbers come from `generator` in a fixed order (corruption, timesteps, noise): a seeded generator per
+    micro-batch makes a step reproducible and a resumed run bit-exact.
+
+    Args:
+        scheduler ([`RobustDDPMScheduler`]): the noise schedule, `prediction_type` and robust training options.
+        snr_gamma (`float`, *optional*): min-SNR-gamma weighting; `None` gives plain MSE.
+        corruption ([`~data.corruptions.RandomCorruption`], *optional*): corrupts training images before noising.
+        augment_dim (`int`, defaults to 0): augment labels the model is conditioned on (the first `augment_dim` columns
+            of `augment_labels`); corruption labels, when `condition_on_corruption`, follow them.
+        condition_on_corruption (`bool`, defaults to `True`): tell the model which corruption each image got.
+        restoration_training (`bool`): corrupted images keep their clean image as the target (`x_t` from the corrupted
+            image), so the model learns to undo them.
+        restoration_max_timestep (`int`, *optional*): restoration training draws the corrupted images' timesteps from
+            `[0, restoration_max_timestep)` (rescaled, so the draw is the same).
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers import UNet2DModel
+    >>> from diffusers_robust import RobustDDPMScheduler, RobustDiffusionObjective
+    >>> from diffusers_robust.models import LabelConditionedUNet
+    >>> unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 32),
+    ...                    down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    >>> objective = RobustDiffusionObjective(RobustDDPMScheduler(input_perturbation=0.1), snr_gamma=5.0)
+    >>> out = objective(LabelConditionedUNet(unet), torch.zeros(4, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    >>> out.loss.shape
+    torch.Size([4])
+    ```
+    """
+
+    def __init__(
+        self,
+        scheduler,
+        snr_gamma: float | None = None,
+        corruption=None,
+        augment_dim: int = 0,
+        condition_on_corruption: bool = True,
+        restoration_training: bool = False,
+        restoration_max_timestep: int | None = None,
+    ):
+        if restoration_training and corruption is None:
+            raise ValueError("restoration_training needs a corruption to undo")
+        self.scheduler = scheduler
+        self.snr_gamma = snr_gamma
+        self.corruption = corruption
+        self.augment_dim = augment_dim
+        self.corruption_dim = corruption.label_dim if corruption is not None and condition_on_corruption else 0
+        self.restoration_training = restoration_training
+        self.restoration_max_timestep = restoration_max_timestep
+
+    @property
+    def label_dim(self) -> int:
+        """Length of the model's label vector: augment labels, then corruption labels."""
+        return self.augment_dim + self.corruption_dim
+
+    @property
+    def label_names(self) -> list[str]:
+        """One name per label slot (`augment/<i>`, `corruption/<name>`), as a [`ConditionEmbedding`] stores them."""
+        names = [f"augment/{i}" for i in range(self.augment_dim)]
+        return names + ([f"corruption/{name}" for name in self.corruption.corruptions] if self.corruption_dim else [])
+
+    def __call__(
+        self,
+        model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
+        images: torch.Tensor,
+        augment_labels: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> ObjectiveOutput:
+        """Loss of `model(x_t, t, labels)` on clean `images` `(B, C, H, W)` in `[-1, 1]` with their `augment_labels`
+        `(B, >= augment_dim)`; every random number is drawn from `generator` (CPU)."""
+        batch, device = images.shape[0], images.device
+        corrupted, applied = images, [None] * batch
+        if self.corruption is not None:
+            corrupted, applied = self.corruption(images, generator=generator)
+        num_timesteps = self.scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, num_timesteps, (batch,), generator=generator).to(device)
+        if self.restoration_training and self.restoration_max_timestep:
+            # corrupted images train where restoration runs: t rescaled into [0, restoration_max_timestep)
+            hit = torch.tensor([a is not None for a in applied], device=device)
+            timesteps = torch.where(hit, timesteps * self.restoration_max_timestep // num_timesteps, timesteps)
+        if self.restoration_training:  # x_t from the corrupted image, the target from the clean one
+            noised = self.scheduler.add_training_noise(images, timesteps, generator=generator, corrupted_images=corrupted)
+        else:
+            noised = self.scheduler.add_training_noise(corrupted, timesteps, generator=generator)
+        labels = self.labels(augment_labels, applied, batch, device)
+        loss = self.prediction_error(model, noised.noisy_images, noised.target, timesteps, labels)
+        if self.snr_gamma is not None:
+            loss = loss * min_snr_weights(self.scheduler.alphas_cumprod, timesteps, self.snr_gamma,
+                                          self.scheduler.config.prediction_type).to(loss.device)
+        return ObjectiveOutput(loss=loss, timesteps=timesteps, applied=applied)
+
+    @staticmethod
+    def prediction_error(model, noisy_images: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
+                         labels: torch.Tensor | None) -> torch.Tensor:
+        """Per-sample mean squared error `(B,)` (over C, H, W, in float32) of `model(noisy_images, timesteps, labels)`."""
+        prediction = model(noisy_images, timesteps, labels)
+        return ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, prediction.ndim)))
+
+    def labels(self, augment_labels: torch.Tensor | None, applied: list[tuple[str, int] | None], batch: int,
+               device: torch.device) -> torch.Tensor | None:
+        """The model's label vector `(B, label_dim)`: augment labels, then corruption labels; `None` without labels."""
+        if self.label_dim == 0:
+            return None
+        parts = []
+        if self.augment_dim:
+            parts.append(augment_labels[:, : self.augment_dim] if augment_labels is not None
+                         else torch.zeros(batch, self.augment_dim, device=device))
+        if self.corruption_dim:
+            parts.append(self.corruption.labels(applied, device))
+        return torch.cat(parts, dim=1)
+
+    def restoration_labels(self, corruption: str, severity: int, batch: int, device: torch.device) -> torch.Tensor | None:
+        """Labels that ask a restoration-trained model to undo `corruption` at `severity`; `None` for a corruption it
+        was not trained on (or a model that was not restoration-trained)."""
+        from ..data.corruptions import canonical_name
+
+        name = canonical_name(corruption)
+        if not self.restoration_training or name not in self.corruption.corruptions:
+            return None
+        return self.labels(None, [(name, severity)] * batch, batch, device)

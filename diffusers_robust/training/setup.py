@@ -1,0 +1,100 @@
+"""Set-up of a training run: the scheduler with the recipe's robust options, the image shape, the run length, the data
+loader and the learning-rate schedule. Small pure functions, each tested through the training script."""
+
+import logging
+import math
+
+import torch
+from diffusers import UNet2DModel
+from diffusers.optimization import get_scheduler
+from torch.utils.data import DataLoader
+
+from ..data.datasets import ImageDataset, collate_image_batch
+from ..schedulers import RobustDDPMScheduler
+from ..schedulers.robust_options import ROBUST_OPTIONS
+from .config import TrainingConfig
+
+logger = logging.getLogger(__name__)
+
+
+def configure_scheduler(scheduler, config: TrainingConfig) -> RobustDDPMScheduler:
+    """The preset's noise schedule as a [`RobustDDPMScheduler`] with the recipe's robust options (a preset holds the
+    architecture and schedule; the recipe decides every robust option) and, when set, its `prediction_type`."""
+    overrides = {option.name: getattr(config, option.name) for option in ROBUST_OPTIONS}
+    for name, value in overrides.items():
+        preset_value = scheduler.config.get(name)
+        if preset_value is not None and preset_value != value:
+            logger.info(f"{name} = {value} from the recipe replaces the preset scheduler's {preset_value}")
+    if config.prediction_type is not None:
+        overrides["prediction_type"] = config.prediction_type
+    return RobustDDPMScheduler.from_config(scheduler.config, **overrides)
+
+
+def resolve_image_shape(unet: UNet2DModel, config: TrainingConfig) -> tuple[int, int]:
+    """`(channels, resolution)` for training, checked against the UNet; raises `ValueError` naming the conflict."""
+    channels = config.channels if config.channels is not None else unet.config.in_channels
+    if channels != unet.config.in_channels:
+        raise ValueError(
+            f"the data has {channels} channels (channels={config.channels}) but the preset {config.pipeline} "
+            f"UNet takes {unet.config.in_channels}"
+        )
+    size = unet.config.sample_size
+    resolution = config.resolution if config.resolution is not None else (size if isinstance(size, int) else size[0])
+    factor = 2 ** (len(unet.config.block_out_channels) - 1)
+    if resolution % factor != 0:
+        raise ValueError(
+            f"resolution {resolution} cannot be downsampled by the UNet of {config.pipeline}: it halves the image "
+            f"{len(unet.config.block_out_channels) - 1} times, so the resolution must be a multiple of {factor}"
+        )
+    return channels, resolution
+
+
+def training_length(config: TrainingConfig, batches_per_epoch: int | None) -> tuple[int, int]:
+    """`(max_train_steps, num_epochs)` in optimizer steps, for `batches_per_epoch` batches per process.
+
+    Steps count optimizer updates, so they do not change with the number of processes; a stream has no
+    length and needs `max_train_steps`."""
+    if batches_per_epoch is None:
+        if config.max_train_steps is None:
+            raise ValueError("a streamed dataset has no length: set max_train_steps")
+        return config.max_train_steps, 1_000_000
+    if batches_per_epoch == 0:
+        raise ValueError("the training split is smaller than one batch per process")
+    steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
+    max_steps = config.max_train_steps or config.num_epochs * steps_per_epoch
+    return max_steps, math.ceil(max_steps / steps_per_epoch)
+
+
+def build_dataloader(config: TrainingConfig, loaded: ImageDataset, shuffle_seed: int):
+    """Map-style: a shuffled `DataLoader` that Accelerate shards and can skip without decoding.
+    Stream: a `StatefulDataLoader` over this rank's split, whose position is checkpointed."""
+    pinned = torch.cuda.is_available()
+    workers = {"num_workers": config.dataloader_num_workers, "pin_memory": pinned}
+    if config.dataloader_num_workers > 0:
+        workers.update(persistent_workers=True, prefetch_factor=4)
+    if loaded.streaming:
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        return StatefulDataLoader(loaded.dataset, batch_size=config.train_batch_size, collate_fn=collate_image_batch,
+                                  **workers)
+    generator = torch.Generator().manual_seed(shuffle_seed)
+    return DataLoader(loaded.dataset, batch_size=config.train_batch_size, shuffle=True, generator=generator,
+                      collate_fn=collate_image_batch, **workers)
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainingConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with the recipe's hyper-parameters; its fused kernel where PyTorch has one for `device` (CUDA, CPU)."""
+    fused = device.type in ("cuda", "cpu") and config.fused_optimizer
+    return torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                             weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, fused=fused or None)
+
+
+def build_lr_scheduler(config: TrainingConfig, optimizer: torch.optim.Optimizer, max_train_steps: int, start_step: int = 0):
+    """The learning-rate schedule, a pure function of the optimizer step: at `start_step` (a resumed run) it gives the
+    LR of that step for the recipe's `learning_rate`, so nothing of it is checkpointed and a new peak LR just works.
+    Stepped once per optimizer step by the loop (not prepared), so it is right for any process count."""
+    if start_step > 0:
+        for group in optimizer.param_groups:  # PyTorch's contract for a schedule that starts mid-way
+            group["initial_lr"] = config.learning_rate
+    return get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                         num_training_steps=max_train_steps, last_epoch=start_step - 1)

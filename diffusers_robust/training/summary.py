@@ -1,0 +1,66 @@
+"""The run summary: what a training run did and measured, written to `metrics.json` and read by the model card."""
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+SUMMARY_FILE = "metrics.json"
+
+
+@dataclass
+class RunSummary:
+    """Facts of one training run. JSON keys are the field names; `from_json` refuses unknown keys.
+
+    Steps count optimizer updates; images count training images seen over all processes; losses are mean squared errors
+    of the model's prediction; histories map an optimizer step to a value.
+    """
+
+    global_step: int  # optimizer steps done
+    images_seen: int  # training images over all processes
+    images_seen_per_rank: list[int]
+    num_processes: int
+    train_batch_size_effective: int  # images per process per micro-batch, after capping at the dataset size
+    mixed_precision: str  # no, fp16 or bf16 (what Accelerate used)
+    resolution: int  # training resolution in pixels
+    skipped_records: int  # undecodable records skipped
+    skipped_record_ids: list[str]
+    records_decoded_this_run: int | None  # records read by this process (None with DataLoader workers)
+    parameter_checksums_per_rank: list[float] | None  # equal when every rank holds the same weights; None with 1 process
+    lr_history: dict[int, float]
+    loss_history: dict[int, float]
+    validation_losses: dict[str, float]  # at the last step: clean, <corruption>/s<k>, restore/<corruption>/s<k>
+    validation_history: dict[int, dict[str, float]]
+    validation_images: int  # held-out images of the validation loss
+    scheduler_robust_options: dict[str, Any]  # prediction_type and every robust scheduler option, as saved
+    training_wall_time_seconds: float
+    digits_quality: dict[str, Any] | None = None  # digits only: samples scored by the digits classifier
+    report: dict[str, Any] | None = field(default=None)  # the held-out report (diffusers-robust evaluate), if written
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in dataclasses.asdict(self).items()
+                if value is not None or key not in ("digits_quality", "report")}
+
+    def save(self, output_dir: str) -> str:
+        """Write `output_dir/metrics.json`; returns its path."""
+        path = os.path.join(output_dir, SUMMARY_FILE)
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(self.to_dict(), handle, indent=2)
+        return path
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RunSummary":
+        names = {item.name for item in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"{SUMMARY_FILE}: unknown key(s) {unknown}")
+        values = dict(values)
+        for key in ("lr_history", "loss_history", "validation_history"):  # JSON object keys are strings
+            values[key] = {int(step): value for step, value in values.get(key, {}).items()}
+        return cls(**values)
+
+    @classmethod
+    def load(cls, output_dir: str) -> "RunSummary":
+        with open(os.path.join(output_dir, SUMMARY_FILE), encoding="utf-8") as handle:
+            return cls.from_dict(json.load(handle))

@@ -1,0 +1,110 @@
+"""One home per idea: the robust options table, the training objective, the run summary, the package layout."""
+
+import dataclasses
+import inspect
+import json
+import os
+
+import pytest
+import torch
+from conftest import REPO_ROOT, make_tiny_unet
+from diffusers import DDIMScheduler, DDPMScheduler
+
+import diffusers_robust
+from diffusers_robust import RobustDDIMScheduler, RobustDDPMPipeline, RobustDDPMScheduler
+from diffusers_robust.data.corruptions import RandomCorruption
+from diffusers_robust.models import ConditionEmbedding, LabelConditionedUNet
+from diffusers_robust.schedulers.robust_options import ROBUST_OPTION_NAMES, ROBUST_OPTIONS
+from diffusers_robust.training.config import TrainingConfig
+from diffusers_robust.training.objective import RobustDiffusionObjective, min_snr_weights, weighted_mse
+from diffusers_robust.training.summary import RunSummary
+
+
+@pytest.mark.parametrize("robust_class,parent", [(RobustDDPMScheduler, DDPMScheduler), (RobustDDIMScheduler, DDIMScheduler)])
+def test_the_robust_options_table_lists_exactly_the_options_the_schedulers_add(robust_class, parent):
+    added = set(inspect.signature(robust_class.__init__).parameters) - set(inspect.signature(parent.__init__).parameters)
+    assert added == set(ROBUST_OPTION_NAMES)
+    defaults = robust_class().config
+    assert {option.name: defaults[option.name] for option in ROBUST_OPTIONS} == {o.name: o.default for o in ROBUST_OPTIONS}
+
+
+def test_every_robust_option_is_a_training_option_defaulting_to_off_with_the_tables_help():
+    fields = {item.name: item for item in dataclasses.fields(TrainingConfig)}
+    for option in ROBUST_OPTIONS:
+        assert fields[option.name].default == option.default
+        assert fields[option.name].metadata["help"].startswith(option.help)
+
+
+def test_presets_hold_the_architecture_and_schedule_but_no_robust_option():
+    for preset in ("ddpm-digits", "ddpm-cifar10-32", "ddpm-64"):
+        with open(os.path.join(REPO_ROOT, "pipelines", preset, "scheduler", "scheduler_config.json")) as handle:
+            config = json.load(handle)
+        assert {option.name: config[option.name] for option in ROBUST_OPTIONS} == {o.name: o.default for o in ROBUST_OPTIONS}
+
+
+def test_the_objective_is_corrupt_then_timesteps_then_training_noise_then_min_snr_weighted_mse():
+    scheduler = RobustDDPMScheduler(num_train_timesteps=100, input_perturbation=0.1)
+    corruption = RandomCorruption(["gaussian_noise", "impulse_noise"], (1, 5), p=0.5)
+    model = LabelConditionedUNet(make_tiny_unet(), label_dim=3 + corruption.label_dim).eval()
+    objective = RobustDiffusionObjective(scheduler, snr_gamma=5.0, corruption=corruption, augment_dim=3)
+    images = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    augment = torch.rand(6, 5, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = objective(model, images, augment, torch.Generator().manual_seed(0))
+        # The same chain written out, drawing from a generator with the same seed in the same order.
+        generator = torch.Generator().manual_seed(0)
+        corrupted, applied = corruption(images, generator=generator)
+        timesteps = torch.randint(0, 100, (6,), generator=generator)
+        noised = scheduler.add_training_noise(corrupted, timesteps, generator=generator)
+        labels = torch.cat([augment[:, :3], corruption.labels(applied, images.device)], dim=1)
+        prediction = model(noised.noisy_images, timesteps, labels)
+        expected = weighted_mse(prediction, noised.target, min_snr_weights(scheduler.alphas_cumprod, timesteps, 5.0))
+    assert out.applied == applied and torch.equal(out.timesteps, timesteps)
+    assert out.loss.shape == (6,) and torch.equal(out.loss.mean(), expected)
+    assert any(a is not None for a in applied) and any(a is None for a in applied)
+
+
+def test_restoration_objective_asks_for_the_corruptions_it_was_trained_on_only():
+    corruption = RandomCorruption(["gaussian_noise", "impulse_noise"], (1, 5), p=0.5)
+    objective = RobustDiffusionObjective(RobustDDPMScheduler(), snr_gamma=5.0, corruption=corruption, augment_dim=2,
+                                         restoration_training=True)
+    labels = objective.restoration_labels("salt_and_pepper", 5, 3, torch.device("cpu"))  # an alias of impulse_noise
+    embedding = ConditionEmbedding(objective.label_names, embedding_dim=4)
+    assert torch.equal(labels, embedding.labels_for("impulse_noise", 5, 3))
+    assert objective.restoration_labels("gaussian_blur", 3, 3, torch.device("cpu")) is None
+
+
+def test_run_summary_round_trips_through_metrics_json_and_refuses_unknown_keys(tmp_path):
+    summary = RunSummary(
+        global_step=2, images_seen=8, images_seen_per_rank=[8], num_processes=1, train_batch_size_effective=4,
+        mixed_precision="no", resolution=8, skipped_records=0, skipped_record_ids=[], records_decoded_this_run=8,
+        parameter_checksums_per_rank=None, lr_history={1: 1e-4, 2: 2e-4}, loss_history={1: 0.5, 2: 0.4},
+        validation_losses={"clean": 0.3}, validation_history={2: {"clean": 0.3}}, validation_images=4,
+        scheduler_robust_options={"prediction_type": "epsilon", "input_perturbation": 0.0}, training_wall_time_seconds=1.5,
+    )
+    summary.save(str(tmp_path))
+    assert RunSummary.load(str(tmp_path)) == summary
+    assert "report" not in json.loads((tmp_path / "metrics.json").read_text())
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['gloabl_step'\]"):
+        RunSummary.from_dict({**summary.to_dict(), "gloabl_step": 3})
+
+
+def test_saved_pipelines_name_module_paths_that_stay_importable(tmp_path):
+    embedding = ConditionEmbedding(["corruption/gaussian_noise"], embedding_dim=32)
+    RobustDDPMPipeline(unet=make_tiny_unet(), scheduler=RobustDDPMScheduler(), condition_embedding=embedding
+                       ).save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["scheduler"] == ["diffusers_robust.schedulers.scheduling_robust_ddpm", "RobustDDPMScheduler"]
+    assert index["condition_embedding"][1] == "ConditionEmbedding"
+    # Pipelines saved before the package was grouped into subpackages recorded these paths; they still load.
+    index["condition_embedding"] = ["diffusers_robust.models", "ConditionEmbedding"]
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    loaded = RobustDDPMPipeline.from_pretrained(tmp_path)
+    assert isinstance(loaded.scheduler, RobustDDPMScheduler) and isinstance(loaded.condition_embedding, ConditionEmbedding)
+
+
+def test_the_public_api_is_importable_from_the_package():
+    for name in diffusers_robust.__all__:
+        assert getattr(diffusers_robust, name) is not None
+    assert {"RobustDDPMPipeline", "RobustDiffusionObjective", "RandomCorruption", "load_image_dataset",
+            "TrainingConfig"} <= set(diffusers_robust.__all__)
