@@ -113,8 +113,10 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=5, help="steps per alternation block")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no", help="autocast of the forward pass")
-    parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (both loops)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (both loops)")
+    parser.add_argument("--peer-mixed-precision", choices=["no", "bf16"], default=None,
+                        help="the example loop's precision, if not --mixed-precision (its default is fp32: no)")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (our loop)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (our loop)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense peak at this precision, for the share of peak (H200 bf16: 989)")
     args = parser.parse_args()
@@ -125,7 +127,9 @@ def main() -> None:
     data = batches(unet, args.batch_size)
     label_dim = next(data)["augment_labels"].shape[1]
     options = {"channels_last": args.channels_last, "compile_model": args.compile}
-    trainers = {"diffusers example": make_trainer(args.preset, False, label_dim, device, amp_dtype, **options),
+    peer_precision = args.peer_mixed_precision or args.mixed_precision
+    peer_dtype = torch.bfloat16 if peer_precision == "bf16" else None
+    trainers = {"diffusers example": make_trainer(args.preset, False, label_dim, device, peer_dtype),
                 "diffusers-robust": make_trainer(args.preset, True, label_dim, device, amp_dtype, **options)}
     generator = torch.Generator().manual_seed(0)
     for step in trainers.values():  # warm-up
@@ -145,7 +149,8 @@ def main() -> None:
         done += args.block
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
     print(f"device: {device_name}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}; "
-          f"preset {args.preset}, batch {args.batch_size}, mixed precision {args.mixed_precision}, {done} steps each")
+          f"preset {args.preset}, batch {args.batch_size}, mixed precision {args.mixed_precision} (example: "
+          f"{peer_precision}), channels_last {args.channels_last}, compile {args.compile}, {done} steps each")
     print("| loop | images/s | GFLOP per step | TFLOP/s | share of peak |\n|---|---|---|---|---|")
     rates = {name: done * args.batch_size / seconds for name, seconds in elapsed.items()}
     for name, rate in rates.items():

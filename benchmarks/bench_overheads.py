@@ -1,0 +1,87 @@
+"""Whole-process cost of a training run, ours against the peer: peak memory, time per step, and the fixed cost (start-up
+to the first step plus the end of the run), on the same preset, data, batch and thread count.
+
+Usage: python benchmarks/bench_overheads.py [--preset pipelines/ddpm-digits] [--steps 40 120] [--repeats 2]
+
+The peer is `benchmarks/peer_train_unconditional.py` (the Diffusers example's loop). Ours is
+`training/train_robust_ddpm.py` with the same batch (16), learning rate and warm-up, no validation split, no report and
+no logger; it still ends with what every run of ours does: a final checkpoint, one validation grid, the pipeline and the
+model card. Each configuration runs as its own process with one thread (`OMP_NUM_THREADS=1`), alternating peer and ours.
+Peak memory is the process's maximum resident set size (`wait4`). With two step counts per program, time per step is the
+slope and the fixed cost the intercept of wall time over steps.
+"""
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+def command(program: str, preset: str, steps: int, output_dir: str) -> list[str]:
+    if program == "peer":
+        return [sys.executable, os.path.join(ROOT, "benchmarks", "peer_train_unconditional.py"), "--preset", preset,
+                "--output_dir", output_dir, "--max_train_steps", str(steps)]
+    return [sys.executable, os.path.join(ROOT, "training", "train_robust_ddpm.py"), "--pipeline", preset,
+            "--output_dir", output_dir, "--max_train_steps", str(steps), "--train_batch_size", "16",
+            "--learning_rate", "1e-4", "--lr_warmup_steps", "500", "--validation_split", "null", "--report", "false",
+            "--logger", "none", "--checkpointing_steps", "1000000", "--validation_steps", "1000000", "--num_threads", "1"]
+
+
+def run(program: str, preset: str, steps: int) -> tuple[float, float]:
+    """`(wall seconds, peak RSS MiB)` of one whole process."""
+    output_dir = tempfile.mkdtemp(prefix=f"bench-{program}-")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "NO_ALBUMENTATIONS_UPDATE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    started = time.perf_counter()
+    process = subprocess.Popen(command(program, preset, steps, output_dir), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, cwd=ROOT)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    stderr = process.stderr.read().decode(errors="replace")
+    process.stderr.close()
+    shutil.rmtree(output_dir, ignore_errors=True)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{program} failed:\n{stderr[-3000:]}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="pipelines/ddpm-digits")
+    parser.add_argument("--steps", type=int, nargs=2, default=[40, 120], help="two step counts (slope and intercept)")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    walls: dict[tuple[str, int], list[float]] = {}
+    peaks: dict[str, list[float]] = {"peer": [], "ours": []}
+    for _ in range(args.repeats):
+        for steps in args.steps:
+            for program in ("peer", "ours"):
+                wall, peak = run(program, args.preset, steps)
+                walls.setdefault((program, steps), []).append(wall)
+                peaks[program].append(peak)
+                print(f"{program} {steps} steps: {wall:.2f} s, peak {peak:.0f} MiB", flush=True)
+    low, high = args.steps
+    figures = {}
+    for program in ("peer", "ours"):
+        short, long = statistics.median(walls[(program, low)]), statistics.median(walls[(program, high)])
+        per_step = (long - short) / (high - low)
+        figures[program] = {"per_step": per_step, "fixed": short - low * per_step, "peak": max(peaks[program])}
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, one thread; preset {args.preset}, batch 16, "
+          f"steps {low} and {high}, {args.repeats} repeats (medians)")
+    print("| | seconds per step | fixed seconds (start-up + end) | peak RSS MiB |\n|---|---|---|---|")
+    for program, values in figures.items():
+        print(f"| {program} | {values['per_step']:.4f} | {values['fixed']:.2f} | {values['peak']:.0f} |")
+    ours, peer = figures["ours"], figures["peer"]
+    print(f"| ours / peer | {ours['per_step'] / peer['per_step']:.3f} | {ours['fixed'] / peer['fixed']:.2f} | "
+          f"{ours['peak'] / peer['peak']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
