@@ -108,3 +108,22 @@ def test_the_public_api_is_importable_from_the_package():
         assert getattr(diffusers_robust, name) is not None
     assert {"RobustDDPMPipeline", "RobustDiffusionObjective", "RandomCorruption", "load_image_dataset",
             "TrainingConfig"} <= set(diffusers_robust.__all__)
+
+
+def test_thread_default_divides_the_cores_among_processes_and_warns_when_oversubscribed(monkeypatch, caplog):
+    from diffusers_robust.training.distributed import set_thread_count
+
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    try:
+        assert set_thread_count(None, processes=cores) == 1
+        assert set_thread_count(None, processes=1) == cores == torch.get_num_threads()
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as accelerate launch --num_cpu_threads_per_process 1 sets it
+        assert set_thread_count(None, processes=1) == 1
+        with caplog.at_level("WARNING"):
+            assert set_thread_count(4 * cores, processes=2) == 4 * cores
+        assert "oversubscribed" in caplog.text
+    finally:
+        torch.set_num_threads(before)

@@ -26,7 +26,7 @@ MUTABLE_ON_RESUME = frozenset({
     "mixed_precision", "dataloader_num_workers", "checkpointing_steps", "checkpoints_total_limit", "validation_steps",
     "validation_images", "validation_corruptions", "validation_severities", "num_grid_images", "num_inference_steps",
     "quality_samples", "report", "report_images", "report_samples", "logger", "push_to_hub", "hub_model_id",
-    "hub_private_repo", "license", "overwrite_output_dir", "epsilon_scale_base", "epsilon_scale_slope",
+    "hub_private_repo", "license", "overwrite_output_dir", "epsilon_scale_base", "epsilon_scale_slope", "num_threads",
 })
 
 
