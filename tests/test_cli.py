@@ -139,7 +139,10 @@ def test_restore_writes_each_input_under_its_name_and_keeps_unmasked_pixels(tiny
 def test_train_subcommand_trains_the_same_run_as_the_script(tiny_preset, tmp_path):
     from conftest import tiny_training_args
 
-    result = run_cli("train", *tiny_training_args(tiny_preset, tmp_path / "run", max_train_steps=2, validation_steps=2))
+    result = run_cli("train", *tiny_training_args(tiny_preset, tmp_path / "run", max_train_steps=2, validation_steps=2,
+                                                  checkpointing_steps=1, channels_last="true"))
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert summary["global_step"] == 2 and (tmp_path / "run" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint-2").is_dir()  # channels_last weights checkpoint and export
+    RobustDDPMPipeline.from_pretrained(tmp_path / "run")

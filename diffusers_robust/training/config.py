@@ -84,6 +84,7 @@ class TrainingConfig:
     max_grad_norm: float | None = option(1.0, "gradient clipping norm; null: no clipping")
     mixed_precision: str = option("no", "no, fp16 or bf16")
     fused_optimizer: bool = option(True, "fused AdamW kernel where PyTorch has one for the device (CUDA, CPU)")
+    channels_last: bool = option(False, "UNet weights and activations in channels_last memory format (for GPUs; slower on CPU)")
     num_threads: int | None = option(
         None, "PyTorch threads per process; null: OMP_NUM_THREADS, else cores / processes on this machine")
     # EMA

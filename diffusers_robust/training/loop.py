@@ -139,6 +139,8 @@ def set_up(config: TrainingConfig, accelerator: Accelerator) -> TrainingRun:
     )
     # The label vector (augment, then corruption labels) is all zeros at sampling time (non-leaking).
     model = LabelConditionedUNet(pipeline.unet, objective.label_dim).to(accelerator.device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, config, accelerator.device)
     dataloader = build_dataloader(config, train_data, config.seed)
     if train_data.streaming:  # already split by rank; Accelerate must not shard it again
