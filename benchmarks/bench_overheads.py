@@ -5,8 +5,9 @@ Usage: python benchmarks/bench_overheads.py [--preset pipelines/ddpm-digits] [--
 
 The peer is `benchmarks/peer_train_unconditional.py` (the Diffusers example's loop). Ours is
 `training/train_robust_ddpm.py` with the same batch (16), learning rate and warm-up, no validation split, no report and
-no logger; it still ends with what every run of ours does: a final checkpoint, one validation grid, the pipeline and the
-model card. Each configuration runs as its own process with one thread (`OMP_NUM_THREADS=1`), alternating peer and ours.
+no logger; it still ends with what every run of ours does: a final checkpoint, a validation grid (here one image of one
+DDIM step, since the peer's loop as written here generates none: the example's own end-of-training grid is 16 images of
+1000 DDPM steps), the pipeline and the model card. Each configuration runs as its own process with one thread (`OMP_NUM_THREADS=1`), alternating peer and ours.
 Peak memory is the process's maximum resident set size (`wait4`). With two step counts per program, time per step is the
 slope and the fixed cost the intercept of wall time over steps.
 """
@@ -31,7 +32,8 @@ def command(program: str, preset: str, steps: int, output_dir: str) -> list[str]
     return [sys.executable, os.path.join(ROOT, "training", "train_robust_ddpm.py"), "--pipeline", preset,
             "--output_dir", output_dir, "--max_train_steps", str(steps), "--train_batch_size", "16",
             "--learning_rate", "1e-4", "--lr_warmup_steps", "500", "--validation_split", "null", "--report", "false",
-            "--logger", "none", "--checkpointing_steps", "1000000", "--validation_steps", "1000000", "--num_threads", "1"]
+            "--logger", "none", "--checkpointing_steps", "1000000", "--validation_steps", "1000000", "--num_threads", "1",
+            "--num_grid_images", "1", "--num_inference_steps", "1"]
 
 
 def run(program: str, preset: str, steps: int) -> tuple[float, float]:

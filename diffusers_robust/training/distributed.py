@@ -42,6 +42,9 @@ def shutdown_distributed(accelerator: Accelerator) -> int:
     wrappers were still alive (0 unless a reference was kept somewhere; a warning is logged then).
     """
     accelerator.free_memory()  # forgets the prepared model, optimizer and dataloaders; runs gc
+    if not torch.distributed.is_initialized():  # one process: no group to hang on, no scan of every object
+        accelerator.end_training()
+        return 0
     ddp = torch.nn.parallel.DistributedDataParallel
     survivors = sum(issubclass(type(obj), ddp) for obj in gc.get_objects())  # type(): no __class__ lookups
     if survivors:

@@ -247,6 +247,7 @@ def run_steps(
     step, epoch, batches_consumed = start.step, start.epoch, start.batches_consumed
     batches_to_skip = 0 if run.train_data.streaming else batches_consumed - epoch * run.batches_per_epoch
     progress = tqdm(total=run.max_train_steps, initial=step, disable=not accelerator.is_local_main_process, desc="steps")
+    parameters = list(model.parameters())  # one list for clipping and EMA, not a module walk per step
     model.train()
     loop_started, last_validation = time.perf_counter(), -1
     while step < run.max_train_steps and epoch < run.num_epochs:
@@ -279,7 +280,7 @@ def run_steps(
                 checkpointer.confirm()  # the deferred checkpoint's weights just gave a finite loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
                 run.optimizer.step()
                 run.optimizer.zero_grad(set_to_none=True)
             batches_consumed += 1
@@ -290,7 +291,7 @@ def run_steps(
             stats.lr[step + 1] = run.lr_scheduler.get_last_lr()[0]
             run.lr_scheduler.step()
             if run.ema is not None:
-                run.ema.step(model.parameters())
+                run.ema.step(parameters)
             step += 1
             mean_loss = gathered_loss.mean().item()
             stats.loss[step] = mean_loss
