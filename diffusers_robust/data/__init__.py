@@ -1,0 +1,1 @@
+"""Images in: datasets (local folders, `load_dataset`, streaming), corruptions, Albumentations augmentation."""

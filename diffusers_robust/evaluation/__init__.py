@@ -1,0 +1,1 @@
+"""Evaluation: validation losses, metrics, restoration scores, the held-out report, image grids."""

@@ -1,0 +1,1 @@
+"""The pipeline, its restoration methods, and presets."""
