@@ -7,9 +7,9 @@ The peer is `benchmarks/peer_train_unconditional.py` (the Diffusers example's lo
 `training/train_robust_ddpm.py` with the same batch (16), learning rate and warm-up, no validation split, no report and
 no logger; it still ends with what every run of ours does: a final checkpoint, a validation grid (here one image of one
 DDIM step, since the peer's loop as written here generates none: the example's own end-of-training grid is 16 images of
-1000 DDPM steps), the pipeline and the model card. Each configuration runs as its own process with one thread (`OMP_NUM_THREADS=1`), alternating peer and ours.
-Peak memory is the process's maximum resident set size (`wait4`). With two step counts per program, time per step is the
-slope and the fixed cost the intercept of wall time over steps.
+1000 DDPM steps), the pipeline and the model card. Each configuration runs as its own process with one thread
+(`OMP_NUM_THREADS=1`), alternating peer and ours. Peak memory is the process's maximum resident set size (`wait4`).
+With two step counts per program, time per step is the slope and the fixed cost the intercept of wall time over steps.
 """
 
 import argparse

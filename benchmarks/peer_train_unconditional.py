@@ -7,7 +7,8 @@ What it keeps from the example: Accelerate (`prepare` of model, optimizer, data 
 example's defaults, the cosine schedule with 500 warm-up steps, `DDPMScheduler.add_noise` and an epsilon MSE, clipping at
 1.0, `EMAModel` (0.9999, inv_gamma 1, power 3/4), and at the end a `DDPMPipeline` saved with the EMA weights. What it
 leaves out: the periodic image generation (1000 DDPM steps every 10 epochs) and checkpoints, which ours does not do at
-these settings either. Images come from the same embedded digits through `datasets`, resized as the example does.
+these settings either. Images are the same embedded digits as ours, through `datasets`, resized as the example
+does; it imports nothing of diffusers-robust.
 """
 
 import argparse
@@ -23,6 +24,18 @@ from accelerate import Accelerator
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+
+
+def digits_train_split():
+    """The same images as our `digits` train split (every image but each sixth of scikit-learn's digits, 8-bit grey), as
+    a `datasets.Dataset` with an `image` column; built here so that the peer imports nothing of ours."""
+    import datasets
+    import PIL.Image
+    from sklearn.datasets import load_digits
+
+    pixels = np.round(load_digits().images * (255.0 / 16.0)).astype(np.uint8)
+    images = [PIL.Image.fromarray(pixels[i], mode="L") for i in range(len(pixels)) if i % 6 != 0]
+    return datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
 
 
 def main() -> None:
@@ -43,10 +56,8 @@ def main() -> None:
     ema_model = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4,
                          model_cls=UNet2DModel, model_config=model.config)
 
-    from diffusers_robust.data.datasets import load_digits_dataset  # the same images as ours, as a `datasets` split
-
     resolution, channels = unet_config["sample_size"], unet_config["in_channels"]
-    dataset = load_digits_dataset()["train"]
+    dataset = digits_train_split()
 
     def transform_images(examples):  # the example: Resize, (Center|Random)Crop, ToTensor, Normalize([0.5], [0.5])
         images = []
