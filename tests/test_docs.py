@@ -1,9 +1,11 @@
 import dataclasses
+import doctest
 import os
 import re
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO_ROOT
 
 from diffusers_robust.training.config import TrainingConfig, help_texts
@@ -33,3 +35,34 @@ def test_ci_runs_the_readme_test_command():
     readme = open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8").read()
     ci = open(os.path.join(REPO_ROOT, ".ci", "run"), encoding="utf-8").read()
     assert "bash scripts/test.sh" in readme and "bash scripts/test.sh" in ci
+
+
+class FencedDocTestParser(doctest.DocTestParser):
+    """Docstring examples sit in Markdown fences (Diffusers' style): the fence lines are not expected output."""
+
+    def parse(self, string, name="<string>"):
+        lines = [line for line in string.splitlines() if line.strip() not in ("```", "```py", "```python")]
+        return super().parse("\n".join(lines) + "\n", name)
+
+
+def _docstring_examples():
+    import importlib
+    import pkgutil
+
+    import diffusers_robust
+
+    finder = doctest.DocTestFinder(parser=FencedDocTestParser())
+    for info in pkgutil.walk_packages(diffusers_robust.__path__, "diffusers_robust."):
+        if info.name.endswith("__main__"):
+            continue
+        module = importlib.import_module(info.name)
+        yield from (test for test in finder.find(module) if test.examples)
+
+
+@pytest.mark.parametrize("example", list(_docstring_examples()), ids=lambda test: test.name)
+def test_docstring_example_runs_as_written(example, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)  # examples use repository paths (presets, recipes)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    report: list[str] = []
+    result = runner.run(example, out=report.append)
+    assert result.failed == 0, "".join(report)

@@ -43,7 +43,7 @@ def min_snr_weights(
     >>> from diffusers_robust.training.objective import min_snr_weights
     >>> s = DDPMScheduler(rescale_betas_zero_snr=True)
     >>> min_snr_weights(s.alphas_cumprod, torch.tensor([0, 999]), 5.0)
-    tensor([5.0010e-04, 1.0000e+00])
+    tensor([5.0013e-04, 1.0000e+00])
     ```
     """
     if snr_gamma <= 0:
