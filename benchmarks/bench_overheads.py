@@ -9,10 +9,13 @@ no logger; it still ends with what every run of ours does: a final checkpoint, a
 DDIM step, since the peer's loop as written here generates none: the example's own end-of-training grid is 16 images of
 1000 DDPM steps), the pipeline and the model card. Each configuration runs as its own process with one thread
 (`OMP_NUM_THREADS=1`), alternating peer and ours. Peak memory is the process's maximum resident set size (`wait4`).
-With two step counts per program, time per step is the slope and the fixed cost the intercept of wall time over steps.
+With two step counts per program, time per step is the slope and the fixed cost the intercept of wall time over steps;
+start-up is the time from launch to the end of the first step (each program records it: ours in `metrics.json`,
+`seconds_to_first_step`) less one step, and the end is the rest of the fixed cost.
 """
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -36,22 +39,28 @@ def command(program: str, preset: str, steps: int, output_dir: str) -> list[str]
             "--num_grid_images", "1", "--num_inference_steps", "1"]
 
 
-def run(program: str, preset: str, steps: int) -> tuple[float, float]:
-    """`(wall seconds, peak RSS MiB)` of one whole process."""
+def run(program: str, preset: str, steps: int) -> tuple[float, float, float]:
+    """`(wall seconds, peak RSS MiB, seconds from launch to the end of the first step)` of one whole process."""
     output_dir = tempfile.mkdtemp(prefix=f"bench-{program}-")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "NO_ALBUMENTATIONS_UPDATE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    started = time.perf_counter()
+    launched, started = time.time(), time.perf_counter()
     process = subprocess.Popen(command(program, preset, steps, output_dir), env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, cwd=ROOT)
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - started
     stderr = process.stderr.read().decode(errors="replace")
     process.stderr.close()
-    shutil.rmtree(output_dir, ignore_errors=True)
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{program} failed:\n{stderr[-3000:]}")
-    return wall, usage.ru_maxrss / 1024
+    if program == "peer":
+        with open(os.path.join(output_dir, "timing.json")) as handle:
+            first_step = json.load(handle)["first_step_at"] - launched
+    else:
+        with open(os.path.join(output_dir, "metrics.json")) as handle:
+            first_step = json.load(handle)["seconds_to_first_step"]
+    shutil.rmtree(output_dir, ignore_errors=True)
+    return wall, usage.ru_maxrss / 1024, first_step
 
 
 def main() -> None:
@@ -62,27 +71,33 @@ def main() -> None:
     args = parser.parse_args()
     walls: dict[tuple[str, int], list[float]] = {}
     peaks: dict[str, list[float]] = {"peer": [], "ours": []}
+    first_steps: dict[str, list[float]] = {"peer": [], "ours": []}
     for _ in range(args.repeats):
         for steps in args.steps:
             for program in ("peer", "ours"):
-                wall, peak = run(program, args.preset, steps)
+                wall, peak, first_step = run(program, args.preset, steps)
                 walls.setdefault((program, steps), []).append(wall)
                 peaks[program].append(peak)
-                print(f"{program} {steps} steps: {wall:.2f} s, peak {peak:.0f} MiB", flush=True)
+                first_steps[program].append(first_step)
+                print(f"{program} {steps} steps: {wall:.2f} s, first step done at {first_step:.2f} s, peak {peak:.0f} MiB",
+                      flush=True)
     low, high = args.steps
     figures = {}
     for program in ("peer", "ours"):
         short, long = statistics.median(walls[(program, low)]), statistics.median(walls[(program, high)])
         per_step = (long - short) / (high - low)
-        figures[program] = {"per_step": per_step, "fixed": short - low * per_step, "peak": max(peaks[program])}
+        fixed, start_up = short - low * per_step, statistics.median(first_steps[program]) - per_step
+        figures[program] = {"per_step": per_step, "fixed": fixed, "start_up": start_up, "end": fixed - start_up,
+                            "peak": max(peaks[program])}
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, one thread; preset {args.preset}, batch 16, "
           f"steps {low} and {high}, {args.repeats} repeats (medians)")
-    print("| | seconds per step | fixed seconds (start-up + end) | peak RSS MiB |\n|---|---|---|---|")
+    print("| | seconds per step | start-up seconds | end seconds | peak RSS MiB |\n|---|---|---|---|---|")
     for program, values in figures.items():
-        print(f"| {program} | {values['per_step']:.4f} | {values['fixed']:.2f} | {values['peak']:.0f} |")
+        print(f"| {program} | {values['per_step']:.4f} | {values['start_up']:.2f} | {values['end']:.2f} | "
+              f"{values['peak']:.0f} |")
     ours, peer = figures["ours"], figures["peer"]
-    print(f"| ours / peer | {ours['per_step'] / peer['per_step']:.3f} | {ours['fixed'] / peer['fixed']:.2f} | "
-          f"{ours['peak'] / peer['peak']:.3f} |")
+    print(f"| ours / peer | {ours['per_step'] / peer['per_step']:.3f} | {ours['start_up'] / peer['start_up']:.2f} | "
+          f"{ours['end'] / peer['end']:.2f} | {ours['peak'] / peer['peak']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -144,5 +144,6 @@ def test_train_subcommand_trains_the_same_run_as_the_script(tiny_preset, tmp_pat
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert summary["global_step"] == 2 and (tmp_path / "run" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert 0 < summary["seconds_to_first_step"] < 300  # start-up, imports included
     assert (tmp_path / "run" / "checkpoints" / "checkpoint-2").is_dir()  # channels_last weights checkpoint and export
     RobustDDPMPipeline.from_pretrained(tmp_path / "run")

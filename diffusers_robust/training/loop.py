@@ -89,6 +89,7 @@ class StepStats:
     validation: dict[int, dict[str, float]] = field(default_factory=dict)
     skipped: SkippedRecords = field(default_factory=SkippedRecords)
     images_seen_here: int = 0
+    first_step_at: float | None = None  # `time.time()` at the end of this run's first optimizer step
 
 
 def set_up(config: TrainingConfig, accelerator: Accelerator) -> TrainingRun:
@@ -293,6 +294,7 @@ def run_steps(
             if run.ema is not None:
                 run.ema.step(parameters)
             step += 1
+            stats.first_step_at = stats.first_step_at or time.time()
             mean_loss = gathered_loss.mean().item()
             stats.loss[step] = mean_loss
             throughput = stats.images_seen_here * world_size / (time.perf_counter() - loop_started)
@@ -322,6 +324,15 @@ def run_steps(
     if last_validation != step:
         validate(step)
     return end
+
+
+def seconds_since_process_start(moment: float | None) -> float | None:
+    """Seconds from this process's start (imports included) to `moment` (`time.time()`); None if not known."""
+    if moment is None:
+        return None
+    import psutil
+
+    return moment - psutil.Process().create_time()
 
 
 def hub_repo_id(config: TrainingConfig) -> str:
@@ -373,6 +384,7 @@ def export(run: TrainingRun, end: TrainingPosition, stats: StepStats, validate: 
             validation_images=0 if run.validation_images is None else int(run.validation_images.shape[0]),
             scheduler_robust_options={k: run.scheduler.config[k] for k in ("prediction_type", *ROBUST_OPTION_NAMES)},
             training_wall_time_seconds=time.perf_counter() - run.started,
+            seconds_to_first_step=seconds_since_process_start(stats.first_step_at),
         )
         if config.quality_samples > 0:
             from ..evaluation.metrics import digits_quality

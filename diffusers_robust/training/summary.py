@@ -35,6 +35,7 @@ class RunSummary:
     validation_images: int  # held-out images of the validation loss
     scheduler_robust_options: dict[str, Any]  # prediction_type and every robust scheduler option, as saved
     training_wall_time_seconds: float
+    seconds_to_first_step: float | None = None  # start-up: process start to the end of this run's first optimizer step
     digits_quality: dict[str, Any] | None = None  # digits only: samples scored by the digits classifier
     report: dict[str, Any] | None = field(default=None)  # the held-out report (diffusers-robust evaluate), if written
 
