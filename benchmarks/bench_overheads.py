@@ -44,13 +44,15 @@ def run(program: str, preset: str, steps: int) -> tuple[float, float, float]:
     output_dir = tempfile.mkdtemp(prefix=f"bench-{program}-")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "NO_ALBUMENTATIONS_UPDATE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    log = os.path.join(output_dir, "stderr.txt")  # a file, not a pipe: a full pipe would stall the process
     launched, started = time.time(), time.perf_counter()
-    process = subprocess.Popen(command(program, preset, steps, output_dir), env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, cwd=ROOT)
-    _, status, usage = os.wait4(process.pid, 0)
+    with open(log, "wb") as handle:
+        process = subprocess.Popen(command(program, preset, steps, output_dir), env=env, stdout=subprocess.DEVNULL,
+                                   stderr=handle, cwd=ROOT)
+        _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - started
-    stderr = process.stderr.read().decode(errors="replace")
-    process.stderr.close()
+    with open(log, encoding="utf-8", errors="replace") as handle:
+        stderr = handle.read()
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{program} failed:\n{stderr[-3000:]}")
     if program == "peer":
