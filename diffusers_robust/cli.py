@@ -212,8 +212,9 @@ def run_restore(args: argparse.Namespace) -> list[str]:
 
     from .pipelines.restoration import plan_restoration
 
+    # Bad option combinations fail before any file is read (`mask` only needs to be present or absent here).
     plan_restoration(corruption=args.corruption, severity=args.severity, noise_sigma=args.noise_sigma,
-                     strength=args.strength, mask=None if args.masks is None else np.zeros(1))  # bad options fail first
+                     strength=args.strength, mask=args.masks)
     files = _image_files(args.inputs)
     pipeline = _load_pipeline(args)
     channels, size = pipeline.unet.config.in_channels, pipeline.unet.config.sample_size

@@ -1,11 +1,15 @@
 """What several processes need to agree on: per-micro-batch seeds, a weights checksum, and a clean shutdown."""
 
 import gc
+import logging
+import os
 import warnings
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+
+logger = logging.getLogger(__name__)
 
 
 def step_seed(seed: int, rank: int, micro_step: int) -> int:
@@ -63,9 +67,6 @@ def set_thread_count(num_threads: int | None, processes: int) -> int:
     does); else the usable cores divided among the `processes` training on this machine, at least 1. Two threads per
     process on cores that another process keeps busy made a step 9-50x slower on a 2-core machine, so the default never
     oversubscribes, and a warning is logged when the machine's load says other work already holds those cores."""
-    import logging
-    import os
-
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", processes))
     if num_threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
@@ -75,7 +76,7 @@ def set_thread_count(num_threads: int | None, processes: int) -> int:
     torch.set_num_threads(num_threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if load + num_threads * processes > cores + 0.5:
-        logging.getLogger(__name__).warning(
+        logger.warning(
             f"{processes} process(es) x {num_threads} thread(s) on {cores} core(s) with a load average of {load:.1f}: "
             "the cores are oversubscribed, which can make each step many times slower; set num_threads (or "
             "OMP_NUM_THREADS) lower or wait for the other work to finish")
