@@ -7,6 +7,8 @@
 - `evaluate PIPELINE`: the held-out evaluation report (restoration, generation, memorisation, losses), written as
   `report.json`, `report.md` and PNG plots.
 - `push FOLDER REPO_ID`: upload a trained pipeline folder with its model card to the Hub (never checkpoints or logs).
+- `annotate DATA`: estimate each training image's noise std, write the annotation sidecar and print a histogram.
+- `make-imperfect`: turn a dataset into a seeded imperfect one (noisy, blurred and clean records) with annotations.
 
 Bad input exits with code 2 and a one-line message.
 """
@@ -118,7 +120,62 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("folder", help="training output folder (model_index.json, unet/, scheduler/, ...)")
     push.add_argument("repo_id", help="'user/name' on the Hub")
     push.add_argument("--private", action="store_true", help="create the repository as private")
+
+    annotate = commands.add_parser(
+        "annotate", formatter_class=defaults, help="estimate each image's noise std and write the annotation sidecar",
+        description="Estimate each training image's Gaussian noise std ([0, 1] units, from its flat regions), write "
+                    "them as an annotations.csv sidecar (keyed by file name, else record id) and print a histogram, "
+                    "to look at before training with the noisy-data objective.")
+    annotate.add_argument("dataset", help="image folder, parquet/arrow files, or 'digits'")
+    annotate.add_argument("--split", default="train", help="split to annotate")
+    annotate.add_argument("--image_column", default=None, help="image column; detected if omitted")
+    annotate.add_argument("--channels", type=int, choices=(1, 3), default=3, help="1 (grey) or 3 (RGB)")
+    annotate.add_argument("--resolution", type=_positive, default=None, help="side in pixels; default: each image's own")
+    annotate.add_argument("--output", default=None, help="sidecar path; default: DATASET/annotations.csv for a folder")
+    annotate.add_argument("--overwrite", action="store_true", help="replace an existing sidecar")
+
+    imperfect = commands.add_parser(
+        "make-imperfect", formatter_class=defaults, help="make a seeded imperfect copy of a dataset, with annotations",
+        description="Damage a share of a dataset's records (Gaussian noise of a known std, blur or JPEG at a severity) "
+                    "and save it twice: float arrays kept unclipped (float/train.parquet) and 8-bit PNG files "
+                    "(png/, with annotations.csv), plus recipe.json.")
+    imperfect.add_argument("--dataset", default="digits", help="source: 'digits', an image folder or parquet/arrow files")
+    imperfect.add_argument("--split", default="train", help="split to copy")
+    imperfect.add_argument("--recipe", required=True,
+                           help="corruption[:level]=share, comma separated, e.g. gaussian_noise:0.2=0.9,clean=0.1")
+    imperfect.add_argument("--channels", type=int, choices=(1, 3), default=1, help="1 (grey) or 3 (RGB)")
+    imperfect.add_argument("--resolution", type=_positive, default=8, help="side in pixels")
+    imperfect.add_argument("--seed", type=int, default=0, help="seeds which record gets what and the noise")
+    imperfect.add_argument("--output_dir", required=True, help="where float/, png/ and recipe.json go")
     return parser
+
+
+def run_annotate(args: argparse.Namespace) -> list[str]:
+    from .data.annotations import annotate_dataset
+
+    output = args.output or (os.path.join(args.dataset, "annotations.csv") if os.path.isdir(args.dataset) else None)
+    if output is None:
+        raise ValueError(f"{args.dataset} is not a folder: pass --output for the sidecar")
+    if os.path.exists(output) and not args.overwrite:
+        raise FileExistsError(f"{output} exists: pass --overwrite to replace it")
+    levels = annotate_dataset(args.dataset, output, args.split, args.image_column, args.channels, args.resolution)
+    print(levels)
+    return [output]
+
+
+def run_make_imperfect(args: argparse.Namespace) -> list[str]:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .data.datasets import collate_image_batch, load_image_dataset
+    from .data.imperfect import make_imperfect, parse_recipe, save_imperfect
+
+    recipe = parse_recipe(args.recipe)
+    loaded = load_image_dataset(args.dataset, args.split, channels=args.channels, resolution=args.resolution,
+                                annotations="ignore")
+    images = torch.cat([b["pixel_values"] for b in DataLoader(loaded.dataset, batch_size=256, collate_fn=collate_image_batch)])
+    paths = save_imperfect(make_imperfect(images, recipe, args.seed), args.output_dir, recipe, args.seed)
+    return [paths["float"], paths["png"]]
 
 
 def _load_pipeline(args: argparse.Namespace):
@@ -285,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         run_training(config)
         return 0
-    commands = {"sample": run_sample, "restore": run_restore, "evaluate": run_evaluate, "push": run_push}
+    commands = {"sample": run_sample, "restore": run_restore, "evaluate": run_evaluate, "push": run_push,
+                "annotate": run_annotate, "make-imperfect": run_make_imperfect}
     try:
         written = commands[args.command](args)
     except (ValueError, FileNotFoundError, OSError) as error:

@@ -9,6 +9,7 @@ dropped and reported by [`collate_image_batch`], so a bad file never stops a run
 import glob
 import io
 import logging
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -21,12 +22,15 @@ import PIL.Image
 import torch
 from datasets.distributed import split_dataset_by_node
 
+from .annotations import ANNOTATION_COLUMNS, AnnotationSummary, attach_annotations, estimate_noise_std, find_sidecar, summarise
 from .augment import AugmentPipeline
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED_DATASETS = ("digits",)
 _INDEX_COLUMN = "__record_index__"
+# What a decoded record holds (see `load_image_dataset`).
+RECORD_KEYS = ("pixel_values", "augment_labels", "record_id", "valid", "noise_sigma", "sigma_max")
 # Records per `.map` call on a stream. A stream resumed from `state_dict()` re-runs the map batch it stopped
 # in, so this bounds the records decoded twice after a resume.
 STREAM_MAP_BATCH_SIZE = 16
@@ -102,7 +106,16 @@ def detect_image_column(features: datasets.Features | None, image_column: str | 
     for name, feature in features.items():
         if isinstance(feature, datasets.Image):
             return name
-    raise ValueError(f"no image column found (no datasets.Image feature); columns: {list(features)}")
+    for name, feature in features.items():
+        if isinstance(feature, (datasets.Array2D, datasets.Array3D)):
+            return name
+    raise ValueError(f"no image column found (no datasets.Image, Array2D or Array3D feature); columns: {list(features)}")
+
+
+def is_array_column(features: datasets.Features, column: str) -> bool:
+    """Whether `column` holds float arrays (`Array2D` `(H, W)` / `Array3D` `(H, W, C)`, `[0, 1]` units, unclipped)
+    rather than encoded images."""
+    return isinstance(features[column], (datasets.Array2D, datasets.Array3D))
 
 
 def to_mode(image: PIL.Image.Image, channels: int) -> PIL.Image.Image:
@@ -193,6 +206,7 @@ class ImageRecordTransform:
     seed: int = 0
     name: str = "dataset"
     epoch: int = 0
+    array_images: bool = False  # float arrays in [0, 1] units (kept unclipped) instead of encoded images
     label_dim: int = field(init=False)
     records_decoded: int = field(init=False, default=0)  # counted in this process (not in DataLoader workers)
 
@@ -206,33 +220,57 @@ class ImageRecordTransform:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def record(self, value: Any, index: int) -> dict[str, Any]:
+    def record(self, value: Any, index: int, annotation: dict[str, float] | None = None) -> dict[str, Any]:
         path = value.get("path") if isinstance(value, dict) else None
         record_id = path or f"{self.name}[{index}]"
         rng = np.random.default_rng([self.seed, self.epoch, index])
+        annotation = annotation or {}
+        noise_sigma, sigma_min = annotation.get("noise_sigma", 0.0), annotation.get("sigma_min", 0.0)
         self.records_decoded += 1
         try:
-            image = resize_and_crop(to_mode(decode_image(value), self.channels), self.resolution, self.center_crop, rng)
-            array = np.asarray(image, dtype=np.uint8)
-            array = array[..., None] if array.ndim == 2 else array
             labels = np.zeros(self.label_dim, dtype=np.float32)
-            if self.augment is not None:
-                self.augment.set_random_seed(int(rng.integers(2**31)))
-                array, labels = self.augment(array)
+            if self.array_images:
+                pixels = self.float_pixels(value)
+            else:
+                image = resize_and_crop(to_mode(decode_image(value), self.channels), self.resolution, self.center_crop, rng)
+                array = np.asarray(image, dtype=np.uint8)
                 array = array[..., None] if array.ndim == 2 else array
-            pixels = (array.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
-            return {"pixel_values": pixels, "augment_labels": labels, "record_id": record_id, "valid": True}
+                if self.augment is not None:
+                    self.augment.set_random_seed(int(rng.integers(2**31)))
+                    array, labels = self.augment(array)
+                    array = array[..., None] if array.ndim == 2 else array
+                pixels = (array.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
+            if sigma_min > noise_sigma:  # one fixed draw per record (never per epoch), so its noise is not averaged away
+                fixed = np.random.default_rng([self.seed, index, 0x5EED]).standard_normal(pixels.shape, dtype=np.float32)
+                pixels = pixels + np.float32(2 * (sigma_min**2 - noise_sigma**2) ** 0.5) * fixed
+            return {"pixel_values": pixels, "augment_labels": labels, "record_id": record_id, "valid": True,
+                    "noise_sigma": max(noise_sigma, sigma_min), "sigma_max": annotation.get("sigma_max", math.inf)}
         except Exception as error:  # noqa: BLE001 - any decoding failure makes a bad record, reported by id
             empty = np.zeros((self.channels, self.resolution, self.resolution), dtype=np.float32)
             return {
                 "pixel_values": empty, "augment_labels": np.zeros(self.label_dim, dtype=np.float32),
                 "record_id": f"{record_id} ({type(error).__name__}: {_stable_message(error)})", "valid": False,
+                "noise_sigma": 0.0, "sigma_max": math.inf,
             }
+
+    def float_pixels(self, value: Any) -> np.ndarray:
+        """A float array record (`(H, W)` or `(H, W, C)`, `[0, 1]` units) as `(C, H, W)` in model units, unclipped."""
+        array = np.asarray(value, dtype=np.float32)
+        array = array[..., None] if array.ndim == 2 else array
+        expected = (self.resolution, self.resolution, self.channels)
+        if array.shape != expected:
+            raise ValueError(f"float image of shape {array.shape}, expected (H, W, C) = {expected} (arrays are not resized)")
+        if not np.isfinite(array).all():
+            raise ValueError("float image holds NaN or infinite values")
+        return (array * 2.0 - 1.0).transpose(2, 0, 1)
 
     def __call__(self, batch: dict[str, list], indices: Sequence[int] | None = None) -> dict[str, list]:
         indices = batch[_INDEX_COLUMN] if indices is None else indices
-        records = [self.record(value, int(i)) for value, i in zip(batch[self.image_column], indices, strict=True)]
-        return {key: [r[key] for r in records] for key in ("pixel_values", "augment_labels", "record_id", "valid")}
+        present = [c for c in ANNOTATION_COLUMNS if c in batch]
+        annotations = [{c: batch[c][row] for c in present} for row in range(len(indices))]
+        records = [self.record(value, int(i), annotation)
+                   for value, i, annotation in zip(batch[self.image_column], indices, annotations, strict=True)]
+        return {key: [r[key] for r in records] for key in RECORD_KEYS}
 
 
 @dataclass
@@ -243,6 +281,11 @@ class ImageDataset:
     transform: ImageRecordTransform
     image_column: str
     streaming: bool
+    annotations: dict[str, list[float]] | None = None  # annotation columns over all records (before sharding)
+
+    def annotation_summary(self, max_weight: float) -> AnnotationSummary | None:
+        """What the records' annotations say ([`~data.annotations.summarise`]); None when no record is annotated."""
+        return summarise(self.annotations, max_weight) if self.annotations is not None else None
 
     @property
     def label_dim(self) -> int:
@@ -271,6 +314,9 @@ def load_image_dataset(
     rank: int = 0,
     world_size: int = 1,
     cache_dir: str | None = None,
+    annotations: str | None = None,
+    noise_sigma: float | None = None,
+    annotations_required: bool = False,
 ) -> ImageDataset:
     r"""
     Load images for training or evaluation.
@@ -291,10 +337,20 @@ def load_image_dataset(
         seed (`int`): seeds the shuffle, random crops and augmentation.
         rank, world_size (`int`): this process's rank and the number of processes; a stream is split with
             `datasets.distributed.split_dataset_by_node`. Map-style datasets are sharded by the DataLoader.
+        annotations (`str`, *optional*): quality annotations ([`~data.annotations`]): `None` reads the dataset's
+            `noise_sigma` / `sigma_min` / `sigma_max` columns or a sidecar `annotations.csv` / `.json` in the image
+            folder, if any; a path names a sidecar; `"auto"` estimates a noise std per image; `"ignore"` ignores them.
+        noise_sigma (`float`, *optional*): one noise std (`[0, 1]` units) for every record.
+        annotations_required (`bool`): refuse records that no source annotates.
+
+    An image column may also hold float arrays (`datasets.Array2D` `(H, W)` or `Array3D` `(H, W, C)` in `[0, 1]`
+    units, at the training resolution): they are kept unclipped, as scientific data and simulated noise need.
 
     Returns:
         [`ImageDataset`]: `.dataset` yields records `{"pixel_values": (C, H, W) float32 in [-1, 1],
-        "augment_labels": (L,), "record_id": str, "valid": bool}`; batch them with [`collate_image_batch`].
+        "augment_labels": (L,), "record_id": str, "valid": bool, "noise_sigma": float, "sigma_max": float}` (the noise
+        std the record carries, its fixed `sigma_min` noise included, and its upper usable level, `[0, 1]` units);
+        batch them with [`collate_image_batch`].
 
     Example:
 
@@ -314,10 +370,35 @@ def load_image_dataset(
     from_hub_stream = streaming and not (source in EMBEDDED_DATASETS or _looks_like_path(source))
     dataset = _load_source(source, split, from_hub_stream, cache_dir)
     column = detect_image_column(dataset.features, image_column)
-    dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    arrays = is_array_column(dataset.features, column)
+    if arrays and augment is not None:
+        raise ValueError(f"column '{column}' holds float arrays, which augmentation recipes do not take; set augment: null")
+    if not arrays:
+        dataset = dataset.cast_column(column, datasets.Image(decode=False))
     name = os.path.basename(os.path.normpath(source)) + f"/{split}"
-    transform = ImageRecordTransform(column, channels, resolution, center_crop, augment, seed, name)
-    keep = [column]
+    transform = ImageRecordTransform(column, channels, resolution, center_crop, augment, seed, name, array_images=arrays)
+    present = [c for c in ANNOTATION_COLUMNS if c in (dataset.features or {})]
+    keep = [column, *present]
+    sidecar = find_sidecar(os.path.expanduser(source)) if annotations is None else annotations
+    sidecar = None if sidecar in ("ignore", "auto") else sidecar
+    wanted = annotations != "ignore" and (present or sidecar or annotations == "auto" or noise_sigma is not None
+                                        or annotations_required)
+    if wanted and from_hub_stream:
+        if sidecar or annotations == "auto":
+            raise ValueError("a streamed Hub dataset carries annotations only as its own columns (noise_sigma, sigma_min, "
+                             "sigma_max): write them into the dataset, or load it without streaming")
+        wanted = False  # its columns go through the transform as they are
+    annotation_columns = None
+    if wanted:
+        if sidecar is not None:
+            logger.info(f"annotations of {name} from {sidecar}")
+        estimate = _noise_estimator(transform) if annotations == "auto" else None
+        dataset = attach_annotations(dataset.select_columns(keep), column, name, sidecar, noise_sigma, estimate,
+                                     annotations_required)
+        keep = [column, *ANNOTATION_COLUMNS]
+        annotation_columns = {c: dataset[c] for c in ANNOTATION_COLUMNS}
+    elif annotations == "ignore":
+        keep = [column]
 
     if from_hub_stream:
         dataset = dataset.select_columns(keep)
@@ -325,7 +406,7 @@ def load_image_dataset(
         dataset = dataset.select_columns(keep).add_column(_INDEX_COLUMN, list(range(len(dataset))))
         if not streaming:
             dataset.set_transform(transform)
-            return ImageDataset(dataset, transform, column, streaming=False)
+            return ImageDataset(dataset, transform, column, streaming=False, annotations=annotation_columns)
         dataset = dataset.to_iterable_dataset(num_shards=min(num_shards, len(dataset)))
 
     dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer)
@@ -336,7 +417,24 @@ def load_image_dataset(
                               batch_size=STREAM_MAP_BATCH_SIZE, remove_columns=keep)
     else:
         dataset = dataset.map(transform, batched=True, batch_size=STREAM_MAP_BATCH_SIZE, remove_columns=[*keep, _INDEX_COLUMN])
-    return ImageDataset(dataset, transform, column, streaming=True)
+    return ImageDataset(dataset, transform, column, streaming=True, annotations=annotation_columns)
+
+
+def _noise_estimator(transform: ImageRecordTransform):
+    """`dataset -> [noise std per record]` ([`~data.annotations.estimate_noise_std`] of each decoded image; 0 for a
+    record that does not decode)."""
+
+    def estimate(dataset: datasets.Dataset) -> list[float]:
+        values = []
+        for start in range(0, len(dataset), 256):
+            rows = dataset[start:start + 256][transform.image_column]
+            records = [transform.record(value, start + i) for i, value in enumerate(rows)]
+            pixels = torch.from_numpy(np.stack([r["pixel_values"] for r in records]))
+            sigmas = estimate_noise_std(pixels).tolist()
+            values += [s if r["valid"] else 0.0 for s, r in zip(sigmas, records, strict=True)]
+        return values
+
+    return estimate
 
 
 def require_decodable(loaded: "ImageDataset", source: str) -> None:
@@ -349,8 +447,9 @@ def require_decodable(loaded: "ImageDataset", source: str) -> None:
 
 
 def collate_image_batch(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack valid records into `pixel_values` `(B, C, H, W)` and `augment_labels` `(B, L)`; list the
-    ids of the invalid ones under `skipped` (reported by [`SkippedRecords`])."""
+    """Stack valid records into `pixel_values` `(B, C, H, W)`, `augment_labels` `(B, L)`, and their annotations
+    `noise_sigmas` and `sigma_max` `(B,)` (float64, `[0, 1]` units); list the ids of the invalid ones under `skipped`
+    (reported by [`SkippedRecords`])."""
     valid = [r for r in records if r["valid"]]
     channels_shape = np.shape(records[0]["pixel_values"]) if records else (0, 0, 0)
     if valid:
@@ -362,6 +461,8 @@ def collate_image_batch(records: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "pixel_values": pixels,
         "augment_labels": labels,
+        "noise_sigmas": torch.tensor([float(r.get("noise_sigma", 0.0)) for r in valid], dtype=torch.float64),
+        "sigma_max": torch.tensor([float(r.get("sigma_max", math.inf)) for r in valid], dtype=torch.float64),
         "record_ids": [r["record_id"] for r in valid],
         "skipped": [r["record_id"] for r in records if not r["valid"]],
     }

@@ -166,6 +166,29 @@ def digits_probabilities(images: torch.Tensor, classifier) -> np.ndarray:
     return classifier.predict_proba(small)
 
 
+def digits_features(images: torch.Tensor, classifier) -> torch.Tensor:
+    """The digits classifier's feature space: its 10 one-vs-rest decision values `(N, 10)` for grey images `(N, 1, H, W)`
+    in `[-1, 1]` (area-resized to 8x8), the space in which [`frechet_distance`] compares digits."""
+    unit = (images.float().cpu() + 1) / 2
+    small = F.interpolate(unit[:, :1], size=(8, 8), mode="area").reshape(len(unit), 64).numpy() * 16.0
+    return torch.from_numpy(classifier.decision_function(small)).double()
+
+
+def copying_share(images: torch.Tensor, train_images: torch.Tensor, ratio: float = 1 / 3, batch_size: int = 256) -> float:
+    """Share of `images` whose nearest train image is much closer than the second nearest: `d1 / d2 < ratio` (RMS pixel
+    distances; a sample that copies one train image sits next to it and far from all others). Both `(N, C, H, W)` in
+    `[-1, 1]`; `train_images` needs at least 2 images. Compare with the same figure for held-out images."""
+    if train_images.shape[0] < 2:
+        raise ValueError("copying_share needs at least 2 train images")
+    refs = ((train_images.float() + 1) / 2).flatten(1)
+    copies = 0
+    for start in range(0, images.shape[0], batch_size):
+        queries = ((images[start:start + batch_size].float() + 1) / 2).flatten(1)
+        nearest = torch.cdist(queries, refs).topk(2, dim=1, largest=False).values
+        copies += int((nearest[:, 0] < ratio * nearest[:, 1]).sum())
+    return copies / images.shape[0]
+
+
 def digits_quality(images: np.ndarray, confidence: float = 0.8, classifier=None) -> dict[str, float | list[int]]:
     """
     Score generated digits with a classifier trained on the real digits.
@@ -290,9 +313,38 @@ class ClassifierAccuracy:
         return {"accuracy": float((predicted == reference.labels).mean())}
 
 
+def clean_sample_figures(samples: torch.Tensor, train: torch.Tensor, held_out: torch.Tensor, classifier) -> dict[str, float]:
+    """How clean and how new digits samples are: `frechet_classifier` (Fréchet distance in the digits classifier's
+    feature space, [`digits_features`], to `held_out`), `noise_std` (median [`estimate_noise_std`] of the samples,
+    `[0, 1]` units), `copying` ([`copying_share`] against `train`) and `copying_held_out` (the same for `held_out`
+    itself: what a model that copies nothing scores). All images `(N, 1, H, W)` in `[-1, 1]`."""
+    from ..data.annotations import estimate_noise_std
+
+    return {
+        "frechet_classifier": frechet_distance(digits_features(samples, classifier), digits_features(held_out, classifier)),
+        "noise_std": float(estimate_noise_std(samples.clamp(-1, 1)).median()),
+        "copying": copying_share(samples, train),
+        "copying_held_out": copying_share(held_out, train),
+    }
+
+
+class CleanSampleFigures:
+    """Digits only: [`clean_sample_figures`], the figures of learning from imperfect data."""
+
+    name = "clean_samples"
+
+    def __init__(self, classifier=None):
+        self.classifier = classifier
+
+    def compute(self, images: torch.Tensor, reference: Reference) -> dict[str, Any]:
+        self.classifier = self.classifier or digits_classifier()
+        return {"clean_samples": clean_sample_figures(images, reference.train_images, reference.images, self.classifier)}
+
+
 def generation_metrics(features: "PixelFeatures | InceptionFeatures", digits: bool, seed: int) -> list[Metric]:
     """The report's generation metrics: FID/KID, memorisation, and on digits the classifier's figures."""
-    return [DistributionDistance(features, seed), Memorisation(seed), *([DigitsScore()] if digits else [])]
+    return [DistributionDistance(features, seed), Memorisation(seed),
+            *([DigitsScore(), CleanSampleFigures()] if digits else [])]
 
 
 def restoration_metrics(classifier=None) -> list[Metric]:

@@ -179,6 +179,11 @@ def report_markdown(report: dict[str, Any], title: str = "Evaluation") -> str:
         lines += ["", f"Digits classifier (train split only): {digits['confident_fraction']:.1%} of samples classified with "
                   f"probability >= 0.8; {digits['classes_present']} of 10 classes present; class entropy "
                   f"{digits['class_entropy_bits']:.3f} bits (uniform: {math.log2(10):.3f})."]
+    if "clean_samples" in generation:
+        clean = generation["clean_samples"]
+        lines += ["", f"Clean samples: Fréchet distance in the classifier's feature space {clean['frechet_classifier']:.2f}; "
+                  f"estimated noise std {clean['noise_std']:.3f} ([0, 1] units); {clean['copying']:.1%} of samples copy a "
+                  f"train image (nearest 3x closer than the second; held-out digits: {clean['copying_held_out']:.1%})."]
     lines += [
         "", f"Memorisation: median nearest-neighbour RMS distance of samples to train images "
         f"{memorisation['median_distance_to_train']:.4f}, to held-out images {memorisation['median_distance_to_held_out']:.4f} "

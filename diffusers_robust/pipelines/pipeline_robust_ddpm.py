@@ -22,6 +22,7 @@ from .restoration import (
     detect_missing_pixels,
     estimate_noise_sigma,
     noise_matched_timestep,
+    noise_to_signal,
     operator_matrix,
     plan_restoration,
     pseudo_inverse,
@@ -310,12 +311,24 @@ class RobustDDPMPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps)
         return self.scheduler.timesteps
 
+    def _stop_level(self) -> float:
+        """The scheduler's `sampling_stop_sigma` in model units (0 when off or absent)."""
+        return 2.0 * float(self.scheduler.config.get("sampling_stop_sigma", 0.0) or 0.0)
+
     def _sample(self, sample: torch.Tensor, timesteps: torch.Tensor, generator, eta: float) -> torch.Tensor:
-        """Run the scheduler's reverse process over `timesteps`."""
+        """Run the scheduler's reverse process over `timesteps`. With `sampling_stop_sigma` set, stop at the last
+        timestep whose noise level it trusts and return the clean estimate the model made there (the posterior mean of
+        one Tweedie step), taken at the timestep the latent actually sits at."""
         step_kwargs = self._step_kwargs(generator, eta)
-        for t in self.progress_bar(timesteps):
+        stop = self._stop_level()
+        levels = noise_to_signal(self.scheduler.alphas_cumprod.double())
+        for index, t in enumerate(self.progress_bar(timesteps)):
             model_output = self.unet(sample, t).sample
-            sample = self.scheduler.step(model_output, t, sample, **step_kwargs).prev_sample
+            output = self.scheduler.step(model_output, t, sample, **step_kwargs)
+            next_t = timesteps[index + 1] if index + 1 < len(timesteps) else None
+            if stop > 0 and (next_t is None or levels[int(next_t)] < stop):
+                return output.pred_original_sample
+            sample = output.prev_sample
         return sample
 
     def _restore(self, corrupted: torch.Tensor, plan: "RestorationPlan", generator, num_inference_steps: int,
@@ -344,6 +357,9 @@ class RobustDDPMPipeline(DiffusionPipeline):
             return denoise_from_timestep(self._denoiser(), alphas, noise, start, steps or 50, projection)
         sigma = plan.noise_sigma if plan.noise_sigma is not None else estimate_noise_sigma(corrupted)
         start = noise_matched_timestep(alphas, torch.as_tensor(sigma).expand(batch))
+        if self._stop_level() > 0:  # a model trained on noisy data is not trusted below its data's noise level
+            lowest = int((noise_to_signal(alphas.double().cpu()) >= self._stop_level()).nonzero()[0])
+            start = start.clamp(min=lowest)
         sample = alphas[start].view(-1, 1, 1, 1).sqrt().to(corrupted.dtype) * corrupted
         return denoise_from_timestep(self._denoiser(), alphas, sample, start, steps or 1)
 

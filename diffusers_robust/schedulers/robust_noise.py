@@ -41,6 +41,7 @@ def validate_robust_options(
     epsilon_scale_base: float,
     epsilon_scale_slope: float,
     prediction_type: str,
+    sampling_stop_sigma: float = 0.0,
 ) -> None:
     """Raise `ValueError` naming the first robust option that is out of range."""
     if input_perturbation < 0:
@@ -51,6 +52,8 @@ def validate_robust_options(
         raise ValueError(f"pyramid_noise_discount must be in [0, 1), got {pyramid_noise_discount}")
     if epsilon_scale_base <= 0:
         raise ValueError(f"epsilon_scale_base must be > 0, got {epsilon_scale_base}")
+    if not 0 <= sampling_stop_sigma < 1e6:  # also refuses NaN
+        raise ValueError(f"sampling_stop_sigma must be a finite std >= 0 ([0, 1] image units), got {sampling_stop_sigma}")
     scaling_on = epsilon_scale_base != 1.0 or epsilon_scale_slope != 0.0
     if scaling_on and prediction_type != "epsilon":
         raise ValueError(
@@ -169,6 +172,70 @@ class RobustNoiseMixin:
             noise = self.restoration_noise(clean_images, corrupted_images, noise, timesteps)
         target = self.training_target(clean_images, noise, timesteps)
         return TrainingNoiseOutput(noisy_images=noisy_images, target=target, noise=noise)
+
+    def noise_levels(self) -> torch.Tensor:
+        """`sigma_t = sqrt((1 - abar_t) / abar_t)` for every training timestep, `(T,)` float64: the noise std of
+        `x_t / sqrt(abar_t)` in model units (`[-1, 1]` images; twice the std in `[0, 1]` units)."""
+        alphas = self.alphas_cumprod.double()
+        return ((1 - alphas) / alphas).sqrt()
+
+    def add_noisy_data_noise(
+        self,
+        observations: torch.Tensor,
+        noise_sigmas: torch.Tensor,
+        timesteps: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> TrainingNoiseOutput:
+        r"""
+        Noise images that already carry Gaussian noise of a known std up to the level of `timesteps`, and return the
+        target whose minimiser is the *clean*-data denoiser (Ambient Diffusion's "double Tweedie" target, Daras et al.).
+
+        With `y = x0 + s_n z` and `sigma_t^2 = (1 - abar_t) / abar_t`: `x_t = sqrt(abar_t) y + sqrt(1 - abar_t (1 + s_n^2)) e`,
+        so `x_t` has exactly the marginal of a clean image noised to `t` (`add_noise(y, e, t)` would add `abar_t s_n^2`
+        of variance too much). With `k = sigma_t / sqrt(sigma_t^2 - s_n^2)`, `E[k e | x_t] = E[eps | x_t]`: the target is
+        `k e` for `epsilon`, `y - s_n^2 / sqrt(sigma_t^2 - s_n^2) e` (that is `x_t / sqrt(abar_t) - sigma_t k e`) for
+        `sample`, and the velocity of those two for `v_prediction`. A clean image (`s_n = 0`) gets `k = 1`: the plain
+        DDPM noising and target, to the bit.
+
+        Args:
+            observations (`torch.Tensor` of shape `(B, C, H, W)`): the noisy images `y` in model units (`[-1, 1]` plus
+                their noise, unclipped).
+            noise_sigmas (`torch.Tensor` of shape `(B,)`): `s_n`, the std of the noise in `y`, in model units (twice
+                the std in `[0, 1]` units); each must lie below its timestep's `sigma_t`.
+            timesteps (`torch.LongTensor` of shape `(B,)`).
+            generator: source of `e`, drawn as [`sample_training_noise`] draws (white noise only).
+
+        Returns:
+            [`TrainingNoiseOutput`]: `noisy_images` `x_t`, `target`, and `noise` (`k e`, the epsilon target).
+        """
+        if observations.ndim != 4 or noise_sigmas.shape != (observations.shape[0],) or timesteps.shape != noise_sigmas.shape:
+            raise ValueError(f"observations (B, C, H, W), noise_sigmas (B,) and timesteps (B,) must match, got "
+                             f"{tuple(observations.shape)}, {tuple(noise_sigmas.shape)}, {tuple(timesteps.shape)}")
+        if self.config.input_perturbation > 0 or self.config.offset_noise > 0 or self.config.pyramid_noise_discount > 0:
+            raise ValueError("noisy-data training assumes white Gaussian noise: turn input_perturbation, offset_noise and "
+                             "pyramid_noise_discount off")
+        device, dtype = observations.device, observations.dtype
+        levels = self.noise_levels().to(device)[timesteps.to(device)]
+        variance = noise_sigmas.to(device).double() ** 2
+        if not bool((variance < levels**2).all()):
+            bad = int(torch.nonzero(variance >= levels**2)[0])
+            raise ValueError(f"noise_sigmas[{bad}] = {noise_sigmas[bad].item():.4g} is not below the noise level "
+                             f"{levels[bad].item():.4g} of timestep {int(timesteps[bad])}: that record cannot serve that time")
+        alphas = self.alphas_cumprod.to(device)[timesteps.to(device)].double()
+        # The factor on `e` relative to `add_noise`'s sqrt(1 - abar_t), and the epsilon-target scale k; both exactly 1
+        # for a clean image, so clean rows match the plain path bit for bit.
+        noise_scale = ((1 - alphas * (1 + variance)) / (1 - alphas)).sqrt()
+        target_scale = levels / (levels**2 - variance).sqrt()
+        noise = self.sample_training_noise(observations.shape, generator=generator, device=device, dtype=dtype)
+        noisy_images = self.add_noise(observations, noise * noise_scale.to(dtype).view(-1, 1, 1, 1), timesteps)
+        epsilon_target = noise * target_scale.to(dtype).view(-1, 1, 1, 1)
+        if self.config.prediction_type == "epsilon":
+            target = epsilon_target
+        else:
+            shift = (variance / (levels**2 - variance).sqrt()).to(dtype).view(-1, 1, 1, 1)
+            clean_target = observations - shift * noise
+            target = self.training_target(clean_target, epsilon_target, timesteps)
+        return TrainingNoiseOutput(noisy_images=noisy_images, target=target, noise=epsilon_target)
 
     def restoration_noise(
         self, clean_images: torch.Tensor, corrupted_images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor

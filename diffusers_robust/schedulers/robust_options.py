@@ -27,6 +27,9 @@ ROBUST_OPTIONS: tuple[RobustOption, ...] = (
     RobustOption("pyramid_noise_discount", 0.0, "training", "multi-resolution noise discount; 0 = off"),
     RobustOption("epsilon_scale_base", 1.0, "sampling", "epsilon scaling b: step() divides the predicted noise by k * t + b"),
     RobustOption("epsilon_scale_slope", 0.0, "sampling", "epsilon scaling k, per training timestep"),
+    RobustOption("sampling_stop_sigma", 0.0, "sampling",
+                 "stop sampling before the noise std ([0, 1] image units) falls below this and return the clean estimate "
+                 "there; set by training on noisy-only data (the lowest level it can trust); 0 = off"),
 )
 
 ROBUST_OPTION_NAMES: tuple[str, ...] = tuple(option.name for option in ROBUST_OPTIONS)

@@ -50,6 +50,15 @@ class TrainingConfig:
     center_crop: bool = option(True, "center crop after resizing; false: random crop")
     shuffle_buffer: int = option(1000, "shuffle buffer of a stream, in records")
     dataloader_num_workers: int = option(0, "DataLoader worker processes per training process")
+    # Imperfect training data: quality annotations per record (data/annotations.py; [0, 1] image units)
+    annotations: str | None = option(
+        None, "null: the dataset's noise_sigma/sigma_min/sigma_max columns or an annotations.csv/.json in the image "
+        "folder, if any; a CSV/JSON path; 'auto': estimate each image's noise std; 'ignore': ignore them")
+    noise_sigma: float | None = option(None, "one known Gaussian noise std for every training image; null: per record")
+    annotations_required: bool = option(False, "refuse training records that carry no annotation")
+    noisy_data_max_weight: float = option(
+        4.0, "s_max: cap on the noisy-data target's scale k^2; an image with noise std s trains where "
+        "sigma_t >= s * sqrt(s_max / (s_max - 1))")
     # Augmentation and corruption ("noisy training")
     augment: str | None = option(None, "Albumentations recipe file, e.g. training/configs/augment/edm.yaml; null: none")
     augment_conditioning: bool = option(True, "feed augment labels to the UNet while training, zeros when sampling")
@@ -68,6 +77,7 @@ class TrainingConfig:
     pyramid_noise_discount: float = robust_option_field("pyramid_noise_discount")
     epsilon_scale_base: float = robust_option_field("epsilon_scale_base")
     epsilon_scale_slope: float = robust_option_field("epsilon_scale_slope")
+    sampling_stop_sigma: float = robust_option_field("sampling_stop_sigma")
     snr_gamma: float | None = option(None, "min-SNR-gamma loss weighting (5.0 in the paper); null: plain MSE")
     # Optimisation
     train_batch_size: int = option(64, "images per process per micro-batch")
@@ -180,7 +190,15 @@ class TrainingConfig:
         if any(not 1 <= s <= 5 for s in self.validation_severities):
             raise ValueError(f"validation_severities must lie in 1..5, got {self.validation_severities}")
         validate_robust_options(self.input_perturbation, self.offset_noise, self.pyramid_noise_discount,
-                                self.epsilon_scale_base, self.epsilon_scale_slope, self.prediction_type or "epsilon")
+                                self.epsilon_scale_base, self.epsilon_scale_slope, self.prediction_type or "epsilon",
+                                self.sampling_stop_sigma)
+        if self.noise_sigma is not None and self.noise_sigma < 0:
+            raise ValueError(f"noise_sigma must be >= 0 ([0, 1] image units) or null, got {self.noise_sigma}")
+        if self.noisy_data_max_weight <= 1:
+            raise ValueError(f"noisy_data_max_weight must be > 1, got {self.noisy_data_max_weight}")
+        if self.noise_sigma is not None and self.annotations is not None:
+            raise ValueError(f"noise_sigma sets every record's noise; it replaces annotations {self.annotations!r}: "
+                             "set one of them")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 or null, got {self.num_threads}")
         if self.quality_samples > 0 and self.dataset != "digits":

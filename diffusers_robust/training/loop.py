@@ -16,6 +16,7 @@ from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..data.annotations import lowest_usable_sigma
 from ..data.corruptions import RandomCorruption
 from ..data.datasets import ImageDataset, SkippedRecords, collate_image_batch, load_image_dataset, require_decodable
 from ..evaluation.images import make_grid, stack_images, upscale_for_display
@@ -73,6 +74,7 @@ class TrainingRun:
     batches_per_epoch: int | None  # None for a stream
     effective_batch: int
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None  # built by `resume` (it depends on the start step)
+    annotations: dict | None = None  # the training records' annotation summary (imperfect data), if annotated
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -114,12 +116,14 @@ def set_up(config: TrainingConfig, accelerator: Accelerator) -> TrainingRun:
         config.dataset, config.dataset_split, streaming=config.streaming, image_column=config.image_column,
         channels=channels, resolution=resolution, center_crop=config.center_crop, augment=config.augment,
         seed=config.seed, shuffle_buffer=config.shuffle_buffer, rank=rank, world_size=world_size,
-        num_shards=max(8, world_size * max(1, config.dataloader_num_workers)),
+        num_shards=max(8, world_size * max(1, config.dataloader_num_workers)), annotations=config.annotations,
+        noise_sigma=config.noise_sigma, annotations_required=config.annotations_required,
     )
+    annotations = check_annotated_data(config, train_data, scheduler)
     validation_images = None
     if config.validation_split is not None:
         held_out = load_image_dataset(config.dataset, config.validation_split, image_column=config.image_column,
-                                      channels=channels, resolution=resolution, seed=config.seed)
+                                      channels=channels, resolution=resolution, seed=config.seed, annotations="ignore")
         loader = DataLoader(held_out.dataset, batch_size=256, collate_fn=collate_image_batch)
         validation_images = stack_images((b["pixel_values"] for b in loader), config.validation_images).to(accelerator.device)
         if validation_images.shape[0] == 0:
@@ -136,7 +140,7 @@ def set_up(config: TrainingConfig, accelerator: Accelerator) -> TrainingRun:
         scheduler, snr_gamma=config.snr_gamma, corruption=corruption,
         augment_dim=train_data.label_dim if config.augment_conditioning else 0,
         condition_on_corruption=config.corruption_conditioning, restoration_training=config.restoration_training,
-        restoration_max_timestep=config.restoration_max_timestep,
+        restoration_max_timestep=config.restoration_max_timestep, max_weight=config.noisy_data_max_weight,
     )
     # The label vector (augment, then corruption labels) is all zeros at sampling time (non-leaking).
     model = LabelConditionedUNet(pipeline.unet, objective.label_dim).to(accelerator.device)
@@ -163,7 +167,46 @@ def set_up(config: TrainingConfig, accelerator: Accelerator) -> TrainingRun:
         accelerator.register_for_checkpointing(ema)
     return TrainingRun(config, accelerator, scheduler, model, optimizer, ema, objective, train_data, dataloader,
                        validation_images, channels, resolution, max_train_steps, num_epochs, batches_per_epoch,
-                       effective_batch)
+                       effective_batch, annotations=annotations)
+
+
+# Options that assume clean training images (or change their noise), refused with noisy or restricted records.
+CLEAN_DATA_OPTIONS = {
+    "corruption_p": "corrupting an image with known noise breaks its noise model",
+    "restoration_training": "it needs clean targets",
+    "augment": "resampling augmentations change an image's noise level",
+    "input_perturbation": "the noisy-data target assumes white noise",
+    "offset_noise": "the noisy-data target assumes white noise",
+    "pyramid_noise_discount": "the noisy-data target assumes white noise",
+}
+
+
+def check_annotated_data(config: TrainingConfig, train_data: ImageDataset, scheduler: RobustDDPMScheduler) -> dict | None:
+    """With noisy or restricted training records: refuse options that contradict them and records no timestep can serve,
+    and set the scheduler's `sampling_stop_sigma` to the lowest level the data can teach (noisy-only data). Returns the
+    annotation summary (None without annotations)."""
+    summary = train_data.annotation_summary(config.noisy_data_max_weight)
+    if summary is None or summary.clean == summary.records:
+        return summary.to_dict() if summary is not None else None
+    for name, why in CLEAN_DATA_OPTIONS.items():
+        if getattr(config, name) not in (None, False, 0, 0.0):
+            raise ValueError(f"{name} is set, but {summary.records - summary.clean} training records are noisy or "
+                             f"restricted (annotations): {why}. Turn {name} off, or train without annotations")
+    top = float(scheduler.noise_levels()[-1]) / 2
+    usable = [lowest_usable_sigma(n, m, config.noisy_data_max_weight)
+              for n, m in zip(train_data.annotations["noise_sigma"], train_data.annotations["sigma_min"], strict=True)]
+    worst = max(range(len(usable)), key=usable.__getitem__)
+    if usable[worst] >= top:
+        raise ValueError(f"{train_data.transform.name}[{worst}]: its noise level ({usable[worst]:.3g} usable from) lies above "
+                         f"the schedule's top level {top:.3g} ([0, 1] units): no timestep can use it; lower its "
+                         "noise_sigma / sigma_min or drop the record")
+    stop = max(config.sampling_stop_sigma, summary.lowest_trusted_sigma)
+    if stop != scheduler.config.sampling_stop_sigma:
+        scheduler.register_to_config(sampling_stop_sigma=stop)
+        logger.info(f"noisy-only training data: sampling stops at noise std {stop:.4g} ([0, 1] units), the lowest level "
+                    "the data can teach, and returns the clean estimate there")
+    logger.info(f"training records: {summary.clean} clean, {summary.noisy} noisy, {summary.restricted} restricted")
+    return summary.to_dict()
 
 
 def resume(run: TrainingRun, checkpointer: Checkpointer) -> TrainingPosition:
@@ -269,8 +312,9 @@ def run_steps(
             if not valid:  # every record of this batch was bad: keep ranks in step with a zero-weight dummy
                 images = torch.zeros(1, run.channels, run.resolution, run.resolution, device=accelerator.device)
                 labels = torch.zeros(1, labels.shape[1], device=accelerator.device)
+            noise_sigmas, sigma_max = (batch["noise_sigmas"], batch["sigma_max"]) if valid else (None, None)
             with accelerator.accumulate(model):
-                loss = run.objective(model, images, labels, generator).loss.mean() * float(valid)
+                loss = run.objective(model, images, labels, generator, noise_sigmas, sigma_max).loss.mean() * float(valid)
                 # One collective per micro-batch carries each rank's loss and whether it was asked to stop.
                 stop_here = float(signals is not None and signals.requested is not None)
                 gathered = accelerator.gather(torch.stack([loss.detach().float(), loss.new_tensor(stop_here)]).reshape(1, 2))
@@ -385,6 +429,7 @@ def export(run: TrainingRun, end: TrainingPosition, stats: StepStats, validate: 
             scheduler_robust_options={k: run.scheduler.config[k] for k in ("prediction_type", *ROBUST_OPTION_NAMES)},
             training_wall_time_seconds=time.perf_counter() - run.started,
             seconds_to_first_step=seconds_since_process_start(stats.first_step_at),
+            annotations=run.annotations,
         )
         if config.quality_samples > 0:
             from ..evaluation.metrics import digits_quality

@@ -1,6 +1,7 @@
 """The training objective: min-SNR loss weights, the weighted MSE, and [`RobustDiffusionObjective`], the one callable
 that turns clean images into the training loss."""
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -78,11 +79,14 @@ class ObjectiveOutput:
             reduces it (mean over the batch).
         timesteps (`torch.LongTensor` of shape `(B,)`): the training timesteps drawn.
         applied (`list`): per sample, the `(corruption, severity)` applied to the input, or `None`.
+        records (`torch.LongTensor` of shape `(B,)`, *optional*): noisy-data training: which image of the batch each
+            slot trained on (an admissible one for its time); `None` when every slot used its own image.
     """
 
     loss: torch.Tensor
     timesteps: torch.Tensor
     applied: list[tuple[str, int] | None]
+    records: torch.Tensor | None = None
 
 
 class RobustDiffusionObjective:
@@ -106,6 +110,14 @@ class RobustDiffusionObjective:
             image), so the model learns to undo them.
         restoration_max_timestep (`int`, *optional*): restoration training draws the corrupted images' timesteps from
             `[0, restoration_max_timestep)` (rescaled, so the draw is the same).
+        max_weight (`float`, defaults to 4.0): noisy-data training: `s_max`, the cap on `k^2 = sigma_t^2 / (sigma_t^2 -
+            s_n^2)`; a record with noise std `s_n` trains only where `sigma_t >= s_n sqrt(s_max / (s_max - 1))`.
+
+    Noisy data (Ambient Diffusion): given per-image `noise_sigmas` (and `sigma_max`), the time is drawn first, then an
+    image of the batch that may serve it (uniformly among the admissible ones, so each time keeps its share and a
+    restricted image never meets a time it cannot serve); that image is noised on from its own noise level and regressed
+    onto the double-Tweedie target ([`RobustNoiseMixin.add_noisy_data_noise`]), whose minimiser is the clean-data
+    denoiser. A batch of clean images takes the plain path: the same random numbers and the same loss, bit for bit.
 
     Example:
 
@@ -132,9 +144,13 @@ class RobustDiffusionObjective:
         condition_on_corruption: bool = True,
         restoration_training: bool = False,
         restoration_max_timestep: int | None = None,
+        max_weight: float = 4.0,
     ):
         if restoration_training and corruption is None:
             raise ValueError("restoration_training needs a corruption to undo")
+        if not max_weight > 1:
+            raise ValueError(f"max_weight (s_max) must be > 1, got {max_weight}")
+        self.max_weight = max_weight
         self.scheduler = scheduler
         self.snr_gamma = snr_gamma
         self.corruption = corruption
@@ -160,9 +176,15 @@ class RobustDiffusionObjective:
         images: torch.Tensor,
         augment_labels: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        noise_sigmas: torch.Tensor | None = None,
+        sigma_max: torch.Tensor | None = None,
     ) -> ObjectiveOutput:
-        """Loss of `model(x_t, t, labels)` on clean `images` `(B, C, H, W)` in `[-1, 1]` with their `augment_labels`
-        `(B, >= augment_dim)`; every random number is drawn from `generator` (CPU)."""
+        """Loss of `model(x_t, t, labels)` on `images` `(B, C, H, W)` in `[-1, 1]` with their `augment_labels`
+        `(B, >= augment_dim)`; every random number is drawn from `generator` (CPU). `noise_sigmas` and `sigma_max`
+        `(B,)` (`[0, 1]` units) annotate noisy or restricted images; without them, or with every image clean, the
+        images are clean."""
+        if noise_sigmas is not None and not _all_clean(noise_sigmas, sigma_max):
+            return self.noisy_data_loss(model, images, augment_labels, generator, noise_sigmas, sigma_max)
         batch, device = images.shape[0], images.device
         corrupted, applied = images, [None] * batch
         if self.corruption is not None:
@@ -183,6 +205,44 @@ class RobustDiffusionObjective:
             loss = loss * min_snr_weights(self.scheduler.alphas_cumprod, timesteps, self.snr_gamma,
                                           self.scheduler.config.prediction_type).to(loss.device)
         return ObjectiveOutput(loss=loss, timesteps=timesteps, applied=applied)
+
+    def noisy_data_loss(self, model, images: torch.Tensor, augment_labels: torch.Tensor | None, generator,
+                        noise_sigmas: torch.Tensor, sigma_max: torch.Tensor | None) -> ObjectiveOutput:
+        """The loss on a batch with noisy or restricted images (see the class docstring): time first, then an admissible
+        image, then [`add_noisy_data_noise`]. Slots for which no image of the batch is admissible weigh 0."""
+        if self.corruption is not None:
+            raise ValueError("noisy-data training does not corrupt its images further: set corruptions: [] "
+                             "(or corruption_p: 0)")
+        batch, device = images.shape[0], images.device
+        levels = self.scheduler.noise_levels()  # (T,) model units
+        sigmas = 2 * noise_sigmas.double().cpu()
+        upper = 2 * (sigma_max.double().cpu() if sigma_max is not None else torch.full((batch,), math.inf))
+        lowest = sigmas * math.sqrt(self.max_weight / (self.max_weight - 1))
+        first = torch.searchsorted(levels, lowest)  # first timestep each image can serve
+        last = torch.searchsorted(levels, upper)  # one past its last
+        low, high = int(first.min()), int(last.max())
+        num_timesteps = self.scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, num_timesteps, (batch,), generator=generator)
+        timesteps = low + timesteps * max(high - low, 1) // num_timesteps  # into the times some image can serve
+        admissible = (first.unsqueeze(0) <= timesteps.unsqueeze(1)) & (timesteps.unsqueeze(1) < last.unsqueeze(0))
+        count = admissible.sum(dim=1)
+        pick = (torch.rand(batch, generator=generator, dtype=torch.float64) * count).floor().long()
+        records = (admissible.cumsum(dim=1) > pick.unsqueeze(1)).long().argmax(dim=1)
+        served = count > 0
+        observed = images[records.to(device)]
+        slot_sigmas = torch.where(served, sigmas[records], torch.zeros(()))
+        timesteps = timesteps.to(device)
+        noised = self.scheduler.add_noisy_data_noise(observed, slot_sigmas.to(device), timesteps, generator=generator)
+        labels = None
+        if self.label_dim:
+            chosen = augment_labels[records.to(augment_labels.device)] if augment_labels is not None else None
+            labels = self.labels(chosen, [None] * batch, batch, device)
+        loss = self.prediction_error(model, noised.noisy_images, noised.target, timesteps, labels)
+        if self.snr_gamma is not None:
+            loss = loss * min_snr_weights(self.scheduler.alphas_cumprod, timesteps, self.snr_gamma,
+                                          self.scheduler.config.prediction_type).to(loss.device)
+        loss = loss * served.to(loss.device, loss.dtype)
+        return ObjectiveOutput(loss=loss, timesteps=timesteps, applied=[None] * batch, records=records)
 
     @staticmethod
     def prediction_error(model, noisy_images: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
@@ -213,3 +273,8 @@ class RobustDiffusionObjective:
         if not self.restoration_training or name not in self.corruption.corruptions:
             return None
         return self.labels(None, [(name, severity)] * batch, batch, device)
+
+
+def _all_clean(noise_sigmas: torch.Tensor, sigma_max: torch.Tensor | None) -> bool:
+    """Whether every image of a batch is clean (no noise, no upper level): then the plain objective applies."""
+    return bool((noise_sigmas == 0).all()) and (sigma_max is None or bool(torch.isinf(sigma_max).all()))

@@ -38,10 +38,11 @@ class RunSummary:
     seconds_to_first_step: float | None = None  # start-up: process start to the end of this run's first optimizer step
     digits_quality: dict[str, Any] | None = None  # digits only: samples scored by the digits classifier
     report: dict[str, Any] | None = field(default=None)  # the held-out report (diffusers-robust evaluate), if written
+    annotations: dict[str, Any] | None = None  # imperfect data: counts of clean / noisy / restricted records, trusted level
 
     def to_dict(self) -> dict[str, Any]:
         return {key: value for key, value in dataclasses.asdict(self).items()
-                if value is not None or key not in ("digits_quality", "report")}
+                if value is not None or key not in ("digits_quality", "report", "annotations")}
 
     def save(self, output_dir: str) -> str:
         """Write `output_dir/metrics.json`; returns its path."""

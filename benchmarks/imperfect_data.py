@@ -1,0 +1,218 @@
+#!/usr/bin/env python
+"""Learning from imperfect data on the held-out digits: arms at equal budget, 2+ training seeds, one table.
+
+    python benchmarks/imperfect_data.py --output_dir runs/imperfect --jobs 2
+
+Settings (the digits' train split made imperfect by `diffusers_robust.data.imperfect`, data seed 0 whatever the training
+seed):
+- `noisy90`: 90% of records with Gaussian noise of std 0.2 ([0, 1] units), float arrays kept unclipped; 10% clean.
+- `noisy100`: every record noisy at std 0.1 (float, unclipped), none clean.
+- `png90`: `noisy90` stored as 8-bit PNG files (clipped, quantised), annotations in the folder's `annotations.csv`.
+- `blur90`: 90% blurred (severity 3), annotated with that severity's `sigma_min`; 10% clean.
+Arms: `plain` (a plain DDPM on all records, annotations ignored), `ambient` (the noisy-data objective with the
+annotations), `clean-only` (plain on the clean 10%: the same records in every 90/10 setting) and `oracle` (plain on
+the clean train split). Every arm is `training/configs/digits.yaml` (same UNet, EMA, learning-rate schedule) with the
+same `--max_train_steps`; each process runs one thread.
+
+Figures on 512 samples per arm (DDIM 50 steps, evaluation seed 1234, independent of the training seed): share of samples
+the digits classifier (fitted on the clean train split only) reads with p >= 0.8, classes present, Fréchet distance in
+that classifier's feature space against the 300 held-out digits (floor: the clean train split against them), the
+samples' estimated noise std (`estimate_noise_std`, median; samples are clipped to [0, 1] like any pipeline output), and
+copying: the share of samples whose nearest clean train image is 3x closer than the second nearest (held-out digits:
+the same figure, for comparison). Finished arms (their `figures.json` exists) are not run again.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETTINGS = {
+    "noisy90": "gaussian_noise:0.2=0.9,clean=0.1",
+    "noisy100": "gaussian_noise:0.1=1.0",
+    "png90": "gaussian_noise:0.2=0.9,clean=0.1",
+    "blur90": "gaussian_blur:3=0.9,clean=0.1",
+}
+ARMS = {"noisy90": ["plain", "ambient", "clean-only"], "noisy100": ["plain", "ambient"], "png90": ["plain", "ambient"],
+        "blur90": ["plain", "ambient"]}
+DATA_SEED, EVALUATION_SEED, NUM_SAMPLES = 0, 1234, 512
+
+
+def prepare_data(root: str) -> dict[str, dict[str, str]]:
+    """Make each setting's data once (float parquet, PNG folder) and the clean subset; returns the paths."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from diffusers_robust.data.datasets import collate_image_batch, load_digits_dataset, load_image_dataset
+    from diffusers_robust.data.imperfect import make_imperfect, parse_recipe, save_imperfect
+
+    paths = {}
+    loaded = load_image_dataset("digits", channels=1, resolution=8)
+    clean = torch.cat([b["pixel_values"] for b in DataLoader(loaded.dataset, batch_size=512, collate_fn=collate_image_batch)])
+    labels = load_digits_dataset()["train"]["label"]
+    for setting, text in SETTINGS.items():
+        folder = os.path.join(root, "data", "noisy90" if setting == "png90" else setting)
+        if not os.path.isdir(folder):
+            recipe = parse_recipe(text)
+            save_imperfect(make_imperfect(clean, recipe, seed=DATA_SEED), folder, recipe, DATA_SEED, labels)
+        paths[setting] = {"float": os.path.join(folder, "float", "train.parquet"), "png": os.path.join(folder, "png")}
+    clean_only = os.path.join(root, "data", "clean-only.parquet")
+    if not os.path.isfile(clean_only):
+        import datasets
+
+        records = datasets.load_dataset("parquet", data_files=paths["noisy90"]["float"], split="train")
+        records.filter(lambda r: r["noise_sigma"] == 0 and r["sigma_min"] == 0).to_parquet(clean_only)
+    paths["clean-only"] = {"float": clean_only}
+    return paths
+
+
+def arm_arguments(setting: str, arm: str, paths: dict) -> list[str]:
+    if arm == "oracle":
+        return ["--dataset", "digits"]
+    if arm == "clean-only":
+        return ["--dataset", paths["clean-only"]["float"], "--image_column", "image", "--annotations", "ignore"]
+    source = paths[setting]["png"] if setting == "png90" else paths[setting]["float"]
+    extra = [] if setting == "png90" else ["--image_column", "image"]
+    return ["--dataset", source, *extra, "--annotations", "ignore" if arm == "plain" else "null"]
+
+
+def run(command: list[str], log: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "NO_ALBUMENTATIONS_UPDATE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with open(log, "w", encoding="utf-8") as handle:
+        result = subprocess.run(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:4])} ... failed with exit code {result.returncode}; see {log}")
+
+
+def train_and_score(root: str, name: str, arguments: list[str], seed: int, steps: int) -> None:
+    folder = os.path.join(root, name)
+    if os.path.isfile(os.path.join(folder, "figures.json")):
+        return
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        run([sys.executable, "training/train_robust_ddpm.py", "--config", "training/configs/digits.yaml", *arguments,
+             "--validation_split", "null", "--report", "false", "--logger", "none", "--seed", str(seed),
+             "--max_train_steps", str(steps), "--checkpointing_steps", str(steps), "--validation_steps", str(steps),
+             "--num_threads", "1", "--output_dir", folder, "--overwrite_output_dir"], os.path.join(root, f"{name}.log"))
+    run([sys.executable, __file__, "--score", folder], os.path.join(root, f"{name}.score.log"))
+    print(f"done: {name}", flush=True)
+
+
+def score(folder: str) -> dict:
+    """The figures of one trained arm (see the module docstring), written to `folder/figures.json`."""
+    import torch
+
+    from diffusers_robust import RobustDDIMScheduler, RobustDDPMPipeline
+    from diffusers_robust.evaluation.metrics import clean_sample_figures, digits_classifier, digits_quality
+
+    torch.set_num_threads(1)
+    pipe = RobustDDPMPipeline.from_pretrained(folder)
+    pipe.scheduler = RobustDDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    samples = pipe(batch_size=NUM_SAMPLES, generator=torch.Generator().manual_seed(EVALUATION_SEED),
+                   num_inference_steps=50, output_type="pt").images * 2 - 1
+    train, held_out = reference_digits()
+    classifier = digits_classifier()
+    figures = clean_sample_figures(samples, train, held_out, classifier)
+    figures["digits"] = digits_quality(((samples + 1) / 2).permute(0, 2, 3, 1).numpy(), classifier=classifier)
+    figures["sampling_stop_sigma"] = pipe.scheduler.config.sampling_stop_sigma
+    with open(os.path.join(folder, "figures.json"), "w", encoding="utf-8") as handle:
+        json.dump(figures, handle, indent=2)
+    return figures
+
+
+def reference_digits():
+    import torch
+    from torch.utils.data import DataLoader
+
+    from diffusers_robust.data.datasets import collate_image_batch, load_image_dataset
+
+    out = []
+    for split in ("train", "test"):
+        loaded = load_image_dataset("digits", split, channels=1, resolution=8)
+        out.append(torch.cat([b["pixel_values"] for b in DataLoader(loaded.dataset, batch_size=512,
+                                                                    collate_fn=collate_image_batch)]))
+    return out
+
+
+def floors() -> dict:
+    """The same figures for the clean train split against the held-out digits."""
+    from diffusers_robust.evaluation.metrics import clean_sample_figures, digits_classifier
+
+    train, held_out = reference_digits()
+    return clean_sample_figures(train, train, held_out, digits_classifier())
+
+
+def table(root: str, names: list[str]) -> tuple[str, dict]:
+    rows, results = [], {}
+    for name in names:
+        path = os.path.join(root, name, "figures.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                results[name] = json.load(handle)
+    groups: dict[str, list[str]] = {}
+    for name in results:
+        groups.setdefault(name.rsplit("-seed", 1)[0], []).append(name)
+    lines = ["| setting / arm | seeds | confident samples | classes | Fréchet (classifier features) | sample noise std | "
+             "copying (d1/d2 < 1/3) |", "|---|---|---|---|---|---|---|"]
+    for group, members in groups.items():
+        figs = [results[m] for m in members]
+
+        def cell(get, fmt, figs=figs):
+            return " / ".join(fmt(get(f)) for f in figs)
+
+        lines.append(f"| {group} | {len(figs)} | {cell(lambda f: f['digits']['confident_fraction'], lambda v: f'{v:.1%}')} | "
+                     f"{cell(lambda f: f['digits']['classes_present'], str)} | "
+                     f"{cell(lambda f: f['frechet_classifier'], lambda v: f'{v:.2f}')} | "
+                     f"{cell(lambda f: f['noise_std'], lambda v: f'{v:.3f}')} | "
+                     f"{cell(lambda f: f['copying'], lambda v: f'{v:.1%}')} |")
+        rows.append(group)
+    floor_path = os.path.join(root, "floors.json")
+    if not os.path.isfile(floor_path):
+        with open(floor_path, "w", encoding="utf-8") as handle:
+            json.dump(floors(), handle, indent=2)
+    with open(floor_path, encoding="utf-8") as handle:
+        floor = json.load(handle)
+    lines.append(f"| floor: clean train split vs held-out | - | - | - | {floor['frechet_classifier']:.2f} | "
+                 f"{floor['noise_std']:.3f} | held-out digits: {floor['copying_held_out']:.1%} |")
+    return "\n".join(lines) + "\n", results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="runs/imperfect")
+    parser.add_argument("--jobs", type=int, default=2, help="arms trained at once (one thread each)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--max_train_steps", type=int, default=2000, help="optimizer steps of every arm")
+    parser.add_argument("--score", default=None, help=argparse.SUPPRESS)  # internal: score one trained folder
+    args = parser.parse_args()
+    if args.score:
+        print(json.dumps(score(args.score)))
+        return
+    os.makedirs(args.output_dir, exist_ok=True)
+    paths = prepare_data(args.output_dir)
+    jobs = []
+    for seed in args.seeds:
+        jobs.append((f"oracle-seed{seed}", arm_arguments("", "oracle", paths), seed))
+        for setting in args.settings:
+            for arm in ARMS[setting]:
+                name = f"clean-only-seed{seed}" if arm == "clean-only" else f"{setting}-{arm}-seed{seed}"
+                jobs.append((name, arm_arguments(setting, arm, paths), seed))
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for future in [pool.submit(train_and_score, args.output_dir, name, arguments, seed, args.max_train_steps)
+                       for name, arguments, seed in jobs]:
+            future.result()
+    markdown, results = table(args.output_dir, [name for name, _, _ in jobs])
+    with open(os.path.join(args.output_dir, "imperfect_data.md"), "w", encoding="utf-8") as handle:
+        handle.write(markdown)
+    with open(os.path.join(args.output_dir, "imperfect_data.json"), "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=2)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Imperfect-data recipes for experiments: turn a clean dataset into a seeded mix of clean, noisy and blurred records
+with their annotations, saved as float arrays kept unclipped (the method's assumption) and as 8-bit clipped PNG files
+(what real photos look like)."""
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+
+import datasets
+import numpy as np
+import PIL.Image
+import torch
+
+from .annotations import BLUR_SIGMA_MIN, JPEG_SIGMA_MIN, severity_sigma_min, write_sidecar
+from .corruptions import apply_corruption
+
+RECIPE_CORRUPTIONS = ("clean", "gaussian_noise", "gaussian_blur", "jpeg_compression")
+
+
+@dataclass(frozen=True)
+class ImperfectionGroup:
+    """A share of the records and what happens to them: `"clean"`, `"gaussian_noise"` (`level` = noise std in `[0, 1]`
+    units, annotated as `noise_sigma`), or `"gaussian_blur"` / `"jpeg_compression"` (`level` = table severity 1..5,
+    annotated with that severity's `sigma_min`)."""
+
+    share: float
+    corruption: str
+    level: float = 0.0
+
+    def __post_init__(self):
+        if self.corruption not in RECIPE_CORRUPTIONS:
+            raise ValueError(f"recipe corruption must be one of {RECIPE_CORRUPTIONS}, got {self.corruption!r}")
+        if not 0 < self.share <= 1:
+            raise ValueError(f"recipe share must be in (0, 1], got {self.share} for {self.corruption}")
+        if self.corruption == "gaussian_noise" and not 0 < self.level < 10:
+            raise ValueError(f"gaussian_noise needs a noise std in (0, 10) ([0, 1] units), got {self.level}")
+        if self.corruption in ("gaussian_blur", "jpeg_compression") and self.level not in (1, 2, 3, 4, 5):
+            raise ValueError(f"{self.corruption} needs a severity 1..5, got {self.level}")
+
+
+def parse_recipe(text: str) -> list[ImperfectionGroup]:
+    """`"gaussian_noise:0.2=0.9,clean=0.1"` (corruption[:level]=share, comma separated; shares sum to 1)."""
+    groups = []
+    for part in text.split(","):
+        what, _, share = part.strip().partition("=")
+        name, _, level = what.partition(":")
+        try:
+            groups.append(ImperfectionGroup(float(share), name.strip(), float(level) if level else 0.0))
+        except ValueError as error:
+            raise ValueError(f"recipe {text!r}: {part.strip()!r}: {error}") from None
+    if abs(sum(g.share for g in groups) - 1) > 1e-6:
+        raise ValueError(f"recipe {text!r}: shares must sum to 1, got {sum(g.share for g in groups):.4g}")
+    return groups
+
+
+@dataclass
+class ImperfectData:
+    """What [`make_imperfect`] made: `images` `(N, H, W, C)` float32 in `[0, 1]` units (noise kept unclipped),
+    per-record `annotations` (`noise_sigma`, `sigma_min`) and `groups` (the recipe group index of each record)."""
+
+    images: np.ndarray
+    annotations: list[dict[str, float]]
+    groups: np.ndarray
+
+
+def make_imperfect(images: torch.Tensor, recipe: list[ImperfectionGroup], seed: int = 0) -> ImperfectData:
+    """
+    Damage `images` by `recipe`, seeded: a permutation drawn from `seed` gives each group its share of the records (the
+    last group takes what rounding leaves); each noisy record's noise is one draw seeded by `(seed, index)`.
+
+    Args:
+        images (`torch.Tensor` of shape `(N, C, H, W)`): clean images in `[-1, 1]`.
+        recipe (list of [`ImperfectionGroup`]).
+        seed (`int`): seeds which record goes where and the noise.
+
+    Returns:
+        [`ImperfectData`].
+    """
+    count = images.shape[0]
+    order = np.random.default_rng(seed).permutation(count)
+    groups = np.empty(count, dtype=np.int64)
+    start = 0
+    for index, group in enumerate(recipe):
+        end = count if index == len(recipe) - 1 else start + round(group.share * count)
+        groups[order[start:end]] = index
+        start = end
+    unit = ((images.double() + 1) / 2).cpu()
+    out, annotations = unit.clone(), []
+    for record in range(count):
+        group = recipe[groups[record]]
+        annotation = {}
+        if group.corruption == "gaussian_noise":
+            noise = np.random.default_rng([seed, record]).standard_normal(unit.shape[1:])
+            out[record] = unit[record] + group.level * torch.from_numpy(noise)
+            annotation = {"noise_sigma": group.level}
+        elif group.corruption != "clean":
+            damaged = apply_corruption(images[record:record + 1].float(), group.corruption, int(group.level),
+                                       generator=torch.Generator().manual_seed(seed * 1_000_003 + record))
+            out[record] = ((damaged[0].double() + 1) / 2).cpu()
+            annotation = {"sigma_min": severity_sigma_min(group.corruption, int(group.level))}
+        annotations.append(annotation)
+    return ImperfectData(out.permute(0, 2, 3, 1).float().numpy(), annotations, groups)
+
+
+def save_imperfect(data: ImperfectData, folder: str, recipe: list[ImperfectionGroup], seed: int,
+                   labels: list[int] | None = None) -> dict[str, str]:
+    """
+    Save `data` twice: `folder/float/train.parquet` (float `Array3D` column `image` in `[0, 1]` units, unclipped, with
+    annotation columns and `label` if given) and `folder/png/` (8-bit PNG files, clipped, with `annotations.csv` next
+    to them, keyed by file name), plus `folder/recipe.json`. Written into `folder.tmp` and renamed: never half-written.
+
+    Returns:
+        `{"float": <parquet path>, "png": <image folder>}`.
+    """
+    temporary = f"{folder.rstrip(os.sep)}.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    os.makedirs(os.path.join(temporary, "float"))
+    os.makedirs(os.path.join(temporary, "png"))
+    count, height, width, channels = data.images.shape
+    columns = {"image": list(data.images),
+               "noise_sigma": [a.get("noise_sigma", 0.0) for a in data.annotations],
+               "sigma_min": [a.get("sigma_min", 0.0) for a in data.annotations]}
+    features = {"image": datasets.Array3D((height, width, channels), "float32"),
+                "noise_sigma": datasets.Value("float64"), "sigma_min": datasets.Value("float64")}
+    if labels is not None:
+        columns["label"], features["label"] = list(labels), datasets.Value("int64")
+    datasets.Dataset.from_dict(columns, features=datasets.Features(features)).to_parquet(
+        os.path.join(temporary, "float", "train.parquet"))
+    sidecar = {}
+    for index in range(count):
+        name = f"{index:06d}.png"
+        pixels = np.clip(np.round(data.images[index] * 255.0), 0, 255).astype(np.uint8)
+        PIL.Image.fromarray(pixels[..., 0] if channels == 1 else pixels).save(os.path.join(temporary, "png", name))
+        if data.annotations[index]:
+            sidecar[name] = data.annotations[index]
+    write_sidecar(os.path.join(temporary, "png", "annotations.csv"), sidecar)
+    shares = {f"{g.corruption}:{g.level:g}": int((data.groups == i).sum()) for i, g in enumerate(recipe)}
+    with open(os.path.join(temporary, "recipe.json"), "w", encoding="utf-8") as handle:
+        json.dump({"seed": seed, "groups": [asdict(g) for g in recipe], "records": shares}, handle, indent=2)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(temporary, folder)
+    return {"float": os.path.join(folder, "float", "train.parquet"), "png": os.path.join(folder, "png")}
+
+
+def measure_sigma_min(images: torch.Tensor, corruption: str, severity: int) -> float:
+    """Twice the median RMS (`[0, 1]` units) of what `corruption` at `severity` removes from `images` `(N, C, H, W)` in
+    `[-1, 1]`, rounded to 0.01: how `BLUR_SIGMA_MIN` and `JPEG_SIGMA_MIN` were made."""
+    damaged = apply_corruption(images, corruption, severity, generator=torch.Generator().manual_seed(0))
+    removed = ((images - damaged) / 2).flatten(1).pow(2).mean(dim=1).sqrt().median()
+    return round(2 * float(removed), 2)
+
+
+SIGMA_MIN_TABLES = {"gaussian_blur": BLUR_SIGMA_MIN, "jpeg_compression": JPEG_SIGMA_MIN}
