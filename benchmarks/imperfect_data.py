@@ -24,6 +24,7 @@ the same figure, for comparison). Finished arms (their `figures.json` exists) ar
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -97,16 +98,33 @@ def train_and_score(root: str, name: str, arguments: list[str], seed: int, steps
              "--validation_split", "null", "--report", "false", "--logger", "none", "--seed", str(seed),
              "--max_train_steps", str(steps), "--checkpointing_steps", str(steps), "--validation_steps", str(steps),
              "--num_threads", "1", "--output_dir", folder, "--overwrite_output_dir"], os.path.join(root, f"{name}.log"))
-    run([sys.executable, __file__, "--score", folder], os.path.join(root, f"{name}.score.log"))
+    run([sys.executable, __file__, "--score", folder, "--clean_subset", os.path.join(root, "data", "clean-only.parquet")],
+        os.path.join(root, f"{name}.score.log"))
     print(f"done: {name}", flush=True)
 
 
-def score(folder: str) -> dict:
+def load_clean_subset(path: str):
+    import torch
+    from torch.utils.data import DataLoader
+
+    from diffusers_robust.data.datasets import collate_image_batch, load_image_dataset
+
+    loaded = load_image_dataset(path, channels=1, resolution=8, annotations="ignore")
+    return torch.cat([b["pixel_values"] for b in DataLoader(loaded.dataset, batch_size=512, collate_fn=collate_image_batch)])
+
+
+def score(folder: str, clean_subset: str | None = None) -> dict:
     """The figures of one trained arm (see the module docstring), written to `folder/figures.json`."""
     import torch
 
     from diffusers_robust import RobustDDIMScheduler, RobustDDPMPipeline
-    from diffusers_robust.evaluation.metrics import clean_sample_figures, digits_classifier, digits_quality
+    from diffusers_robust.evaluation.metrics import (
+        clean_sample_figures,
+        copying_share,
+        digits_classifier,
+        digits_quality,
+        nearest_neighbour_distance,
+    )
 
     torch.set_num_threads(1)
     pipe = RobustDDPMPipeline.from_pretrained(folder)
@@ -117,6 +135,12 @@ def score(folder: str) -> dict:
     train, held_out = reference_digits()
     classifier = digits_classifier()
     figures = clean_sample_figures(samples, train, held_out, classifier)
+    if clean_subset is not None:  # the 150 clean records of the 90/10 settings: the images clean-only trains on
+        subset = load_clean_subset(clean_subset)
+        figures["copying_clean_subset"] = copying_share(samples, subset)
+        figures["copying_clean_subset_held_out"] = copying_share(held_out, subset)
+        figures["distance_clean_subset"] = float(nearest_neighbour_distance(samples, subset).median())
+        figures["distance_clean_subset_held_out"] = float(nearest_neighbour_distance(held_out, subset).median())
     figures["digits"] = digits_quality(((samples + 1) / 2).permute(0, 2, 3, 1).numpy(), classifier=classifier)
     figures["sampling_stop_sigma"] = pipe.scheduler.config.sampling_stop_sigma
     with open(os.path.join(folder, "figures.json"), "w", encoding="utf-8") as handle:
@@ -157,7 +181,7 @@ def table(root: str, names: list[str]) -> tuple[str, dict]:
     for name in results:
         groups.setdefault(name.rsplit("-seed", 1)[0], []).append(name)
     lines = ["| setting / arm | seeds | confident samples | classes | Fréchet (classifier features) | sample noise std | "
-             "copying (d1/d2 < 1/3) |", "|---|---|---|---|---|---|---|"]
+             "copying (d1/d2 < 1/3) | NN distance to the 150 clean images |", "|---|---|---|---|---|---|---|---|"]
     for group, members in groups.items():
         figs = [results[m] for m in members]
 
@@ -168,7 +192,8 @@ def table(root: str, names: list[str]) -> tuple[str, dict]:
                      f"{cell(lambda f: f['digits']['classes_present'], str)} | "
                      f"{cell(lambda f: f['frechet_classifier'], lambda v: f'{v:.2f}')} | "
                      f"{cell(lambda f: f['noise_std'], lambda v: f'{v:.3f}')} | "
-                     f"{cell(lambda f: f['copying'], lambda v: f'{v:.1%}')} |")
+                     f"{cell(lambda f: f['copying'], lambda v: f'{v:.1%}')} | "
+                     f"{cell(lambda f: f.get('distance_clean_subset', math.nan), lambda v: f'{v:.3f}')} |")
         rows.append(group)
     floor_path = os.path.join(root, "floors.json")
     if not os.path.isfile(floor_path):
@@ -176,9 +201,27 @@ def table(root: str, names: list[str]) -> tuple[str, dict]:
             json.dump(floors(), handle, indent=2)
     with open(floor_path, encoding="utf-8") as handle:
         floor = json.load(handle)
+    key = "distance_clean_subset_held_out"
+    held_out_distance = next((f[key] for f in results.values() if key in f), math.nan)
     lines.append(f"| floor: clean train split vs held-out | - | - | - | {floor['frechet_classifier']:.2f} | "
-                 f"{floor['noise_std']:.3f} | held-out digits: {floor['copying_held_out']:.1%} |")
+                 f"{floor['noise_std']:.3f} | held-out digits: {floor['copying_held_out']:.1%} | held-out digits: "
+                 f"{held_out_distance:.3f} |")
     return "\n".join(lines) + "\n", results
+
+
+def write_reference(results: dict, path: str) -> None:
+    """Mean over training seeds of the `noisy90` comparison arms, for `scripts/main_job.sh`."""
+    keys = ("confident_fraction", "classes_present", "frechet_classifier", "noise_std", "copying")
+    arms = {}
+    for label, prefix in (("plain DDPM", "noisy90-plain"), ("clean 10% only", "clean-only"), ("all-clean oracle", "oracle")):
+        runs = [{**f["digits"], **f} for name, f in results.items() if name.rsplit("-seed", 1)[0] == prefix]
+        if runs:
+            arms[label] = {key: sum(run[key] for run in runs) / len(runs) for key in keys} | {"seeds": len(runs)}
+    seeds = ", ".join(f"{label}: {figures['seeds']}" for label, figures in arms.items())
+    source = (f"benchmarks/imperfect_data.py, setting noisy90 (the data of this job), mean over training seeds ({seeds}), "
+              "same budget and evaluation seed")
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump({"source": source, "arms": arms}, handle, indent=2)
 
 
 def main() -> None:
@@ -188,10 +231,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--max_train_steps", type=int, default=2000, help="optimizer steps of every arm")
+    parser.add_argument("--write_reference", default=None,
+                        help="also write the noisy90 arms' mean figures here (the main job prints them next to its own)")
     parser.add_argument("--score", default=None, help=argparse.SUPPRESS)  # internal: score one trained folder
+    parser.add_argument("--clean_subset", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.score:
-        print(json.dumps(score(args.score)))
+        print(json.dumps(score(args.score, args.clean_subset)))
         return
     os.makedirs(args.output_dir, exist_ok=True)
     paths = prepare_data(args.output_dir)
@@ -207,6 +253,8 @@ def main() -> None:
                        for name, arguments, seed in jobs]:
             future.result()
     markdown, results = table(args.output_dir, [name for name, _, _ in jobs])
+    if args.write_reference:
+        write_reference(results, args.write_reference)
     with open(os.path.join(args.output_dir, "imperfect_data.md"), "w", encoding="utf-8") as handle:
         handle.write(markdown)
     with open(os.path.join(args.output_dir, "imperfect_data.json"), "w", encoding="utf-8") as handle:

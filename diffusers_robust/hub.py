@@ -105,10 +105,11 @@ for {summary.global_step} optimizer steps ({summary.images_seen} images, batch
 
 {robust_lines}
 
-Sampling-time epsilon scaling stored in the scheduler (`lambda_t = slope * t + base`):
+Sampling-time options stored in the scheduler (epsilon scaling `lambda_t = slope * t + base`; `sampling_stop_sigma`:
+the noise std, in [0, 1] units, below which sampling stops and returns the clean estimate):
 
 {scheduler_lines}
-
+{_annotation_text(summary.annotations)}
 ## Validation
 
 Denoising loss on {summary.validation_images} held-out images (`{training_config.get("validation_split")}`),
@@ -135,6 +136,15 @@ Training configuration: `training_config.yaml`; all figures: `metrics.json`.
     path = os.path.join(output_dir, "README.md")
     card.save(path)
     return path
+
+
+def _annotation_text(annotations: dict | None) -> str:
+    """The card's paragraph on imperfect training data (empty when no record was annotated)."""
+    if not annotations or annotations["clean"] == annotations["records"]:
+        return ""
+    return (f"\nTrained on imperfect data with the noisy-data objective: of {annotations['records']} training images, "
+            f"{annotations['clean']} clean, {annotations['noisy']} with known Gaussian noise, {annotations['restricted']} "
+            f"usable only within a noise range; lowest trusted noise std {annotations['lowest_trusted_sigma']:.4g}.\n")
 
 
 def prepare_hub_repo(repo_id: str, private: bool = False, token: str | None = None, endpoint: str | None = None) -> str:

@@ -396,3 +396,29 @@ def test_annotations_travel_with_a_stream_split_over_processes(noisy_parquet):
     assert len(ids) == len(set(ids)) == 96
     assert all(sigma == pytest.approx(0.1) for shard in seen for _, sigma in shard)
     assert datasets.load_dataset("parquet", data_files=noisy_parquet, split="train").num_rows == 96
+
+
+def test_annotate_command_writes_the_sidecar_prints_a_histogram_and_keeps_an_existing_one(tmp_path):
+    names = _folder_of_digits(tmp_path / "data", 12)
+    command = [sys.executable, "-m", "diffusers_robust", "annotate", str(tmp_path / "data"), "--channels", "1"]
+    result = subprocess.run(command, env=training_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "estimated noise std of 12 images" in result.stdout and "#" in result.stdout
+    rows = read_sidecar(tmp_path / "data" / "annotations.csv")
+    assert sorted(rows) == sorted(names) and all(0 <= r["noise_sigma"] < 0.2 for r in rows.values())
+    again = subprocess.run(command, env=training_env(), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_make_imperfect_command_writes_floats_pngs_and_the_recipe(tmp_path):
+    command = [sys.executable, "-m", "diffusers_robust", "make-imperfect", "--recipe", "gaussian_blur:3=0.5,clean=0.5",
+               "--output_dir", str(tmp_path / "blurred")]
+    result = subprocess.run(command, env=training_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    recipe = json.loads((tmp_path / "blurred" / "recipe.json").read_text())
+    assert recipe["records"] == {"gaussian_blur:3": 748, "clean:0": 749}
+    loaded = load_image_dataset(str(tmp_path / "blurred" / "png"), channels=1, resolution=8)
+    assert loaded.annotation_summary(4.0).restricted == 748
+    bad = subprocess.run([*command[:-2], "--output_dir", str(tmp_path / "x"), "--recipe", "fog:1=1.0"],
+                         env=training_env(), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "recipe corruption must be one of" in bad.stderr

@@ -22,7 +22,15 @@ import PIL.Image
 import torch
 from datasets.distributed import split_dataset_by_node
 
-from .annotations import ANNOTATION_COLUMNS, AnnotationSummary, attach_annotations, estimate_noise_std, find_sidecar, summarise
+from .annotations import (
+    ANNOTATION_COLUMNS,
+    AnnotationSummary,
+    attach_annotations,
+    check_annotation,
+    estimate_noise_std,
+    find_sidecar,
+    summarise,
+)
 from .augment import AugmentPipeline
 
 logger = logging.getLogger(__name__)
@@ -224,10 +232,11 @@ class ImageRecordTransform:
         path = value.get("path") if isinstance(value, dict) else None
         record_id = path or f"{self.name}[{index}]"
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        annotation = annotation or {}
+        annotation = {key: value for key, value in (annotation or {}).items() if value is not None}
         noise_sigma, sigma_min = annotation.get("noise_sigma", 0.0), annotation.get("sigma_min", 0.0)
         self.records_decoded += 1
         try:
+            check_annotation(record_id, noise_sigma, sigma_min, annotation.get("sigma_max", math.inf))  # Hub streams
             labels = np.zeros(self.label_dim, dtype=np.float32)
             if self.array_images:
                 pixels = self.float_pixels(value)
