@@ -26,9 +26,10 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+
+from robustness_ablation import run  # one thread per process, offline, output to a log; raises naming the log
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = {
@@ -78,15 +79,6 @@ def arm_arguments(setting: str, arm: str, paths: dict) -> list[str]:
     source = paths[setting]["png"] if setting == "png90" else paths[setting]["float"]
     extra = [] if setting == "png90" else ["--image_column", "image"]
     return ["--dataset", source, *extra, "--annotations", "ignore" if arm == "plain" else "null"]
-
-
-def run(command: list[str], log: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "NO_ALBUMENTATIONS_UPDATE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    with open(log, "w", encoding="utf-8") as handle:
-        result = subprocess.run(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command[:4])} ... failed with exit code {result.returncode}; see {log}")
 
 
 def train_and_score(root: str, name: str, arguments: list[str], seed: int, steps: int) -> None:

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import datasets
 import numpy as np
 import pytest
 import torch
@@ -395,7 +394,6 @@ def test_annotations_travel_with_a_stream_split_over_processes(noisy_parquet):
     ids = [record for shard in seen for record, _ in shard]
     assert len(ids) == len(set(ids)) == 96
     assert all(sigma == pytest.approx(0.1) for shard in seen for _, sigma in shard)
-    assert datasets.load_dataset("parquet", data_files=noisy_parquet, split="train").num_rows == 96
 
 
 def test_annotate_command_writes_the_sidecar_prints_a_histogram_and_keeps_an_existing_one(tmp_path):

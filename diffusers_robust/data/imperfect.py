@@ -12,7 +12,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from .annotations import BLUR_SIGMA_MIN, JPEG_SIGMA_MIN, severity_sigma_min, write_sidecar
+from .annotations import severity_sigma_min, write_sidecar
 from .corruptions import apply_corruption
 
 RECIPE_CORRUPTIONS = ("clean", "gaussian_noise", "gaussian_blur", "jpeg_compression")
@@ -150,5 +150,3 @@ def measure_sigma_min(images: torch.Tensor, corruption: str, severity: int) -> f
     removed = ((images - damaged) / 2).flatten(1).pow(2).mean(dim=1).sqrt().median()
     return round(2 * float(removed), 2)
 
-
-SIGMA_MIN_TABLES = {"gaussian_blur": BLUR_SIGMA_MIN, "jpeg_compression": JPEG_SIGMA_MIN}
