@@ -9,8 +9,9 @@ seed):
 - `noisy100`: every record noisy at std 0.1 (float, unclipped), none clean.
 - `png90`: `noisy90` stored as 8-bit PNG files (clipped, quantised), annotations in the folder's `annotations.csv`.
 - `blur90`: 90% blurred (severity 3), annotated with that severity's `sigma_min`; 10% clean.
-Arms: `plain` (a plain DDPM on all records, annotations ignored), `ambient` (the noisy-data objective with the
-annotations), `clean-only` (plain on the clean 10%: the same records in every 90/10 setting) and `oracle` (plain on
+- `missing50`: every record with half of its pixels missing (one fixed random mask per record, known), float arrays.
+Arms: `plain` (a plain DDPM on all records, annotations ignored: missing pixels are mid-grey), `ambient` (the noisy-data
+objective with the annotations; on `missing50` the missing-pixel objective: x0 prediction from further-masked inputs), `clean-only` (plain on the clean 10%: the same records in every 90/10 setting) and `oracle` (plain on
 the clean train split). Every arm is `training/configs/digits.yaml` (same UNet, EMA, learning-rate schedule) with the
 same `--max_train_steps`; each process runs one thread.
 
@@ -37,9 +38,10 @@ SETTINGS = {
     "noisy100": "gaussian_noise:0.1=1.0",
     "png90": "gaussian_noise:0.2=0.9,clean=0.1",
     "blur90": "gaussian_blur:3=0.9,clean=0.1",
+    "missing50": "missing_pixels:0.5=1.0",
 }
 ARMS = {"noisy90": ["plain", "ambient", "clean-only"], "noisy100": ["plain", "ambient"], "png90": ["plain", "ambient"],
-        "blur90": ["plain", "ambient"]}
+        "blur90": ["plain", "ambient"], "missing50": ["plain", "ambient"]}
 DATA_SEED, EVALUATION_SEED, NUM_SAMPLES = 0, 1234, 512
 
 

@@ -274,7 +274,7 @@ def run_restore(args: argparse.Namespace) -> list[str]:
                      strength=args.strength, mask=args.masks)
     files = _image_files(args.inputs)
     pipeline = _load_pipeline(args)
-    channels, size = pipeline.unet.config.in_channels, pipeline.unet.config.sample_size
+    channels, size = pipeline.image_channels, pipeline.unet.config.sample_size
     size = size if isinstance(size, int) else size[0]
     images = _read_images(files, channels, size, "input")
     masks = None

@@ -3,7 +3,8 @@
 A record may carry `noise_sigma` (the std of Gaussian noise already in the image), `sigma_min` (usable only where the
 diffusion noise level is above it: a blurred or JPEG-damaged image whose defects drown in enough noise) and `sigma_max`
 (usable only below it). All three are stds in `[0, 1]` image units, like `noise_sigma` of the pipeline's restoration.
-A record without annotation is clean: `noise_sigma = sigma_min = 0`, `sigma_max = inf`.
+A record may also carry a `mask` of its observed pixels (`(H, W)`, nonzero or white = observed; the other pixels are
+missing). A record without annotation is clean: `noise_sigma = sigma_min = 0`, `sigma_max = inf`, every pixel observed.
 
 Sources, in order of precedence: one value for every record (`noise_sigma=` of the training config), a sidecar file
 (CSV or JSON, keyed by file name or record id), columns of the dataset, or `"auto"` (estimated per image by
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 ANNOTATION_COLUMNS = ("noise_sigma", "sigma_min", "sigma_max")
+MASK_COLUMN = "mask"  # observed pixels: an array or image column, or in a sidecar the mask image's file name
 DEFAULTS = {"noise_sigma": 0.0, "sigma_min": 0.0, "sigma_max": math.inf}
 SIDECAR_NAMES = ("annotations.csv", "annotations.json")
 SIDECAR_KEYS = ("file_name", "record_id")
@@ -51,7 +53,8 @@ def lowest_usable_sigma(noise_sigma: float, sigma_min: float, max_weight: float)
 
 def read_sidecar(path: str | os.PathLike) -> dict[str, dict[str, float]]:
     """`{key: {column: value}}` from a CSV (a `file_name` or `record_id` column, then any of `noise_sigma`,
-    `sigma_min`, `sigma_max`) or a JSON object `{key: {column: value}}`; `ValueError` naming the file otherwise."""
+    `sigma_min`, `sigma_max` and `mask`, the file name of a mask image relative to the sidecar) or a JSON object
+    `{key: {column: value}}`; `ValueError` naming the file otherwise."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"annotation file {path} does not exist")
@@ -72,11 +75,11 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, dict[str, float]]:
     else:
         raise ValueError(f"annotation file {path} must be .csv or .json")
     for key, values in rows.items():
-        unknown = sorted(set(values) - set(ANNOTATION_COLUMNS))
+        unknown = sorted(set(values) - {*ANNOTATION_COLUMNS, MASK_COLUMN})
         if unknown:
-            raise ValueError(f"{path}: {key}: unknown annotation(s) {unknown}; known: {list(ANNOTATION_COLUMNS)}")
+            raise ValueError(f"{path}: {key}: unknown annotation(s) {unknown}; known: {[*ANNOTATION_COLUMNS, MASK_COLUMN]}")
         try:
-            rows[key] = {k: float(v) for k, v in values.items()}
+            rows[key] = {k: (str(v) if k == MASK_COLUMN else float(v)) for k, v in values.items()}
         except (TypeError, ValueError):
             raise ValueError(f"{path}: {key}: annotations must be numbers, got {values}") from None
     return rows
@@ -84,14 +87,18 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, dict[str, float]]:
 
 def write_sidecar(path: str | os.PathLike, rows: dict[str, dict[str, float]], key: str = "file_name") -> None:
     """Write `{key: {column: value}}` as a CSV sidecar (written to a temporary file, then renamed: never half-written)."""
-    columns = [c for c in ANNOTATION_COLUMNS if any(c in values for values in rows.values())]
+    columns = [c for c in (*ANNOTATION_COLUMNS, MASK_COLUMN) if any(c in values for values in rows.values())]
     temporary = f"{path}.tmp"
     with open(temporary, "w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow([key, *columns])
         for name, values in rows.items():
-            writer.writerow([name, *(f"{values[c]:.6g}" if c in values else "" for c in columns)])
+            writer.writerow([name, *(_cell(values[c]) if c in values else "" for c in columns)])
     os.replace(temporary, path)
+
+
+def _cell(value: float | str) -> str:
+    return value if isinstance(value, str) else f"{value:.6g}"
 
 
 def estimate_noise_std(images: torch.Tensor) -> torch.Tensor:
@@ -187,10 +194,12 @@ def attach_annotations(
         required (`bool`): refuse records that no source annotates.
 
     Returns:
-        `datasets.Dataset` with float columns `noise_sigma`, `sigma_min`, `sigma_max`.
+        `datasets.Dataset` with float columns `noise_sigma`, `sigma_min`, `sigma_max` (and `mask`, the mask files' paths,
+        when the sidecar names mask images).
     """
     count = len(dataset)
     columns = {c: list(dataset[c]) if c in dataset.column_names else [None] * count for c in ANNOTATION_COLUMNS}
+    masks = None
     if sidecar is not None:
         rows = read_sidecar(sidecar)
         keys = record_keys(dataset, image_column, name)
@@ -201,13 +210,20 @@ def attach_annotations(
                              f"(keys are file names such as {keys[0][0]!r} or record ids such as {keys[0][1]!r})")
         for key, values in rows.items():
             for column, value in values.items():
-                columns[column][by_key[key]] = value
+                if column == MASK_COLUMN:
+                    if MASK_COLUMN in dataset.column_names:
+                        raise ValueError(f"{sidecar}: names masks, but {name} has its own '{MASK_COLUMN}' column")
+                    masks = masks or [None] * count
+                    masks[by_key[key]] = os.path.join(os.path.dirname(os.path.abspath(sidecar)), value)
+                else:
+                    columns[column][by_key[key]] = value
     if estimate is not None:
         columns["noise_sigma"] = [float(v) for v in estimate(dataset)]
     if noise_sigma is not None:
         columns["noise_sigma"] = [float(noise_sigma)] * count
     if required:
-        missing = [i for i in range(count) if all(columns[c][i] is None for c in ANNOTATION_COLUMNS)]
+        missing = [i for i in range(count)
+                   if all(columns[c][i] is None for c in ANNOTATION_COLUMNS) and not (masks and masks[i])]
         if missing:
             raise ValueError(f"annotations_required: {len(missing)} record(s) of {name} have no annotation, e.g. "
                              f"{[f'{name}[{i}]' for i in missing[:3]]}; annotate them or set annotations_required: false")
@@ -218,7 +234,39 @@ def attach_annotations(
     dataset = dataset.remove_columns([c for c in ANNOTATION_COLUMNS if c in dataset.column_names])
     for column in ANNOTATION_COLUMNS:
         dataset = dataset.add_column(column, columns[column])
+    if masks is not None:
+        dataset = dataset.add_column(MASK_COLUMN, masks)
     return dataset
+
+
+def decode_mask(value, record: str, shape: tuple[int, int]) -> np.ndarray:
+    """A record's mask of observed pixels as `(H, W)` bool: an array (nonzero = observed), an image (value > 127 =
+    observed) as a Datasets value `{"bytes", "path"}` or a path. `ValueError` naming `record` unless it has `shape`
+    (masks are not resized) and at least one observed pixel."""
+    if isinstance(value, dict) or isinstance(value, str):
+        import io
+
+        import PIL.Image
+
+        source = value if isinstance(value, str) else (io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path"))
+        if not source:
+            raise ValueError(f"{record}: empty mask record")
+        try:
+            with PIL.Image.open(source) as image:
+                observed = np.asarray(image.convert("L")) > 127
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{record}: mask does not decode ({error})") from None
+    else:
+        array = np.asarray(value, dtype=np.float32)
+        if not np.isfinite(array).all():
+            raise ValueError(f"{record}: mask holds NaN or infinite values")
+        observed = (array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array) != 0
+    if observed.shape != tuple(shape):
+        raise ValueError(f"{record}: mask of shape {observed.shape}, expected the training resolution {tuple(shape)} "
+                         "(masks are not resized)")
+    if not observed.any():
+        raise ValueError(f"{record}: its mask has no observed pixel; drop the record or fix its mask")
+    return observed
 
 
 def annotate_dataset(source: str, output: str, split: str = "train", image_column: str | None = None, channels: int = 3,

@@ -24,9 +24,11 @@ from datasets.distributed import split_dataset_by_node
 
 from .annotations import (
     ANNOTATION_COLUMNS,
+    MASK_COLUMN,
     AnnotationSummary,
     attach_annotations,
     check_annotation,
+    decode_mask,
     estimate_noise_std,
     find_sidecar,
     summarise,
@@ -38,7 +40,7 @@ logger = logging.getLogger(__name__)
 EMBEDDED_DATASETS = ("digits",)
 _INDEX_COLUMN = "__record_index__"
 # What a decoded record holds (see `load_image_dataset`).
-RECORD_KEYS = ("pixel_values", "augment_labels", "record_id", "valid", "noise_sigma", "sigma_max")
+RECORD_KEYS = ("pixel_values", "augment_labels", "record_id", "valid", "noise_sigma", "sigma_max", "observed")
 # Records per `.map` call on a stream. A stream resumed from `state_dict()` re-runs the map batch it stopped
 # in, so this bounds the records decoded twice after a resume.
 STREAM_MAP_BATCH_SIZE = 16
@@ -233,6 +235,7 @@ class ImageRecordTransform:
         record_id = path or f"{self.name}[{index}]"
         rng = np.random.default_rng([self.seed, self.epoch, index])
         annotation = {key: value for key, value in (annotation or {}).items() if value is not None}
+        mask = annotation.pop(MASK_COLUMN, None)
         noise_sigma, sigma_min = annotation.get("noise_sigma", 0.0), annotation.get("sigma_min", 0.0)
         self.records_decoded += 1
         try:
@@ -252,14 +255,20 @@ class ImageRecordTransform:
             if sigma_min > noise_sigma:  # one fixed draw per record (never per epoch), so its noise is not averaged away
                 fixed = np.random.default_rng([self.seed, index, 0x5EED]).standard_normal(pixels.shape, dtype=np.float32)
                 pixels = pixels + np.float32(2 * (sigma_min**2 - noise_sigma**2) ** 0.5) * fixed
+            observed = np.ones((1, *pixels.shape[1:]), dtype=np.float32)
+            if mask is not None:
+                observed[0] = decode_mask(mask, record_id, pixels.shape[1:])
+                pixels = pixels * observed  # a missing pixel holds no value (0, mid-grey)
             return {"pixel_values": pixels, "augment_labels": labels, "record_id": record_id, "valid": True,
-                    "noise_sigma": max(noise_sigma, sigma_min), "sigma_max": annotation.get("sigma_max", math.inf)}
+                    "noise_sigma": max(noise_sigma, sigma_min), "sigma_max": annotation.get("sigma_max", math.inf),
+                    "observed": observed}
         except Exception as error:  # noqa: BLE001 - any decoding failure makes a bad record, reported by id
             empty = np.zeros((self.channels, self.resolution, self.resolution), dtype=np.float32)
             return {
                 "pixel_values": empty, "augment_labels": np.zeros(self.label_dim, dtype=np.float32),
                 "record_id": f"{record_id} ({type(error).__name__}: {_stable_message(error)})", "valid": False,
                 "noise_sigma": 0.0, "sigma_max": math.inf,
+                "observed": np.ones((1, self.resolution, self.resolution), dtype=np.float32),
             }
 
     def float_pixels(self, value: Any) -> np.ndarray:
@@ -275,7 +284,7 @@ class ImageRecordTransform:
 
     def __call__(self, batch: dict[str, list], indices: Sequence[int] | None = None) -> dict[str, list]:
         indices = batch[_INDEX_COLUMN] if indices is None else indices
-        present = [c for c in ANNOTATION_COLUMNS if c in batch]
+        present = [c for c in (*ANNOTATION_COLUMNS, MASK_COLUMN) if c in batch]
         annotations = [{c: batch[c][row] for c in present} for row in range(len(indices))]
         records = [self.record(value, int(i), annotation)
                    for value, i, annotation in zip(batch[self.image_column], indices, annotations, strict=True)]
@@ -291,10 +300,16 @@ class ImageDataset:
     image_column: str
     streaming: bool
     annotations: dict[str, list[float]] | None = None  # annotation columns over all records (before sharding)
+    observed_shares: list[float] | None = None  # records with a mask column: the share of observed pixels of each
 
     def annotation_summary(self, max_weight: float) -> AnnotationSummary | None:
         """What the records' annotations say ([`~data.annotations.summarise`]); None when no record is annotated."""
         return summarise(self.annotations, max_weight) if self.annotations is not None else None
+
+    @property
+    def masked(self) -> bool:
+        """Whether records carry masks of observed pixels (missing-pixel training)."""
+        return self.observed_shares is not None
 
     @property
     def label_dim(self) -> int:
@@ -347,8 +362,9 @@ def load_image_dataset(
         rank, world_size (`int`): this process's rank and the number of processes; a stream is split with
             `datasets.distributed.split_dataset_by_node`. Map-style datasets are sharded by the DataLoader.
         annotations (`str`, *optional*): quality annotations ([`~data.annotations`]): `None` reads the dataset's
-            `noise_sigma` / `sigma_min` / `sigma_max` columns or a sidecar `annotations.csv` / `.json` in the image
-            folder, if any; a path names a sidecar; `"auto"` estimates a noise std per image; `"ignore"` ignores them.
+            `noise_sigma` / `sigma_min` / `sigma_max` / `mask` columns or a sidecar `annotations.csv` / `.json` in the
+            image folder, if any; a path names a sidecar; `"auto"` estimates a noise std per image; `"ignore"` ignores
+            them (masked records are then trained as they are, missing pixels as mid-grey).
         noise_sigma (`float`, *optional*): one noise std (`[0, 1]` units) for every record.
         annotations_required (`bool`): refuse records that no source annotates.
 
@@ -357,9 +373,11 @@ def load_image_dataset(
 
     Returns:
         [`ImageDataset`]: `.dataset` yields records `{"pixel_values": (C, H, W) float32 in [-1, 1],
-        "augment_labels": (L,), "record_id": str, "valid": bool, "noise_sigma": float, "sigma_max": float}` (the noise
-        std the record carries, its fixed `sigma_min` noise included, and its upper usable level, `[0, 1]` units);
-        batch them with [`collate_image_batch`].
+        "augment_labels": (L,), "record_id": str, "valid": bool, "noise_sigma": float, "sigma_max": float, "observed":
+        (1, H, W) float32}` (the noise std the record carries, its fixed `sigma_min` noise included, its upper usable
+        level, `[0, 1]` units, and its observed pixels: 1 = observed; missing pixels are 0 in `pixel_values`); batch
+        them with [`collate_image_batch`]. Masks are checked (shape, at least one observed pixel) before this returns,
+        except on a streamed Hub dataset, which cannot carry them.
 
     Example:
 
@@ -386,13 +404,16 @@ def load_image_dataset(
         dataset = dataset.cast_column(column, datasets.Image(decode=False))
     name = os.path.basename(os.path.normpath(source)) + f"/{split}"
     transform = ImageRecordTransform(column, channels, resolution, center_crop, augment, seed, name, array_images=arrays)
-    present = [c for c in ANNOTATION_COLUMNS if c in (dataset.features or {})]
+    present = [c for c in (*ANNOTATION_COLUMNS, MASK_COLUMN) if c in (dataset.features or {})]
     keep = [column, *present]
     sidecar = find_sidecar(os.path.expanduser(source)) if annotations is None else annotations
     sidecar = None if sidecar in ("ignore", "auto") else sidecar
     wanted = annotations != "ignore" and (present or sidecar or annotations == "auto" or noise_sigma is not None
                                         or annotations_required)
     if wanted and from_hub_stream:
+        if MASK_COLUMN in present:
+            raise ValueError(f"a streamed Hub dataset cannot carry '{MASK_COLUMN}' columns (each mask must be checked "
+                             "before training): load it without streaming")
         if sidecar or annotations == "auto":
             raise ValueError("a streamed Hub dataset carries annotations only as its own columns (noise_sigma, sigma_min, "
                              "sigma_max): write them into the dataset, or load it without streaming")
@@ -404,18 +425,22 @@ def load_image_dataset(
         estimate = _noise_estimator(transform) if annotations == "auto" else None
         dataset = attach_annotations(dataset.select_columns(keep), column, name, sidecar, noise_sigma, estimate,
                                      annotations_required)
-        keep = [column, *ANNOTATION_COLUMNS]
+        keep = [column, *ANNOTATION_COLUMNS, *([MASK_COLUMN] if MASK_COLUMN in dataset.column_names else [])]
         annotation_columns = {c: dataset[c] for c in ANNOTATION_COLUMNS}
     elif annotations == "ignore":
         keep = [column]
 
+    observed_shares = None
+    if MASK_COLUMN in keep and not from_hub_stream:
+        observed_shares = check_masks(dataset[MASK_COLUMN], name, resolution)
     if from_hub_stream:
         dataset = dataset.select_columns(keep)
     else:
         dataset = dataset.select_columns(keep).add_column(_INDEX_COLUMN, list(range(len(dataset))))
         if not streaming:
             dataset.set_transform(transform)
-            return ImageDataset(dataset, transform, column, streaming=False, annotations=annotation_columns)
+            return ImageDataset(dataset, transform, column, streaming=False, annotations=annotation_columns,
+                                observed_shares=observed_shares)
         dataset = dataset.to_iterable_dataset(num_shards=min(num_shards, len(dataset)))
 
     dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer)
@@ -426,7 +451,18 @@ def load_image_dataset(
                               batch_size=STREAM_MAP_BATCH_SIZE, remove_columns=keep)
     else:
         dataset = dataset.map(transform, batched=True, batch_size=STREAM_MAP_BATCH_SIZE, remove_columns=[*keep, _INDEX_COLUMN])
-    return ImageDataset(dataset, transform, column, streaming=True, annotations=annotation_columns)
+    return ImageDataset(dataset, transform, column, streaming=True, annotations=annotation_columns,
+                        observed_shares=observed_shares)
+
+
+def check_masks(masks: Sequence[Any], name: str, resolution: int) -> list[float]:
+    """Decode every record's mask ([`~data.annotations.decode_mask`]: `ValueError` naming the first bad one) and return
+    the share of observed pixels of each (1.0 for a record without a mask)."""
+    shares = []
+    for index, value in enumerate(masks):
+        observed = None if value is None else decode_mask(value, f"{name}[{index}]", (resolution, resolution))
+        shares.append(1.0 if observed is None else float(observed.mean()))
+    return shares
 
 
 def _noise_estimator(transform: ImageRecordTransform):
@@ -457,8 +493,8 @@ def require_decodable(loaded: "ImageDataset", source: str) -> None:
 
 def collate_image_batch(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack valid records into `pixel_values` `(B, C, H, W)`, `augment_labels` `(B, L)`, and their annotations
-    `noise_sigmas` and `sigma_max` `(B,)` (float64, `[0, 1]` units); list the ids of the invalid ones under `skipped`
-    (reported by [`SkippedRecords`])."""
+    `noise_sigmas` and `sigma_max` `(B,)` (float64, `[0, 1]` units) and `observed` `(B, 1, H, W)` (1 = observed); list
+    the ids of the invalid ones under `skipped` (reported by [`SkippedRecords`])."""
     valid = [r for r in records if r["valid"]]
     channels_shape = np.shape(records[0]["pixel_values"]) if records else (0, 0, 0)
     if valid:
@@ -472,6 +508,8 @@ def collate_image_batch(records: list[dict[str, Any]]) -> dict[str, Any]:
         "augment_labels": labels,
         "noise_sigmas": torch.tensor([float(r.get("noise_sigma", 0.0)) for r in valid], dtype=torch.float64),
         "sigma_max": torch.tensor([float(r.get("sigma_max", math.inf)) for r in valid], dtype=torch.float64),
+        "observed": (torch.from_numpy(np.stack([np.asarray(r["observed"], dtype=np.float32) for r in valid])) if valid
+                     else torch.zeros((0, 1, *channels_shape[1:]))),
         "record_ids": [r["record_id"] for r in valid],
         "skipped": [r["record_id"] for r in records if not r["valid"]],
     }

@@ -1,6 +1,6 @@
-"""Imperfect-data recipes for experiments: turn a clean dataset into a seeded mix of clean, noisy and blurred records
-with their annotations, saved as float arrays kept unclipped (the method's assumption) and as 8-bit clipped PNG files
-(what real photos look like)."""
+"""Imperfect-data recipes for experiments: turn a clean dataset into a seeded mix of clean, noisy, blurred and
+incomplete (missing-pixel) records with their annotations, saved as float arrays kept unclipped (the method's
+assumption) and as 8-bit clipped PNG files (what real photos look like)."""
 
 import json
 import os
@@ -15,14 +15,15 @@ import torch
 from .annotations import severity_sigma_min, write_sidecar
 from .corruptions import apply_corruption
 
-RECIPE_CORRUPTIONS = ("clean", "gaussian_noise", "gaussian_blur", "jpeg_compression")
+RECIPE_CORRUPTIONS = ("clean", "gaussian_noise", "gaussian_blur", "jpeg_compression", "missing_pixels")
 
 
 @dataclass(frozen=True)
 class ImperfectionGroup:
     """A share of the records and what happens to them: `"clean"`, `"gaussian_noise"` (`level` = noise std in `[0, 1]`
-    units, annotated as `noise_sigma`), or `"gaussian_blur"` / `"jpeg_compression"` (`level` = table severity 1..5,
-    annotated with that severity's `sigma_min`)."""
+    units, annotated as `noise_sigma`), `"gaussian_blur"` / `"jpeg_compression"` (`level` = table severity 1..5,
+    annotated with that severity's `sigma_min`), or `"missing_pixels"` (`level` = share of pixels missing, in (0, 1),
+    annotated with the record's `mask` of observed pixels)."""
 
     share: float
     corruption: str
@@ -37,6 +38,8 @@ class ImperfectionGroup:
             raise ValueError(f"gaussian_noise needs a noise std in (0, 10) ([0, 1] units), got {self.level}")
         if self.corruption in ("gaussian_blur", "jpeg_compression") and self.level not in (1, 2, 3, 4, 5):
             raise ValueError(f"{self.corruption} needs a severity 1..5, got {self.level}")
+        if self.corruption == "missing_pixels" and not 0 < self.level < 1:
+            raise ValueError(f"missing_pixels needs the share of pixels missing in (0, 1), got {self.level}")
 
 
 def parse_recipe(text: str) -> list[ImperfectionGroup]:
@@ -56,18 +59,21 @@ def parse_recipe(text: str) -> list[ImperfectionGroup]:
 
 @dataclass
 class ImperfectData:
-    """What [`make_imperfect`] made: `images` `(N, H, W, C)` float32 in `[0, 1]` units (noise kept unclipped),
-    per-record `annotations` (`noise_sigma`, `sigma_min`) and `groups` (the recipe group index of each record)."""
+    """What [`make_imperfect`] made: `images` `(N, H, W, C)` float32 in `[0, 1]` units (noise kept unclipped, missing
+    pixels 0), per-record `annotations` (`noise_sigma`, `sigma_min`), `groups` (the recipe group index of each record)
+    and, when a group has missing pixels, `masks` `(N, H, W)` uint8 (1 = observed; all ones for the other records)."""
 
     images: np.ndarray
     annotations: list[dict[str, float]]
     groups: np.ndarray
+    masks: np.ndarray | None = None
 
 
 def make_imperfect(images: torch.Tensor, recipe: list[ImperfectionGroup], seed: int = 0) -> ImperfectData:
     """
     Damage `images` by `recipe`, seeded: a permutation drawn from `seed` gives each group its share of the records (the
-    last group takes what rounding leaves); each noisy record's noise is one draw seeded by `(seed, index)`.
+    last group takes what rounding leaves); each noisy record's noise, and each incomplete record's mask (every pixel
+    missing with the group's probability, all channels alike), is one draw seeded by `(seed, index)`.
 
     Args:
         images (`torch.Tensor` of shape `(N, C, H, W)`): clean images in `[-1, 1]`.
@@ -87,6 +93,9 @@ def make_imperfect(images: torch.Tensor, recipe: list[ImperfectionGroup], seed: 
         start = end
     unit = ((images.double() + 1) / 2).cpu()
     out, annotations = unit.clone(), []
+    masks = None
+    if any(group.corruption == "missing_pixels" for group in recipe):
+        masks = np.ones((count, *unit.shape[2:]), dtype=np.uint8)
     for record in range(count):
         group = recipe[groups[record]]
         annotation = {}
@@ -94,21 +103,26 @@ def make_imperfect(images: torch.Tensor, recipe: list[ImperfectionGroup], seed: 
             noise = np.random.default_rng([seed, record]).standard_normal(unit.shape[1:])
             out[record] = unit[record] + group.level * torch.from_numpy(noise)
             annotation = {"noise_sigma": group.level}
+        elif group.corruption == "missing_pixels":
+            masks[record] = np.random.default_rng([seed, record]).random(unit.shape[2:]) >= group.level
+            out[record] = unit[record] * torch.from_numpy(masks[record]).double()
         elif group.corruption != "clean":
             damaged = apply_corruption(images[record:record + 1].float(), group.corruption, int(group.level),
                                        generator=torch.Generator().manual_seed(seed * 1_000_003 + record))
             out[record] = ((damaged[0].double() + 1) / 2).cpu()
             annotation = {"sigma_min": severity_sigma_min(group.corruption, int(group.level))}
         annotations.append(annotation)
-    return ImperfectData(out.permute(0, 2, 3, 1).float().numpy(), annotations, groups)
+    return ImperfectData(out.permute(0, 2, 3, 1).float().numpy(), annotations, groups, masks)
 
 
 def save_imperfect(data: ImperfectData, folder: str, recipe: list[ImperfectionGroup], seed: int,
                    labels: list[int] | None = None) -> dict[str, str]:
     """
     Save `data` twice: `folder/float/train.parquet` (float `Array3D` column `image` in `[0, 1]` units, unclipped, with
-    annotation columns and `label` if given) and `folder/png/` (8-bit PNG files, clipped, with `annotations.csv` next
-    to them, keyed by file name), plus `folder/recipe.json`. Written into `folder.tmp` and renamed: never half-written.
+    annotation columns, `mask` (`Array2D` uint8) when records miss pixels, and `label` if given) and `folder/png/`
+    (8-bit PNG files, clipped, with `annotations.csv` next to them, keyed by file name, naming mask images in
+    `masks/`, outside the image folder so a folder loader does not read them as images), plus `folder/recipe.json`.
+    Written into `folder.tmp` and renamed: never half-written.
 
     Returns:
         `{"float": <parquet path>, "png": <image folder>}`.
@@ -123,6 +137,9 @@ def save_imperfect(data: ImperfectData, folder: str, recipe: list[ImperfectionGr
                "sigma_min": [a.get("sigma_min", 0.0) for a in data.annotations]}
     features = {"image": datasets.Array3D((height, width, channels), "float32"),
                 "noise_sigma": datasets.Value("float64"), "sigma_min": datasets.Value("float64")}
+    if data.masks is not None:
+        columns["mask"], features["mask"] = list(data.masks), datasets.Array2D((height, width), "uint8")
+        os.makedirs(os.path.join(temporary, "masks"))
     if labels is not None:
         columns["label"], features["label"] = list(labels), datasets.Value("int64")
     datasets.Dataset.from_dict(columns, features=datasets.Features(features)).to_parquet(
@@ -132,8 +149,12 @@ def save_imperfect(data: ImperfectData, folder: str, recipe: list[ImperfectionGr
         name = f"{index:06d}.png"
         pixels = np.clip(np.round(data.images[index] * 255.0), 0, 255).astype(np.uint8)
         PIL.Image.fromarray(pixels[..., 0] if channels == 1 else pixels).save(os.path.join(temporary, "png", name))
-        if data.annotations[index]:
-            sidecar[name] = data.annotations[index]
+        annotation = dict(data.annotations[index])
+        if data.masks is not None and not data.masks[index].all():
+            annotation["mask"] = f"../masks/{name}"
+            PIL.Image.fromarray(data.masks[index] * np.uint8(255)).save(os.path.join(temporary, "masks", name))
+        if annotation:
+            sidecar[name] = annotation
     write_sidecar(os.path.join(temporary, "png", "annotations.csv"), sidecar)
     shares = {f"{g.corruption}:{g.level:g}": int((data.groups == i).sum()) for i, g in enumerate(recipe)}
     with open(os.path.join(temporary, "recipe.json"), "w", encoding="utf-8") as handle:

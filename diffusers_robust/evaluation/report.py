@@ -112,8 +112,8 @@ def evaluate_pipeline(
     """
     config = pipeline.unet.config
     size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
-    held_out = load_evaluation_images(dataset, split, config.in_channels, size, num_images)
-    train = load_evaluation_images(dataset, train_split, config.in_channels, size, 100_000)
+    held_out = load_evaluation_images(dataset, split, pipeline.image_channels, size, num_images)
+    train = load_evaluation_images(dataset, train_split, pipeline.image_channels, size, 100_000)
     digits = dataset == "digits"
     labels = _digits_labels(split, held_out.shape[0]) if digits else None
     classifier = digits_classifier() if digits else None

@@ -47,6 +47,11 @@ class RobustDDPMPipeline(DiffusionPipeline):
         condition_embedding ([`~diffusers_robust.models.ConditionEmbedding`], *optional*): present when the model was
             trained to restore (`restoration_training`); generation never uses it.
 
+    A UNet that takes twice the channels it outputs was trained on images with missing pixels (Ambient Diffusion): its
+    input is the pixels it may see, zero elsewhere, then their mask, and it predicts the clean image
+    (`prediction_type="sample"`). Generation and restoration then draw one random mask per image that keeps the
+    scheduler's `sampling_observed_share` of the pixels, fixed at every step.
+
     Example:
 
     ```py
@@ -66,6 +71,17 @@ class RobustDDPMPipeline(DiffusionPipeline):
     def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, condition_embedding: ConditionEmbedding | None = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, condition_embedding=condition_embedding)
+        self._observed: torch.Tensor | None = None  # missing-pixel models: this call's fixed mask (B, 1, H, W)
+
+    @property
+    def masked_input(self) -> bool:
+        """Whether the UNet was trained on images with missing pixels: it takes the seen pixels and their mask."""
+        return self.unet.config.in_channels == 2 * self.unet.config.out_channels
+
+    @property
+    def image_channels(self) -> int:
+        """Channels of the images the pipeline makes and restores (the UNet's output channels)."""
+        return self.unet.config.out_channels
 
     @classmethod
     def download(cls, pretrained_model_name: str, **kwargs) -> str:
@@ -91,7 +107,7 @@ class RobustDDPMPipeline(DiffusionPipeline):
 
     def _image_to_tensor(self, image: ImageInput) -> torch.Tensor:
         """Convert a restoration input to a `(B, C, H, W)` tensor in `[-1, 1]` on the pipeline's device."""
-        channels = self.unet.config.in_channels
+        channels = self.image_channels
         if isinstance(image, PIL.Image.Image):
             image = [image]
         if isinstance(image, list):
@@ -165,7 +181,11 @@ class RobustDDPMPipeline(DiffusionPipeline):
         return predict
 
     def _unet_output(self, sample: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """The UNet's raw prediction (what `prediction_type` says), with `labels` embedded when given."""
+        """The UNet's raw prediction (what `prediction_type` says), with `labels` embedded when given; a missing-pixel
+        model sees `sample` through this call's fixed mask (outside a call, every pixel)."""
+        if self.masked_input:
+            seen = self._observed if self._observed is not None else torch.ones_like(sample[:, :1])
+            sample = torch.cat([sample * seen, seen.expand_as(sample)], dim=1)
         if labels is None:
             return self.unet(sample, timesteps).sample
         added = self.condition_embedding(labels).to(sample.dtype)
@@ -174,6 +194,20 @@ class RobustDDPMPipeline(DiffusionPipeline):
             return self.unet(sample, timesteps).sample
         finally:
             handle.remove()
+
+    def _draw_observed(self, batch: int, generator, device: torch.device) -> torch.Tensor | None:
+        """Missing-pixel models: one random mask per image `(B, 1, H, W)` (1 = seen) keeping `sampling_observed_share`
+        of the pixels, drawn after the initial noise so the noise stream is unchanged; `None` for other models."""
+        if not self.masked_input:
+            return None
+        share = float(self.scheduler.config.get("sampling_observed_share", 1.0) or 1.0)
+        shape = (1, *self._sample_size())
+        if isinstance(generator, list):
+            draws = [torch.rand((1, *shape), generator=g, device=g.device) for g in generator]
+        else:
+            draws = [torch.rand((batch, *shape), generator=generator,
+                                device=generator.device if generator is not None else "cpu")]
+        return (torch.cat(draws).to(device) < share).to(self.unet.dtype)
 
     @torch.no_grad()
     def __call__(
@@ -271,28 +305,11 @@ class RobustDDPMPipeline(DiffusionPipeline):
         _check_count("num_inference_steps", num_inference_steps)
         if restoration_steps is not None:
             _check_count("restoration_steps", restoration_steps)
-        if image is None:
-            given = [name for name, value in (("strength", strength), ("corruption", corruption), ("severity", severity),
-                                              ("noise_sigma", noise_sigma), ("mask", mask)) if value is not None]
-            if given:
-                raise ValueError(f"{', '.join(given)} need an image to restore: pass image=")
-            _check_count("batch_size", batch_size)
-            self._check_generators(generator, batch_size)
-            size = self._sample_size()
-            shape = (batch_size, self.unet.config.in_channels, *size)
-            sample = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
-            sample = self._sample(sample, self._timesteps(num_inference_steps), generator, eta)
-        else:
-            corrupted = self._image_to_tensor(image)
-            self._check_generators(generator, corrupted.shape[0])
-            plan = plan_restoration(corruption, severity, noise_sigma, mask, strength)
-            if learned_restoration and not (plan.corruption is not None and self._learned(plan.corruption)):
-                known = self.condition_embedding.corruptions if self.condition_embedding is not None else []
-                raise ValueError(f"learned_restoration needs a corruption this pipeline was trained to undo ({known}), "
-                                 f"got {plan.corruption!r}")
-            sample = self._restore(corrupted, plan, generator, num_inference_steps, eta, restoration_steps,
-                                   learned_restoration)
-
+        try:
+            sample = self._generate_or_restore(batch_size, generator, num_inference_steps, image, strength, eta, corruption,
+                                               severity, noise_sigma, mask, restoration_steps, learned_restoration)
+        finally:
+            self._observed = None
         images = (sample / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
             images = images.cpu().permute(0, 2, 3, 1).float().numpy()
@@ -302,6 +319,31 @@ class RobustDDPMPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+    def _generate_or_restore(self, batch_size, generator, num_inference_steps, image, strength, eta, corruption, severity,
+                             noise_sigma, mask, restoration_steps, learned_restoration) -> torch.Tensor:
+        """`__call__`'s work after the argument checks: the images `(B, C, H, W)` in `[-1, 1]`."""
+        if image is None:
+            given = [name for name, value in (("strength", strength), ("corruption", corruption), ("severity", severity),
+                                              ("noise_sigma", noise_sigma), ("mask", mask)) if value is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} need an image to restore: pass image=")
+            _check_count("batch_size", batch_size)
+            self._check_generators(generator, batch_size)
+            size = self._sample_size()
+            shape = (batch_size, self.image_channels, *size)
+            sample = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
+            self._observed = self._draw_observed(batch_size, generator, sample.device)
+            return self._sample(sample, self._timesteps(num_inference_steps), generator, eta)
+        corrupted = self._image_to_tensor(image)
+        self._check_generators(generator, corrupted.shape[0])
+        plan = plan_restoration(corruption, severity, noise_sigma, mask, strength)
+        if learned_restoration and not (plan.corruption is not None and self._learned(plan.corruption)):
+            known = self.condition_embedding.corruptions if self.condition_embedding is not None else []
+            raise ValueError(f"learned_restoration needs a corruption this pipeline was trained to undo ({known}), "
+                             f"got {plan.corruption!r}")
+        self._observed = self._draw_observed(corrupted.shape[0], generator, corrupted.device)
+        return self._restore(corrupted, plan, generator, num_inference_steps, eta, restoration_steps, learned_restoration)
 
     def _sample_size(self) -> tuple[int, int]:
         size = self.unet.config.sample_size
@@ -323,7 +365,7 @@ class RobustDDPMPipeline(DiffusionPipeline):
         stop = self._stop_level()
         levels = noise_to_signal(self.scheduler.alphas_cumprod.double())
         for index, t in enumerate(self.progress_bar(timesteps)):
-            model_output = self.unet(sample, t).sample
+            model_output = self._unet_output(sample, t)
             output = self.scheduler.step(model_output, t, sample, **step_kwargs)
             next_t = timesteps[index + 1] if index + 1 < len(timesteps) else None
             if stop > 0 and (next_t is None or levels[int(next_t)] < stop):

@@ -42,6 +42,7 @@ def validate_robust_options(
     epsilon_scale_slope: float,
     prediction_type: str,
     sampling_stop_sigma: float = 0.0,
+    sampling_observed_share: float = 1.0,
 ) -> None:
     """Raise `ValueError` naming the first robust option that is out of range."""
     if input_perturbation < 0:
@@ -54,6 +55,8 @@ def validate_robust_options(
         raise ValueError(f"epsilon_scale_base must be > 0, got {epsilon_scale_base}")
     if not 0 <= sampling_stop_sigma < 1e6:  # also refuses NaN
         raise ValueError(f"sampling_stop_sigma must be a finite std >= 0 ([0, 1] image units), got {sampling_stop_sigma}")
+    if not 0 < sampling_observed_share <= 1:
+        raise ValueError(f"sampling_observed_share must be in (0, 1], got {sampling_observed_share}")
     scaling_on = epsilon_scale_base != 1.0 or epsilon_scale_slope != 0.0
     if scaling_on and prediction_type != "epsilon":
         raise ValueError(

@@ -30,6 +30,10 @@ ROBUST_OPTIONS: tuple[RobustOption, ...] = (
     RobustOption("sampling_stop_sigma", 0.0, "sampling",
                  "stop sampling before the noise std ([0, 1] image units) falls below this and return the clean estimate "
                  "there; set by training on noisy-only data (the lowest level it can trust); 0 = off"),
+    RobustOption("sampling_observed_share", 1.0, "sampling",
+                 "missing-pixel models (a UNet taking twice the channels it outputs: the pixels it sees, then their mask): "
+                 "share of pixels it sees at every sampling step, one fixed random mask per image; set by training on "
+                 "masked data; 1 = every pixel"),
 )
 
 ROBUST_OPTION_NAMES: tuple[str, ...] = tuple(option.name for option in ROBUST_OPTIONS)

@@ -72,10 +72,11 @@ class RobustDDPMScheduler(RobustNoiseMixin, DDPMScheduler):
         epsilon_scale_base: float = 1.0,
         epsilon_scale_slope: float = 0.0,
         sampling_stop_sigma: float = 0.0,
+        sampling_observed_share: float = 1.0,
     ):
         validate_robust_options(
             input_perturbation, offset_noise, pyramid_noise_discount, epsilon_scale_base, epsilon_scale_slope,
-            prediction_type, sampling_stop_sigma,
+            prediction_type, sampling_stop_sigma, sampling_observed_share,
         )
         super().__init__(
             num_train_timesteps=num_train_timesteps,

@@ -59,6 +59,9 @@ class TrainingConfig:
     noisy_data_max_weight: float = option(
         4.0, "s_max: cap on the noisy-data target's scale k^2; an image with noise std s trains where "
         "sigma_t >= s * sqrt(s_max / (s_max - 1))")
+    further_mask_p: float = option(
+        0.1, "missing-pixel training (records with a mask): share of the observed pixels hidden further at each step, "
+        "so the model learns to fill pixels it is not shown (Ambient Diffusion's delta)")
     # Augmentation and corruption ("noisy training")
     augment: str | None = option(None, "Albumentations recipe file, e.g. training/configs/augment/edm.yaml; null: none")
     augment_conditioning: bool = option(True, "feed augment labels to the UNet while training, zeros when sampling")
@@ -78,6 +81,7 @@ class TrainingConfig:
     epsilon_scale_base: float = robust_option_field("epsilon_scale_base")
     epsilon_scale_slope: float = robust_option_field("epsilon_scale_slope")
     sampling_stop_sigma: float = robust_option_field("sampling_stop_sigma")
+    sampling_observed_share: float = robust_option_field("sampling_observed_share")
     snr_gamma: float | None = option(None, "min-SNR-gamma loss weighting (5.0 in the paper); null: plain MSE")
     # Optimisation
     train_batch_size: int = option(64, "images per process per micro-batch")
@@ -191,11 +195,13 @@ class TrainingConfig:
             raise ValueError(f"validation_severities must lie in 1..5, got {self.validation_severities}")
         validate_robust_options(self.input_perturbation, self.offset_noise, self.pyramid_noise_discount,
                                 self.epsilon_scale_base, self.epsilon_scale_slope, self.prediction_type or "epsilon",
-                                self.sampling_stop_sigma)
+                                self.sampling_stop_sigma, self.sampling_observed_share)
         if self.noise_sigma is not None and self.noise_sigma < 0:
             raise ValueError(f"noise_sigma must be >= 0 ([0, 1] image units) or null, got {self.noise_sigma}")
         if self.noisy_data_max_weight <= 1:
             raise ValueError(f"noisy_data_max_weight must be > 1, got {self.noisy_data_max_weight}")
+        if not 0 <= self.further_mask_p < 1:  # also refuses NaN
+            raise ValueError(f"further_mask_p must be in [0, 1), got {self.further_mask_p}")
         if self.noise_sigma is not None and self.annotations is not None:
             raise ValueError(f"noise_sigma sets every record's noise; it replaces annotations {self.annotations!r}: "
                              "set one of them")

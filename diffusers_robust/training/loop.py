@@ -12,6 +12,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
+from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -120,6 +121,11 @@ def set_up(config: TrainingConfig, accelerator: Accelerator) -> TrainingRun:
         noise_sigma=config.noise_sigma, annotations_required=config.annotations_required,
     )
     annotations = check_annotated_data(config, train_data, scheduler)
+    unet, scheduler = prepare_missing_pixel_model(config, train_data, pipeline.unet, scheduler, channels)
+    masked_model = unet.config.in_channels == 2 * channels
+    if train_data.masked:
+        annotations = {**(annotations or {}), "masked": sum(share < 1 for share in train_data.observed_shares),
+                       "observed_share": sum(train_data.observed_shares) / len(train_data.observed_shares)}
     validation_images = None
     if config.validation_split is not None:
         held_out = load_image_dataset(config.dataset, config.validation_split, image_column=config.image_column,
@@ -141,9 +147,10 @@ def set_up(config: TrainingConfig, accelerator: Accelerator) -> TrainingRun:
         augment_dim=train_data.label_dim if config.augment_conditioning else 0,
         condition_on_corruption=config.corruption_conditioning, restoration_training=config.restoration_training,
         restoration_max_timestep=config.restoration_max_timestep, max_weight=config.noisy_data_max_weight,
+        further_mask_p=config.further_mask_p if masked_model else None,
     )
     # The label vector (augment, then corruption labels) is all zeros at sampling time (non-leaking).
-    model = LabelConditionedUNet(pipeline.unet, objective.label_dim).to(accelerator.device)
+    model = LabelConditionedUNet(unet, objective.label_dim).to(accelerator.device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, config, accelerator.device)
@@ -209,6 +216,37 @@ def check_annotated_data(config: TrainingConfig, train_data: ImageDataset, sched
     return summary.to_dict()
 
 
+def prepare_missing_pixel_model(config: TrainingConfig, train_data: ImageDataset, unet: UNet2DModel,
+                                scheduler: RobustDDPMScheduler, channels: int) -> tuple[UNet2DModel, RobustDDPMScheduler]:
+    """Records with masks of observed pixels: the UNet must take `(seen pixels, their mask)` (`2C` channels; a preset's
+    `C`-channel UNet is rebuilt so from its config, freshly initialised), predict the clean image, and the scheduler
+    records the share of pixels to show at sampling (`sampling_observed_share`). Options that contradict masks are
+    refused. Returns the UNet and scheduler to train (unchanged without masks)."""
+    if not train_data.masked:
+        return unet, scheduler
+    for name, why in {**CLEAN_DATA_OPTIONS, "augment": "augmentations move pixels but not their masks"}.items():
+        if getattr(config, name) not in (None, False, 0, 0.0):
+            raise ValueError(f"{name} is set, but the training records carry masks of missing pixels: {why}. Turn "
+                             f"{name} off, or train without annotations (annotations: ignore)")
+    summary = train_data.annotation_summary(config.noisy_data_max_weight)
+    if summary is not None and summary.clean != summary.records:
+        raise ValueError("records carry both masks and noise levels (noise_sigma / sigma_min / sigma_max): training on "
+                         "missing pixels and on noisy images at once is not supported; annotate one of the two")
+    if config.prediction_type not in (None, "sample"):
+        raise ValueError(f"missing-pixel training predicts the clean image (prediction_type: sample); got "
+                         f"prediction_type: {config.prediction_type}")
+    if unet.config.in_channels == channels:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            unet = UNet2DModel.from_config({**unet.config, "in_channels": 2 * channels})
+        logger.info(f"masked records: the UNet takes the seen pixels and their mask ({2 * channels} channels)")
+    share = sum(train_data.observed_shares) / len(train_data.observed_shares) * (1 - config.further_mask_p)
+    scheduler = RobustDDPMScheduler.from_config(scheduler.config, prediction_type="sample", sampling_observed_share=share)
+    logger.info(f"masked records: {share:.3f} of the pixels observed on average, after hiding {config.further_mask_p} "
+                "further; the model predicts the clean image and samples seeing that share")
+    return unet, scheduler
+
+
 def resume(run: TrainingRun, checkpointer: Checkpointer) -> TrainingPosition:
     """Load the checkpoint the config names (if any) and build the LR schedule from its step; returns the start."""
     config = run.config
@@ -260,7 +298,7 @@ class Validator:
             if run.validation_images is not None:
                 device = run.accelerator.device
                 losses = validation_losses(
-                    unwrapped, run.scheduler, run.validation_images, self.corruptions, config.validation_severities,
+                    run.objective.full_view(unwrapped), run.scheduler, run.validation_images, self.corruptions, config.validation_severities,
                     labels_for=lambda name, severity, batch: run.objective.restoration_labels(name, severity, batch, device),
                 )
             sampler = self.sampling_pipeline()
@@ -313,8 +351,10 @@ def run_steps(
                 images = torch.zeros(1, run.channels, run.resolution, run.resolution, device=accelerator.device)
                 labels = torch.zeros(1, labels.shape[1], device=accelerator.device)
             noise_sigmas, sigma_max = (batch["noise_sigmas"], batch["sigma_max"]) if valid else (None, None)
+            observed = batch["observed"].to(accelerator.device, non_blocking=True) if valid else None
             with accelerator.accumulate(model):
-                loss = run.objective(model, images, labels, generator, noise_sigmas, sigma_max).loss.mean() * float(valid)
+                loss = run.objective(model, images, labels, generator, noise_sigmas, sigma_max, observed).loss.mean()
+                loss = loss * float(valid)
                 # One collective per micro-batch carries each rank's loss and whether it was asked to stop.
                 stop_here = float(signals is not None and signals.requested is not None)
                 gathered = accelerator.gather(torch.stack([loss.detach().float(), loss.new_tensor(stop_here)]).reshape(1, 2))

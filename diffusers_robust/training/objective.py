@@ -112,12 +112,20 @@ class RobustDiffusionObjective:
             `[0, restoration_max_timestep)` (rescaled, so the draw is the same).
         max_weight (`float`, defaults to 4.0): noisy-data training: `s_max`, the cap on `k^2 = sigma_t^2 / (sigma_t^2 -
             s_n^2)`; a record with noise std `s_n` trains only where `sigma_t >= s_n sqrt(s_max / (s_max - 1))`.
+        further_mask_p (`float`, *optional*): missing-pixel training (see below) with this share `delta` of the observed
+            pixels hidden further at each step; `None` (default): the model takes plain images.
 
     Noisy data (Ambient Diffusion): given per-image `noise_sigmas` (and `sigma_max`), the time is drawn first, then an
     image of the batch that may serve it (uniformly among the admissible ones, so each time keeps its share and a
     restricted image never meets a time it cannot serve); that image is noised on from its own noise level and regressed
     onto the double-Tweedie target ([`RobustNoiseMixin.add_noisy_data_noise`]), whose minimiser is the clean-data
     denoiser. A batch of clean images takes the plain path: the same random numbers and the same loss, bit for bit.
+
+    Missing pixels (Ambient Diffusion, Daras et al. 2023), with `further_mask_p` set and per-image `observed` masks A:
+    `x_t` is made from the observed image, a further share `delta` of its observed pixels is hidden (A' = A * B), the
+    model sees `(A' * x_t, A')` (`2C` channels) and predicts the clean image (`prediction_type="sample"`), and the
+    squared error counts only the pixels in A. Its minimiser is `E[x0 | A' * x_t, A']`: the model learns to fill in
+    pixels it is never shown, and at sampling sees a random `(1 - p)(1 - delta)` share of each image.
 
     Example:
 
@@ -145,9 +153,19 @@ class RobustDiffusionObjective:
         restoration_training: bool = False,
         restoration_max_timestep: int | None = None,
         max_weight: float = 4.0,
+        further_mask_p: float | None = None,
     ):
         if restoration_training and corruption is None:
             raise ValueError("restoration_training needs a corruption to undo")
+        if further_mask_p is not None:
+            if not 0 <= further_mask_p < 1:
+                raise ValueError(f"further_mask_p must be in [0, 1), got {further_mask_p}")
+            if scheduler.config.prediction_type != "sample":
+                raise ValueError("missing-pixel training predicts the clean image: it needs prediction_type 'sample', "
+                                 f"got '{scheduler.config.prediction_type}'")
+            if corruption is not None:
+                raise ValueError("missing-pixel training does not corrupt its images further: set corruptions: []")
+        self.further_mask_p = further_mask_p
         if not max_weight > 1:
             raise ValueError(f"max_weight (s_max) must be > 1, got {max_weight}")
         self.max_weight = max_weight
@@ -178,11 +196,14 @@ class RobustDiffusionObjective:
         generator: torch.Generator | None = None,
         noise_sigmas: torch.Tensor | None = None,
         sigma_max: torch.Tensor | None = None,
+        observed: torch.Tensor | None = None,
     ) -> ObjectiveOutput:
         """Loss of `model(x_t, t, labels)` on `images` `(B, C, H, W)` in `[-1, 1]` with their `augment_labels`
         `(B, >= augment_dim)`; every random number is drawn from `generator` (CPU). `noise_sigmas` and `sigma_max`
         `(B,)` (`[0, 1]` units) annotate noisy or restricted images; without them, or with every image clean, the
-        images are clean."""
+        images are clean. `observed` `(B, 1, H, W)` (1 = observed; default: all) serves missing-pixel training."""
+        if self.further_mask_p is not None:
+            return self.masked_data_loss(model, images, augment_labels, generator, observed)
         if noise_sigmas is not None and not _all_clean(noise_sigmas, sigma_max):
             return self.noisy_data_loss(model, images, augment_labels, generator, noise_sigmas, sigma_max)
         batch, device = images.shape[0], images.device
@@ -243,6 +264,39 @@ class RobustDiffusionObjective:
                                           self.scheduler.config.prediction_type).to(loss.device)
         loss = loss * served.to(loss.device, loss.dtype)
         return ObjectiveOutput(loss=loss, timesteps=timesteps, applied=[None] * batch, records=records)
+
+    def masked_data_loss(self, model, images: torch.Tensor, augment_labels: torch.Tensor | None, generator,
+                         observed: torch.Tensor | None) -> ObjectiveOutput:
+        """The missing-pixel loss (see the class docstring): mean squared error of the predicted clean image over each
+        image's observed pixels, the model seeing `x_t` only through a further-reduced mask."""
+        batch, device = images.shape[0], images.device
+        if observed is None:
+            observed = torch.ones((batch, 1, *images.shape[2:]), device=device, dtype=images.dtype)
+        observed = observed.to(device=device, dtype=images.dtype)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch,), generator=generator).to(device)
+        noise = torch.randn(images.shape, generator=generator).to(device=device, dtype=images.dtype)
+        kept = (torch.rand(observed.shape, generator=generator) >= self.further_mask_p).to(device=device, dtype=images.dtype)
+        seen = observed * kept
+        noisy = self.scheduler.add_noise(images * observed, noise, timesteps)
+        inputs = torch.cat([noisy * seen, seen.expand_as(noisy)], dim=1)
+        labels = self.labels(augment_labels, [None] * batch, batch, device) if self.label_dim else None
+        prediction = model(inputs, timesteps, labels).float()
+        squared = observed * (prediction - images.float()) ** 2
+        loss = squared.sum(dim=(1, 2, 3)) / (observed.sum(dim=(1, 2, 3)) * images.shape[1]).clamp(min=1)
+        if self.snr_gamma is not None:
+            loss = loss * min_snr_weights(self.scheduler.alphas_cumprod, timesteps, self.snr_gamma, "sample").to(loss.device)
+        return ObjectiveOutput(loss=loss, timesteps=timesteps, applied=[None] * batch)
+
+    def full_view(self, model):
+        """`model` as a denoiser of plain `x_t` `(B, C, H, W)`: a missing-pixel model is shown every pixel (for the
+        validation losses); any other model is returned as it is."""
+        if self.further_mask_p is None:
+            return model
+
+        def denoise(noisy: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+            return model(torch.cat([noisy, torch.ones_like(noisy)], dim=1), timesteps, labels)
+
+        return denoise
 
     @staticmethod
     def prediction_error(model, noisy_images: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,

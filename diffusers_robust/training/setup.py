@@ -31,12 +31,14 @@ def configure_scheduler(scheduler, config: TrainingConfig) -> RobustDDPMSchedule
 
 
 def resolve_image_shape(unet: UNet2DModel, config: TrainingConfig) -> tuple[int, int]:
-    """`(channels, resolution)` for training, checked against the UNet; raises `ValueError` naming the conflict."""
-    channels = config.channels if config.channels is not None else unet.config.in_channels
-    if channels != unet.config.in_channels:
+    """`(channels, resolution)` for training, checked against the UNet; raises `ValueError` naming the conflict. A UNet
+    taking twice the channels it outputs (a missing-pixel model) trains on images of its output's channels."""
+    takes = unet.config.out_channels if unet.config.in_channels == 2 * unet.config.out_channels else unet.config.in_channels
+    channels = config.channels if config.channels is not None else takes
+    if channels != takes:
         raise ValueError(
             f"the data has {channels} channels (channels={config.channels}) but the preset {config.pipeline} "
-            f"UNet takes {unet.config.in_channels}"
+            f"UNet takes {takes}"
         )
     size = unet.config.sample_size
     resolution = config.resolution if config.resolution is not None else (size if isinstance(size, int) else size[0])
