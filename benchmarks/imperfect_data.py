@@ -11,8 +11,9 @@ seed):
 - `blur90`: 90% blurred (severity 3), annotated with that severity's `sigma_min`; 10% clean.
 - `missing50`: every record with half of its pixels missing (one fixed random mask per record, known), float arrays.
 Arms: `plain` (a plain DDPM on all records, annotations ignored: missing pixels are mid-grey), `ambient` (the noisy-data
-objective with the annotations; on `missing50` the missing-pixel objective: x0 prediction from further-masked inputs), `clean-only` (plain on the clean 10%: the same records in every 90/10 setting) and `oracle` (plain on
-the clean train split). Every arm is `training/configs/digits.yaml` (same UNet, EMA, learning-rate schedule) with the
+objective with the annotations; on `missing50` the missing-pixel objective: x0 prediction from further-masked
+inputs), `clean-only` (plain on the clean 10%: the same records in every 90/10 setting) and `oracle` (plain on the
+clean train split). Every arm is `training/configs/digits.yaml` (same UNet, EMA, learning-rate schedule) with the
 same `--max_train_steps`; each process runs one thread.
 
 Figures on 512 samples per arm (DDIM 50 steps, evaluation seed 1234, independent of the training seed): share of samples

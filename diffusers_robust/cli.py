@@ -8,7 +8,9 @@
   `report.json`, `report.md` and PNG plots.
 - `push FOLDER REPO_ID`: upload a trained pipeline folder with its model card to the Hub (never checkpoints or logs).
 - `annotate DATA`: estimate each training image's noise std, write the annotation sidecar and print a histogram.
-- `make-imperfect`: turn a dataset into a seeded imperfect one (noisy, blurred and clean records) with annotations.
+- `make-imperfect`: turn a dataset into a seeded imperfect one (noisy, blurred, incomplete and clean records) with
+  annotations.
+- `presets`: list the named presets that `train --pipeline` starts from.
 
 Bad input exits with code 2 and a one-line message.
 """
@@ -55,7 +57,10 @@ def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .training.config import build_argument_parser
 
+    from importlib.metadata import version
+
     parser = argparse.ArgumentParser(prog="diffusers-robust", description="Robust DDPMs on top of Diffusers.")
+    parser.add_argument("--version", action="version", version=f"diffusers-robust {version('diffusers-robust')}")
     commands = parser.add_subparsers(dest="command", required=True)
     defaults = argparse.ArgumentDefaultsHelpFormatter
 
@@ -147,7 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
     imperfect.add_argument("--resolution", type=_positive, default=8, help="side in pixels")
     imperfect.add_argument("--seed", type=int, default=0, help="seeds which record gets what and the noise")
     imperfect.add_argument("--output_dir", required=True, help="where float/, png/ and recipe.json go")
+
+    commands.add_parser("presets", help="list the named presets that train --pipeline starts from",
+                        description="The presets installed with the package (configs, no weights): train --pipeline NAME "
+                                    "starts from one from any directory; a folder path or a Hub id works too.")
     return parser
+
+
+def run_presets(args: argparse.Namespace) -> list[str]:
+    from .pipelines.presets import available_presets, preset_root
+
+    for name, description in available_presets().items():
+        print(f"{name:<18} {description}")
+    print(f"(in {preset_root()})")
+    return []
 
 
 def run_annotate(args: argparse.Namespace) -> list[str]:
@@ -343,14 +361,15 @@ def main(argv: list[str] | None = None) -> int:
         run_training(config)
         return 0
     commands = {"sample": run_sample, "restore": run_restore, "evaluate": run_evaluate, "push": run_push,
-                "annotate": run_annotate, "make-imperfect": run_make_imperfect}
+                "annotate": run_annotate, "make-imperfect": run_make_imperfect, "presets": run_presets}
     try:
         written = commands[args.command](args)
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"diffusers-robust {args.command}: error: {error}".splitlines()[0], file=sys.stderr)
         return 2
     shown = written if len(written) <= 5 else [*written[:2], f"... ({len(written) - 4} more)", *written[-2:]]
-    print(f"wrote {', '.join(shown)}")
+    if written:
+        print(f"wrote {', '.join(shown)}")
     return 0
 
 

@@ -140,6 +140,10 @@ Training configuration: `training_config.yaml`; all figures: `metrics.json`.
 
 def _annotation_text(annotations: dict | None) -> str:
     """The card's paragraph on imperfect training data (empty when no record was annotated)."""
+    if annotations and annotations.get("masked"):
+        return (f"\nTrained on images with missing pixels (Ambient Diffusion): {annotations['masked']} of "
+                f"{annotations['records']} training images miss pixels, {annotations['observed_share']:.1%} of the pixels "
+                "are observed on average; the UNet sees the observed pixels and their mask and predicts the clean image.\n")
     if not annotations or annotations["clean"] == annotations["records"]:
         return ""
     return (f"\nTrained on imperfect data with the noisy-data objective: of {annotations['records']} training images, "

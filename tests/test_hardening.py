@@ -72,7 +72,7 @@ def test_resume_refuses_changed_options_the_checkpoint_depends_on_and_keeps_the_
     for option, value in (("train_batch_size", 8), ("seed", 3), ("use_ema", "false"), ("dataset_split", "test")):
         refused = run(tiny_training_args(tiny_preset, out, resume_from_checkpoint="latest", max_train_steps=3,
                                          **{option: value}))
-        assert refused.returncode != 0 and f"{option}:" in refused.stderr and "Traceback" in refused.stderr
+        assert refused.returncode == 2 and f"{option}:" in refused.stderr and "Traceback" not in refused.stderr
     assert not (out / "checkpoints" / "checkpoint-3").exists()
     resumed = run(tiny_training_args(tiny_preset, out, resume_from_checkpoint="latest", max_train_steps=3,
                                      learning_rate=5e-4))

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from diffusers_robust import RobustDDIMScheduler, RobustDDPMPipeline, RobustDDPMScheduler, RobustDiffusionObjective
 from diffusers_robust.data.datasets import collate_image_batch, load_image_dataset
 from diffusers_robust.data.imperfect import make_imperfect, parse_recipe, save_imperfect
+from diffusers_robust.training.objective import MASKED_SNR_GAMMA, min_snr_weights
 
 
 def _masked_unet(channels: int = 1):
@@ -42,7 +43,8 @@ def test_the_masked_loss_counts_only_observed_pixels_and_shows_the_model_fewer()
     out = objective(perfect, images, generator=torch.Generator().manual_seed(0), observed=observed)
     assert torch.equal(out.loss, torch.zeros(64))
     wrong = objective(_Recorder(images + 0.1), images, generator=torch.Generator().manual_seed(0), observed=observed)
-    assert torch.allclose(wrong.loss, torch.full((64,), 0.01), atol=1e-6)  # the mean over observed pixels only
+    weights = min_snr_weights(objective.scheduler.alphas_cumprod, wrong.timesteps, MASKED_SNR_GAMMA, "sample")
+    assert torch.allclose(wrong.loss, 0.01 * weights, rtol=1e-4)  # the mean over observed pixels only, min-SNR weighted
     shown = perfect.inputs[0]
     assert shown.shape == (64, 2, 8, 8)
     seen = shown[:, 1:]
@@ -166,6 +168,7 @@ def test_training_on_masked_records_builds_a_missing_pixel_model_that_loads_and_
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     share = metrics["annotations"]["observed_share"]
     assert metrics["annotations"]["masked"] == 96 and 0.45 < share < 0.55
+    assert "Trained on images with missing pixels" in (tmp_path / "out" / "README.md").read_text()
     pipe = RobustDDPMPipeline.from_pretrained(tmp_path / "out")
     assert pipe.unet.config.in_channels == 2 and pipe.scheduler.config.prediction_type == "sample"
     assert pipe.scheduler.config.sampling_observed_share == pytest.approx(share * 0.8)

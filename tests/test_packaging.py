@@ -33,8 +33,12 @@ def test_wheel_installs_into_a_fresh_venv_and_imports_public_classes(tmp_path):
     probe = (
         "import diffusers_robust, os; "
         "from diffusers_robust import RobustDDPMPipeline, RobustDDPMScheduler, RobustDDIMScheduler; "
-        "print(os.path.dirname(diffusers_robust.__file__))"
+        "from diffusers_robust.pipelines.presets import available_presets, build_pipeline_from_preset, preset_root; "
+        "assert build_pipeline_from_preset('ddpm-digits').unet.config.sample_size == 8; "
+        "print(os.path.dirname(diffusers_robust.__file__)); print(preset_root()); print(sorted(available_presets()))"
     )
     env = {**os.environ, "PYTHONPATH": ""}
     out = subprocess.run([fresh_python, "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert out.stdout.strip().startswith(str(venv))
+    package, presets, names = out.stdout.strip().splitlines()
+    assert package.startswith(str(venv)) and presets == os.path.join(package, "presets")  # installed with the package
+    assert names == "['ddpm-64', 'ddpm-cifar10-32', 'ddpm-digits']"

@@ -26,7 +26,7 @@ def text_parquet(tmp_path_factory) -> str:
 @pytest.mark.parametrize("overrides,message", [
     (dict(dataset="/no/such/images"), "dataset path /no/such/images does not exist"),
     (dict(resolution=9), "resolution 9 cannot be downsampled .* multiple of 2"),
-    (dict(channels=3), "the data has 3 channels .* UNet takes 1"),
+    (dict(pipeline="./no-such-preset"), "no preset or pipeline folder './no-such-preset': presets are"),
     (dict(lr_scheduler="step"), "lr_scheduler must be one of"),
     (dict(corruptions=["fog"], corruption_p=0.5), "unknown corruption 'fog'"),
 ])
@@ -95,4 +95,4 @@ def test_shipped_recipes_parse():
     config = TrainingConfig.from_yaml(os.path.join(REPO_ROOT, "training", "configs", "digits.yaml"))
     assert config.report and config.report_samples == 256 and config.max_train_steps == 6000
     cifar = TrainingConfig.from_yaml(os.path.join(REPO_ROOT, "training", "configs", "cifar10.yaml"))
-    assert cifar.pipeline == "pipelines/ddpm-cifar10-32" and cifar.mixed_precision == "bf16"
+    assert cifar.pipeline == "ddpm-cifar10-32" and cifar.mixed_precision == "bf16"

@@ -301,6 +301,7 @@ class ImageDataset:
     streaming: bool
     annotations: dict[str, list[float]] | None = None  # annotation columns over all records (before sharding)
     observed_shares: list[float] | None = None  # records with a mask column: the share of observed pixels of each
+    source_shape: tuple[int, int, int] | None = None  # (channels, height, width) of the first image as stored
 
     def annotation_summary(self, max_weight: float) -> AnnotationSummary | None:
         """What the records' annotations say ([`~data.annotations.summarise`]); None when no record is annotated."""
@@ -403,6 +404,7 @@ def load_image_dataset(
     if not arrays:
         dataset = dataset.cast_column(column, datasets.Image(decode=False))
     name = os.path.basename(os.path.normpath(source)) + f"/{split}"
+    source_shape = None if from_hub_stream else first_image_shape(dataset, column, arrays)
     transform = ImageRecordTransform(column, channels, resolution, center_crop, augment, seed, name, array_images=arrays)
     present = [c for c in (*ANNOTATION_COLUMNS, MASK_COLUMN) if c in (dataset.features or {})]
     keep = [column, *present]
@@ -440,7 +442,7 @@ def load_image_dataset(
         if not streaming:
             dataset.set_transform(transform)
             return ImageDataset(dataset, transform, column, streaming=False, annotations=annotation_columns,
-                                observed_shares=observed_shares)
+                                observed_shares=observed_shares, source_shape=source_shape)
         dataset = dataset.to_iterable_dataset(num_shards=min(num_shards, len(dataset)))
 
     dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer)
@@ -452,7 +454,26 @@ def load_image_dataset(
     else:
         dataset = dataset.map(transform, batched=True, batch_size=STREAM_MAP_BATCH_SIZE, remove_columns=[*keep, _INDEX_COLUMN])
     return ImageDataset(dataset, transform, column, streaming=True, annotations=annotation_columns,
-                        observed_shares=observed_shares)
+                        observed_shares=observed_shares, source_shape=source_shape)
+
+
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+
+
+def first_image_shape(dataset: datasets.Dataset, column: str, arrays: bool, tries: int = 8) -> tuple[int, int, int] | None:
+    """`(channels, height, width)` of the first of the first `tries` records that decodes, as stored (1 channel for
+    grey modes, 3 for colour ones; a float array's own shape); None when none of them decodes."""
+    for index in range(min(tries, len(dataset))):
+        value = dataset[index][column]
+        try:
+            if arrays:
+                array = np.asarray(value)
+                return (1 if array.ndim == 2 else array.shape[2], array.shape[0], array.shape[1])
+            image = decode_image(value)
+        except Exception:  # noqa: BLE001 - a bad record is counted later, by the transform
+            continue
+        return (1 if image.mode in GREY_MODES else 3, image.height, image.width)
+    return None
 
 
 def check_masks(masks: Sequence[Any], name: str, resolution: int) -> list[float]:

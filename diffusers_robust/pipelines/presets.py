@@ -1,7 +1,13 @@
-"""Build untrained pipelines from preset folders in Diffusers' on-disk layout (no weights)."""
+"""Build untrained pipelines from preset folders in Diffusers' on-disk layout (no weights).
+
+The presets of the repository's `pipelines/` folder install with the package (`diffusers_robust/presets/`), so a preset
+is named (`ddpm-digits`) and found from any directory; a folder path or a Hub id works too ([`resolve_preset`]).
+"""
 
 import importlib
+import json
 import os
+from pathlib import Path
 
 import diffusers
 import torch
@@ -32,25 +38,73 @@ def _component_class(name: str, library: str, class_name: str) -> type:
     return component
 
 
+def preset_root() -> Path:
+    """The folder of the named presets: installed with the package, or the `pipelines/` folder of a source checkout."""
+    installed = Path(__file__).resolve().parent.parent / "presets"
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[2] / "pipelines"
+
+
+def available_presets() -> dict[str, str]:
+    """`{name: one-line description}` of the named presets (sample size, channels, UNet widths)."""
+    presets = {}
+    root = preset_root()
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        config_file = folder / "unet" / "config.json"
+        if (folder / "model_index.json").is_file() and config_file.is_file():
+            unet = json.loads(config_file.read_text(encoding="utf-8"))
+            presets[folder.name] = (f"{unet['sample_size']}x{unet['sample_size']}, {unet['in_channels']} channel(s), "
+                                    f"UNet widths {unet['block_out_channels']}")
+    return presets
+
+
+def resolve_preset(preset: str | os.PathLike) -> str:
+    """
+    The folder of `preset`: an existing folder, a preset name (`ddpm-digits`; `pipelines/ddpm-digits` also works from
+    any directory), or a Hub id (`user/name`, whose configs are downloaded, no weights). `FileNotFoundError` naming the
+    presets otherwise: a local-looking path is never looked up on the Hub.
+    """
+    text = os.path.expanduser(os.fspath(preset))
+    if os.path.isdir(text):
+        return text
+    names = available_presets()
+    name = os.path.basename(os.path.normpath(text))
+    if text in names or (os.path.dirname(os.path.normpath(text)) == "pipelines" and name in names):
+        return str(preset_root() / name)
+    looks_local = text.startswith((".", "/", "~")) or text.count("/") != 1 or os.path.isdir(text.split("/")[0])
+    if looks_local:
+        raise FileNotFoundError(f"no preset or pipeline folder {os.fspath(preset)!r}: presets are {list(names)} "
+                                "(diffusers-robust presets), or give a folder holding model_index.json or a Hub id")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(text, allow_patterns=["model_index.json", "*/config.json", "*/scheduler_config.json"])
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as error:
+        raise FileNotFoundError(f"{text!r} is neither a preset ({list(names)}) nor a local folder, and the Hub could not "
+                                f"give it: {str(error).splitlines()[0]}") from error
+
+
 def build_pipeline_from_preset(preset: str | os.PathLike, seed: int | None = None) -> RobustDDPMPipeline:
     """
-    Build a [`RobustDDPMPipeline`] with freshly initialised weights from a preset folder.
+    Build a [`RobustDDPMPipeline`] with freshly initialised weights from a preset.
 
     A preset folder holds `model_index.json`, `unet/config.json` and `scheduler/scheduler_config.json`
     (as `save_pretrained` writes them, without weights), for example `pipelines/ddpm-digits`.
 
     Args:
-        preset (`str` or `os.PathLike`): the preset folder.
+        preset (`str` or `os.PathLike`): a preset name, folder or Hub id ([`resolve_preset`]).
         seed (`int`, *optional*): seeds the weight initialisation; the global RNG is left as it was.
 
     Example:
 
     ```py
     >>> from diffusers_robust import build_pipeline_from_preset
-    >>> pipe = build_pipeline_from_preset("pipelines/ddpm-digits", seed=0)  # doctest: +SKIP
-    >>> pipe.unet.num_parameters()  # doctest: +SKIP
+    >>> pipe = build_pipeline_from_preset("ddpm-digits", seed=0)
+    >>> pipe.unet.config.sample_size, pipe.unet.config.in_channels
+    (8, 1)
     ```
     """
+    preset = resolve_preset(preset)
     index = load_pipeline_index(preset)
     if index.get("_class_name") != RobustDDPMPipeline.__name__:
         raise ValueError(f"{preset}: model_index.json is for {index.get('_class_name')}, expected RobustDDPMPipeline")

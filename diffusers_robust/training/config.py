@@ -38,15 +38,18 @@ class TrainingConfig:
     # Run
     seed: int = option(0, "seeds weights, data order, augmentation, corruption and noise")
     output_dir: str = option("outputs/robust-ddpm", "pipeline, checkpoints, samples, logs, metrics and model card go here")
-    pipeline: str = option("pipelines/ddpm-digits", "preset folder (model_index.json + configs) to train from")
+    pipeline: str = option("ddpm-digits", "preset to train from: a name (diffusers-robust presets), a folder holding "
+                           "model_index.json and configs, or a Hub id")
     # Data
     dataset: str = option("digits", "'digits' (embedded), an image folder, parquet/arrow files, or a Hub dataset name")
     dataset_split: str = option("train", "split to train on")
     validation_split: str | None = option("test", "held-out split for the validation loss; null skips the loss")
     image_column: str | None = option(None, "image column; detected (first Image feature) if null")
     streaming: bool = option(False, "stream the dataset (IterableDataset) instead of map-style")
-    channels: int | None = option(None, "1 or 3; null takes the preset UNet's in_channels")
-    resolution: int | None = option(None, "training resolution in pixels; null takes the preset UNet's sample_size")
+    channels: int | None = option(None, "1 or 3 (images are converted to it; another count than the preset's builds the "
+                                  "UNet for it); null: the preset's, and images of another count stop before training")
+    resolution: int | None = option(None, "training side in pixels (images are resized and cropped to it; the UNet samples "
+                                    "at it); null: the preset's, and images of another size stop before training")
     center_crop: bool = option(True, "center crop after resizing; false: random crop")
     shuffle_buffer: int = option(1000, "shuffle buffer of a stream, in records")
     dataloader_num_workers: int = option(0, "DataLoader worker processes per training process")

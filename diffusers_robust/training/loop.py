@@ -5,6 +5,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -28,7 +29,7 @@ from ..pipelines.pipeline_robust_ddpm import RobustDDPMPipeline
 from ..pipelines.presets import build_pipeline_from_preset
 from ..schedulers import RobustDDIMScheduler, RobustDDPMScheduler
 from ..schedulers.robust_options import ROBUST_OPTION_NAMES
-from .checkpoints import Checkpointer, NonFiniteLossError, TrainingPosition, apply_umask
+from .checkpoints import Checkpointer, NonFiniteLossError, TrainingPosition, apply_umask, complete_checkpoints
 from .config import TrainingConfig
 from .distributed import parameter_checksum, step_seed
 from .objective import RobustDiffusionObjective
@@ -37,13 +38,19 @@ from .setup import (
     build_dataloader,
     build_lr_scheduler,
     build_optimizer,
+    check_image_shape,
     configure_scheduler,
+    fit_unet,
     resolve_image_shape,
     training_length,
 )
 from .summary import RunSummary
 
 logger = get_logger(__name__, log_level="INFO")
+
+
+class BadTrainingInput(ValueError):
+    """Input refused before the first step (options, preset, data): reported as one line, exit code 2."""
 
 
 class TrainingStopped(RuntimeError):
@@ -102,6 +109,9 @@ def set_up(config: TrainingConfig, accelerator: Accelerator) -> TrainingRun:
     rank, world_size = accelerator.process_index, accelerator.num_processes
     if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ValueError("mixed_precision fp16 needs a GPU (PyTorch has no fp16 autocast for CPU training); use bf16 or no")
+    if config.resume_from_checkpoint == "latest" and not complete_checkpoints(config.output_dir):
+        logger.info(f"resume_from_checkpoint=latest: {config.output_dir} holds no checkpoint yet, so a fresh run starts")
+        config.resume_from_checkpoint = None  # as Diffusers' examples do: one command for the first run and restarts
     if config.resume_from_checkpoint:  # what the checkpoint depends on must not change; the rest is logged
         for name, (first, now) in check_resume_config(config.output_dir, config).items():
             logger.info(f"resuming with {name} = {now!r} (the first run had {first!r})")
@@ -112,7 +122,6 @@ def set_up(config: TrainingConfig, accelerator: Accelerator) -> TrainingRun:
     pipeline = build_pipeline_from_preset(config.pipeline, seed=config.seed)
     scheduler = configure_scheduler(pipeline.scheduler, config)
     channels, resolution = resolve_image_shape(pipeline.unet, config)
-    pipeline.unet.register_to_config(sample_size=resolution)  # the exported pipeline samples at the training size
     train_data = load_image_dataset(
         config.dataset, config.dataset_split, streaming=config.streaming, image_column=config.image_column,
         channels=channels, resolution=resolution, center_crop=config.center_crop, augment=config.augment,
@@ -120,8 +129,10 @@ def set_up(config: TrainingConfig, accelerator: Accelerator) -> TrainingRun:
         num_shards=max(8, world_size * max(1, config.dataloader_num_workers)), annotations=config.annotations,
         noise_sigma=config.noise_sigma, annotations_required=config.annotations_required,
     )
+    check_image_shape(config, train_data.source_shape, channels, resolution)
     annotations = check_annotated_data(config, train_data, scheduler)
-    unet, scheduler = prepare_missing_pixel_model(config, train_data, pipeline.unet, scheduler, channels)
+    unet = fit_unet(pipeline.unet, channels, resolution, config.seed)
+    unet, scheduler = prepare_missing_pixel_model(config, train_data, unet, scheduler, channels)
     masked_model = unet.config.in_channels == 2 * channels
     if train_data.masked:
         annotations = {**(annotations or {}), "masked": sum(share < 1 for share in train_data.observed_shares),
@@ -298,7 +309,8 @@ class Validator:
             if run.validation_images is not None:
                 device = run.accelerator.device
                 losses = validation_losses(
-                    run.objective.full_view(unwrapped), run.scheduler, run.validation_images, self.corruptions, config.validation_severities,
+                    run.objective.full_view(unwrapped), run.scheduler, run.validation_images, self.corruptions,
+                    config.validation_severities,
                     labels_for=lambda name, severity, batch: run.objective.restoration_labels(name, severity, batch, device),
                 )
             sampler = self.sampling_pipeline()
@@ -497,7 +509,10 @@ def export(run: TrainingRun, end: TrainingPosition, stats: StepStats, validate: 
 
 def train(config: TrainingConfig, accelerator: Accelerator, signals: StopSignals | None = None) -> RunSummary | None:
     """One training run: set up, resume, the step loop, export. Returns the run summary on the main process."""
-    run = set_up(config, accelerator)
+    try:
+        run = set_up(config, accelerator)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        raise BadTrainingInput(str(error)) from error
     stream_loader = run.dataloader if run.train_data.streaming else None
     checkpointer = Checkpointer(accelerator, run.model, config.output_dir, config.checkpoints_total_limit, stream_loader)
     start = resume(run, checkpointer)
@@ -545,6 +560,12 @@ def run_training(config: TrainingConfig) -> None:
         traceback.clear_frames(stopped.__traceback__)
         logger.error(str(stopped))
         raise SystemExit(stopped.exit_code) from None
+    except BadTrainingInput as error:  # one line and exit code 2, like the CLI; DIFFUSERS_ROBUST_DEBUG=1 shows the trace
+        if os.environ.get("DIFFUSERS_ROBUST_DEBUG"):
+            raise
+        traceback.clear_frames(error.__traceback__)
+        print(f"error: {error}".splitlines()[0], file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     except BaseException as error:
         traceback.clear_frames(error.__traceback__)  # the failed run's locals (its DDP model) go before the group
         raise

@@ -9,6 +9,11 @@ import torch
 
 from ..schedulers.robust_noise import PREDICTION_TYPES
 
+# Missing-pixel training weights its x0 error by min-SNR with this gamma when `snr_gamma` is not set: unweighted, the
+# high-noise times dominate (a scratch run on the digits, half their pixels missing: 40.6% confident samples, against
+# 69.5% with this weighting; README, "Missing pixels").
+MASKED_SNR_GAMMA = 5.0
+
 
 def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio `a_t / (1 - a_t)` at `timesteps` (shape `(B,)`); 0 where `a_t = 0`."""
@@ -124,8 +129,9 @@ class RobustDiffusionObjective:
     Missing pixels (Ambient Diffusion, Daras et al. 2023), with `further_mask_p` set and per-image `observed` masks A:
     `x_t` is made from the observed image, a further share `delta` of its observed pixels is hidden (A' = A * B), the
     model sees `(A' * x_t, A')` (`2C` channels) and predicts the clean image (`prediction_type="sample"`), and the
-    squared error counts only the pixels in A. Its minimiser is `E[x0 | A' * x_t, A']`: the model learns to fill in
-    pixels it is never shown, and at sampling sees a random `(1 - p)(1 - delta)` share of each image.
+    squared error counts only the pixels in A, weighted by min-SNR (`snr_gamma`, else `MASKED_SNR_GAMMA`). Its minimiser
+    is `E[x0 | A' * x_t, A']`: the model learns to fill in pixels it is never shown, and at sampling sees a random
+    `(1 - p)(1 - delta)` share of each image.
 
     Example:
 
@@ -283,8 +289,8 @@ class RobustDiffusionObjective:
         prediction = model(inputs, timesteps, labels).float()
         squared = observed * (prediction - images.float()) ** 2
         loss = squared.sum(dim=(1, 2, 3)) / (observed.sum(dim=(1, 2, 3)) * images.shape[1]).clamp(min=1)
-        if self.snr_gamma is not None:
-            loss = loss * min_snr_weights(self.scheduler.alphas_cumprod, timesteps, self.snr_gamma, "sample").to(loss.device)
+        gamma = self.snr_gamma if self.snr_gamma is not None else MASKED_SNR_GAMMA
+        loss = loss * min_snr_weights(self.scheduler.alphas_cumprod, timesteps, gamma, "sample").to(loss.device)
         return ObjectiveOutput(loss=loss, timesteps=timesteps, applied=[None] * batch)
 
     def full_view(self, model):

@@ -31,15 +31,11 @@ def configure_scheduler(scheduler, config: TrainingConfig) -> RobustDDPMSchedule
 
 
 def resolve_image_shape(unet: UNet2DModel, config: TrainingConfig) -> tuple[int, int]:
-    """`(channels, resolution)` for training, checked against the UNet; raises `ValueError` naming the conflict. A UNet
-    taking twice the channels it outputs (a missing-pixel model) trains on images of its output's channels."""
+    """`(channels, resolution)` for training: the recipe's, else the preset UNet's (a UNet taking twice the channels it
+    outputs, a missing-pixel model, trains on images of its output's channels); `ValueError` for a resolution the UNet
+    cannot halve as often as it downsamples."""
     takes = unet.config.out_channels if unet.config.in_channels == 2 * unet.config.out_channels else unet.config.in_channels
     channels = config.channels if config.channels is not None else takes
-    if channels != takes:
-        raise ValueError(
-            f"the data has {channels} channels (channels={config.channels}) but the preset {config.pipeline} "
-            f"UNet takes {takes}"
-        )
     size = unet.config.sample_size
     resolution = config.resolution if config.resolution is not None else (size if isinstance(size, int) else size[0])
     factor = 2 ** (len(unet.config.block_out_channels) - 1)
@@ -49,6 +45,37 @@ def resolve_image_shape(unet: UNet2DModel, config: TrainingConfig) -> tuple[int,
             f"{len(unet.config.block_out_channels) - 1} times, so the resolution must be a multiple of {factor}"
         )
     return channels, resolution
+
+
+def fit_unet(unet: UNet2DModel, channels: int, resolution: int, seed: int) -> UNet2DModel:
+    """The preset's UNet for images of `channels` and `resolution`: `sample_size` set (the UNet is convolutional, so
+    its weights do not change), and rebuilt from its config with `channels` in and out when they differ (freshly
+    initialised from `seed`, as every preset is)."""
+    unet.register_to_config(sample_size=resolution)  # the exported pipeline samples at the training size
+    takes = unet.config.out_channels if unet.config.in_channels == 2 * unet.config.out_channels else unet.config.in_channels
+    if channels == takes:
+        return unet
+    logger.info(f"the preset's UNet takes {takes} channel(s): built for {channels} from its config")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet2DModel.from_config({**unet.config, "in_channels": channels, "out_channels": channels})
+
+
+def check_image_shape(config: TrainingConfig, found: tuple[int, int, int] | None, channels: int, resolution: int) -> None:
+    """Refuse to convert the colour or size of the training images silently: `found` is `(channels, height, width)`
+    of the first image of the data (None when unknown); when it differs from what the preset takes and the recipe
+    did not set `channels` / `resolution`, `ValueError` naming the flag that trains on the images as they are."""
+    if found is None:
+        return
+    found_channels, height, width = found
+    if config.channels is None and found_channels != channels:
+        raise ValueError(f"the images of {config.dataset} have {found_channels} channel(s) but the preset {config.pipeline} "
+                         f"takes {channels}: pass --channels {found_channels} (the UNet is built for them) or "
+                         f"--channels {channels} to convert them")
+    if config.resolution is None and min(height, width) != resolution:
+        raise ValueError(f"the images of {config.dataset} are {width}x{height} pixels but the preset {config.pipeline} "
+                         f"takes {resolution}x{resolution}: pass --resolution {min(height, width)} (the UNet is built "
+                         f"for it) or --resolution {resolution} to resize them")
 
 
 def training_length(config: TrainingConfig, batches_per_epoch: int | None) -> tuple[int, int]:
