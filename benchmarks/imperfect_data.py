@@ -204,8 +204,8 @@ def table(root: str, names: list[str]) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", results
 
 
-def write_reference(results: dict, path: str) -> None:
-    """Mean over training seeds of the `noisy90` comparison arms, for `scripts/main_job.sh`."""
+def write_reference(results: dict, path: str, steps: int) -> None:
+    """Mean over training seeds of the `noisy90` comparison arms (trained `steps` steps), for `scripts/main_job.sh`."""
     keys = ("confident_fraction", "classes_present", "frechet_classifier", "noise_std", "copying")
     arms = {}
     for label, prefix in (("plain DDPM", "noisy90-plain"), ("clean 10% only", "clean-only"), ("all-clean oracle", "oracle")):
@@ -213,8 +213,8 @@ def write_reference(results: dict, path: str) -> None:
         if runs:
             arms[label] = {key: sum(run[key] for run in runs) / len(runs) for key in keys} | {"seeds": len(runs)}
     seeds = ", ".join(f"{label}: {figures['seeds']}" for label, figures in arms.items())
-    source = (f"benchmarks/imperfect_data.py, setting noisy90 (the data of this job), mean over training seeds ({seeds}), "
-              "same budget and evaluation seed")
+    source = (f"benchmarks/imperfect_data.py --max_train_steps {steps}, setting noisy90 (the data of this job), training "
+              f"seeds per arm: {seeds}; the same recipe, budget and evaluation seed as this job")
     with open(path, "w", encoding="utf-8") as handle:
         json.dump({"source": source, "arms": arms}, handle, indent=2)
 
@@ -249,7 +249,7 @@ def main() -> None:
             future.result()
     markdown, results = table(args.output_dir, [name for name, _, _ in jobs])
     if args.write_reference:
-        write_reference(results, args.write_reference)
+        write_reference(results, args.write_reference, args.max_train_steps)
     with open(os.path.join(args.output_dir, "imperfect_data.md"), "w", encoding="utf-8") as handle:
         handle.write(markdown)
     with open(os.path.join(args.output_dir, "imperfect_data.json"), "w", encoding="utf-8") as handle:

@@ -55,9 +55,9 @@ def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .training.config import build_argument_parser
-
     from importlib.metadata import version
+
+    from .training.config import build_argument_parser
 
     parser = argparse.ArgumentParser(prog="diffusers-robust", description="Robust DDPMs on top of Diffusers.")
     parser.add_argument("--version", action="version", version=f"diffusers-robust {version('diffusers-robust')}")

@@ -81,3 +81,15 @@ def test_version_and_a_fresh_start_from_resume_latest(tmp_path, rgb_folder):
                                        "--resume_from_checkpoint", "latest", "--max_train_steps", "1"))
     assert first.returncode == 0, first.stderr[-2000:]
     assert "holds no checkpoint yet, so a fresh run starts" in first.stderr
+
+
+def test_a_malformed_recipe_or_missing_dataset_is_one_line_exit_2_and_leaves_no_folder(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("seed: 0\nlearning_rate: [0.001\n")
+    bad_yaml = cli(tmp_path, "train", "--config", str(recipe), "--output_dir", "out")
+    assert bad_yaml.returncode == 2 and "Traceback" not in bad_yaml.stderr
+    assert "recipe.yaml is not valid YAML at line" in bad_yaml.stderr
+    missing = cli(tmp_path, *_train_args("shapez", "out"))
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr, missing.stderr[-2000:]
+    assert "dataset 'shapez' is no local folder or file here, and the Hub could not give it" in missing.stderr
+    assert not (tmp_path / "out").exists()

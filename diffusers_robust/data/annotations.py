@@ -243,7 +243,7 @@ def decode_mask(value, record: str, shape: tuple[int, int]) -> np.ndarray:
     """A record's mask of observed pixels as `(H, W)` bool: an array (nonzero = observed), an image (value > 127 =
     observed) as a Datasets value `{"bytes", "path"}` or a path. `ValueError` naming `record` unless it has `shape`
     (masks are not resized) and at least one observed pixel."""
-    if isinstance(value, dict) or isinstance(value, str):
+    if isinstance(value, (dict, str)):
         import io
 
         import PIL.Image

@@ -100,9 +100,14 @@ def _load_source(
                 raise ValueError(f"dataset files must all be .parquet or all .arrow, got {sorted(set(files))[:5]}")
             dataset = datasets.load_dataset(builder, data_files=files, cache_dir=cache_dir)
         if split not in dataset:
-            raise ValueError(f"{source} has splits {list(dataset)}, got split '{split}'")
+            raise ValueError(f"{source} has splits {list(dataset)}, got split '{split}': name one of them (training: "
+                             "--dataset_split, held-out: --validation_split, which null skips)")
         return dataset[split]
-    return datasets.load_dataset(source, split=split, streaming=streaming_from_hub, cache_dir=cache_dir)
+    try:
+        return datasets.load_dataset(source, split=split, streaming=streaming_from_hub, cache_dir=cache_dir)
+    except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
+        raise FileNotFoundError(f"dataset {source!r} is no local folder or file here, and the Hub could not give it "
+                                f"({str(error).splitlines()[0]})") from error
 
 
 def detect_image_column(features: datasets.Features | None, image_column: str | None = None) -> str:

@@ -327,7 +327,13 @@ def read_yaml_values(path: str | os.PathLike) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path} does not exist")
     with open(path, encoding="utf-8") as handle:
-        values = yaml.safe_load(handle) or {}
+        try:
+            values = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ValueError(f"{path} is not valid YAML{where}: {problem}") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: a config must be a mapping of option: value")
     unknown = sorted(set(values) - {f.name for f in dataclasses.fields(TrainingConfig)})

@@ -524,10 +524,16 @@ def train(config: TrainingConfig, accelerator: Accelerator, signals: StopSignals
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`accelerate launch training/train_robust_ddpm.py [--config recipe.yaml] [--option value ...]`."""
+    """`accelerate launch training/train_robust_ddpm.py [--config recipe.yaml] [--option value ...]`; a bad recipe or
+    option is one line on stderr and exit code 2."""
     from .config import parse_training_config
 
-    run_training(parse_training_config(argv))
+    try:
+        config = parse_training_config(argv)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}".splitlines()[0], file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    run_training(config)
 
 
 def run_training(config: TrainingConfig) -> None:
@@ -551,6 +557,7 @@ def run_training(config: TrainingConfig) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_thread_count(config.num_threads, accelerator.num_processes if accelerator.device.type == "cpu" else 1)
     signals = StopSignals().install()
+    created = not os.path.exists(config.output_dir)  # removed again if the run stops before its first step
     lock = OutputDirLock(config.output_dir)
     try:
         if accelerator.is_main_process:
@@ -565,6 +572,9 @@ def run_training(config: TrainingConfig) -> None:
             raise
         traceback.clear_frames(error.__traceback__)
         print(f"error: {error}".splitlines()[0], file=sys.stderr, flush=True)
+        if created and accelerator.is_main_process:  # nothing was trained: leave no empty output folder behind
+            lock.release()
+            shutil.rmtree(config.output_dir, ignore_errors=True)
         raise SystemExit(2) from None
     except BaseException as error:
         traceback.clear_frames(error.__traceback__)  # the failed run's locals (its DDP model) go before the group
