@@ -76,12 +76,13 @@ class RobustDDPMPipeline(DiffusionPipeline):
     @property
     def masked_input(self) -> bool:
         """Whether the UNet was trained on images with missing pixels: it takes the seen pixels and their mask."""
-        return self.unet.config.in_channels == 2 * self.unet.config.out_channels
+        return self.unet.config.in_channels == 2 * self.image_channels
 
     @property
     def image_channels(self) -> int:
-        """Channels of the images the pipeline makes and restores (the UNet's output channels)."""
-        return self.unet.config.out_channels
+        """Channels of the images the pipeline makes and restores: the UNet's `out_channels` (its `in_channels` for a
+        denoiser whose config has no `out_channels`)."""
+        return self.unet.config.get("out_channels", self.unet.config.in_channels)
 
     @classmethod
     def download(cls, pretrained_model_name: str, **kwargs) -> str:
