@@ -344,10 +344,16 @@ def test_training_on_noisy_only_data_saves_the_trusted_level_and_samples_above_i
 ])
 def test_options_that_contradict_annotated_data_are_refused_before_the_first_step(tiny_preset, tmp_path, noisy_parquet,
                                                                                    overrides, message):
-    result = _run(tiny_training_args(tiny_preset, tmp_path / "out", dataset=noisy_parquet, image_column="image",
-                                     validation_split="null", **overrides), check=False)
-    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
-    assert not os.path.isdir(tmp_path / "out" / "checkpoints")
+    assert_refused_before_training(tiny_preset, tmp_path / "out", noisy_parquet, message, **overrides)
+
+
+def assert_refused_before_training(preset, output_dir, dataset: str, message: str, **overrides) -> None:
+    """A training run on the float parquet `dataset` with `overrides` exits 2 naming `message`, with no traceback, and
+    leaves no output folder."""
+    result = _run(tiny_training_args(preset, output_dir, dataset=dataset, image_column="image", validation_split="null",
+                                     **overrides), check=False)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not os.path.exists(output_dir)
 
 
 def _state(folder) -> dict[str, torch.Tensor]:
