@@ -19,8 +19,7 @@ import argparse
 import os
 import sys
 
-from .evaluation.losses import EVALUATION_SEED
-from .evaluation.restoration import DEFAULT_RESTORATION_CASES
+from .evaluation.defaults import DEFAULT_RESTORATION_CASES, EVALUATION_SEED
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -104,7 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("pipeline", help="pipeline folder or Hub id (RobustDDPMPipeline)")
     evaluate.add_argument("--output_dir", default="evaluation", help="where the report goes")
     evaluate.add_argument("--dataset", default="digits", help="'digits', an image folder, parquet/arrow files or a Hub name")
-    evaluate.add_argument("--split", default="test", help="held-out split that is scored")
+    evaluate.add_argument("--split", default="test", help="held-out split that is scored; a dataset with no 'test' split "
+                          "holds out --validation_share of --train_split, as training does")
+    evaluate.add_argument("--validation_data", default=None, help="held-out images from elsewhere (folder, files, Hub id)")
+    evaluate.add_argument("--validation_share", type=float, default=0.1, help="share held out when there is no split")
+    evaluate.add_argument("--validation_holdout_seed", type=int, default=0, help="seed of that hold-out (training's default: 0)")
     evaluate.add_argument("--train_split", default="train", help="train split, for memorisation distances")
     evaluate.add_argument("--num_images", type=_positive, default=300, help="held-out images")
     evaluate.add_argument("--num_samples", type=_positive, default=256, help="generated samples for FID/KID and digits figures")
@@ -317,12 +320,17 @@ def run_restore(args: argparse.Namespace) -> list[str]:
 
 
 def run_evaluate(args: argparse.Namespace) -> list[str]:
+    from .data.splits import plan_held_out
     from .evaluation.report import evaluate_pipeline, write_report
 
+    plan = plan_held_out(args.dataset, args.train_split, args.split, args.validation_data, args.validation_share,
+                         args.validation_holdout_seed)
+    print(plan.description, file=sys.stderr)
     pipeline = _load_pipeline(args)
-    report = evaluate_pipeline(pipeline, args.dataset, args.split, args.train_split, args.num_images, args.num_samples,
+    report = evaluate_pipeline(pipeline, plan.source, plan.split, args.train_split, args.num_images, args.num_samples,
                                args.sampling_steps, args.cases, args.inception_weights, args.seed,
-                               learned_restoration=args.learned_restoration)
+                               learned_restoration=args.learned_restoration, hold_out=plan.hold_out,
+                               train_dataset=args.dataset)
     return list(write_report(report, args.output_dir, title=f"Evaluation of {args.pipeline}").values())
 
 

@@ -15,6 +15,10 @@ PIPELINE_FILES = [
     "unet/config.json",
     "unet/*.safetensors",
     "scheduler/scheduler_config.json",
+    "condition_embedding/config.json",
+    "condition_embedding/*.safetensors",
+    "pipeline.py",  # with */diffusers_robust.*.py: what `DiffusionPipeline.from_pretrained(trust_remote_code=True)` imports
+    "*/diffusers_robust.*.py",
     "README.md",
     "metrics.json",
     "training_config.yaml",
@@ -164,8 +168,24 @@ def prepare_hub_repo(repo_id: str, private: bool = False, token: str | None = No
     try:
         return str(api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"))
     except Exception as error:  # noqa: BLE001 - connection, auth and name errors all stop the run before it starts
-        raise ValueError(f"push_to_hub: cannot create {repo_id} on {api.endpoint} ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else ''}); nothing was trained yet") from error
+        raise ValueError(f"push_to_hub: {explain_hub_error(error, repo_id, api.endpoint)}; nothing was trained yet") from error
+
+
+def explain_hub_error(error: Exception, repo_id: str, endpoint: str) -> str:
+    """One line naming why the Hub refused or could not be reached, and the fix (token, network, endpoint URL)."""
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if status in (401, 403):
+        return (f"the Hub at {endpoint} refused the token ({status}) for {repo_id}: set HF_TOKEN to a token with write "
+                "access, or run `hf auth login`")
+    if status is not None:
+        return f"the Hub at {endpoint} answered {status} for {repo_id} ({str(error).splitlines()[0]})"
+    chain, cause = [], error
+    while cause is not None and len(chain) < 8:
+        chain.append(type(cause).__name__)
+        cause = cause.__cause__ or cause.__context__
+    if any("Connect" in name or "Timeout" in name for name in chain):
+        return f"cannot reach the Hub at {endpoint} (check the network, or HF_ENDPOINT if it names another server)"
+    return f"cannot create {repo_id} on {endpoint} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
 
 
 def push_pipeline_to_hub(
@@ -184,9 +204,12 @@ def push_pipeline_to_hub(
     ```
     """
     api = HfApi(endpoint=endpoint, token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    commit = api.upload_folder(
-        repo_id=repo_id, folder_path=output_dir, allow_patterns=PIPELINE_FILES,
-        commit_message="Upload RobustDDPMPipeline trained with diffusers-robust",
-    )
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(
+            repo_id=repo_id, folder_path=output_dir, allow_patterns=PIPELINE_FILES,
+            commit_message="Upload RobustDDPMPipeline trained with diffusers-robust",
+        )
+    except Exception as error:  # noqa: BLE001 - one line that names the cause and the fix, the trace stays in __cause__
+        raise ValueError(f"push: {explain_hub_error(error, repo_id, api.endpoint)}") from error
     return str(commit)

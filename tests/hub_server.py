@@ -31,6 +31,7 @@ class HubState:
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
         self.lock = threading.Lock()
+        self.valid_tokens: set[str] | None = None  # None: any token is accepted; else a write needs one of them
 
 
 class HubHandler(BaseHTTPRequestHandler):
@@ -71,9 +72,19 @@ class HubHandler(BaseHTTPRequestHandler):
         with self.state.lock:
             self.state.requests.append((self.command, self.path, dict(self.headers), body))
 
+    def _refused(self) -> bool:
+        """Answer 401 as the Hub does when a write comes without a valid token."""
+        given = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+        if self.state.valid_tokens is None or given in self.state.valid_tokens:
+            return False
+        self._error(401, "Invalid credentials in Authorization header")
+        return True
+
     def do_POST(self):
         body = self._body()
         self._record(body)
+        if self._refused():
+            return
         if self.path == "/api/repos/create":
             payload = json.loads(body)
             repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]

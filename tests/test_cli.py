@@ -11,8 +11,8 @@ from conftest import make_tiny_unet, training_env
 
 from diffusers_robust import RobustDDPMPipeline, RobustDDPMScheduler
 
-REPORT_KEYS = {"report_version", "dataset", "split", "train_split", "num_images", "seed", "sampler", "restoration",
-               "generation", "losses"}
+REPORT_KEYS = {"report_version", "dataset", "split", "held_out_share", "train_split", "num_images", "seed", "sampler",
+               "restoration", "generation", "losses"}
 ROW_KEYS = {"case", "method", "psnr_input", "psnr", "psnr_median_filter", "ssim_input", "ssim", "ssim_median_filter",
             "accuracy_input", "accuracy", "accuracy_median_filter"}
 

@@ -253,7 +253,7 @@ def test_push_to_hub_without_a_token_or_endpoint_fails_before_training(tiny_pres
     result = run(args, env=env)
     assert result.returncode != 0 and "push_to_hub needs a Hub token" in result.stderr
     result = run(args, env={**env, "HF_TOKEN": "hf_test", "HF_ENDPOINT": "http://127.0.0.1:9"})
-    assert result.returncode != 0 and "push_to_hub: cannot create me/model on http://127.0.0.1:9" in result.stderr
+    assert result.returncode != 0 and "push_to_hub: cannot reach the Hub at http://127.0.0.1:9" in result.stderr
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 

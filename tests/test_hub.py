@@ -49,6 +49,7 @@ def test_push_to_hub_uploads_pipeline_and_card_only_and_loads_back_identical(tin
     assert set(repo.files) == {
         "model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
         "scheduler/scheduler_config.json", "README.md", "metrics.json", "training_config.yaml", "samples/final.png",
+        "pipeline.py", "scheduler/diffusers_robust.schedulers.scheduling_robust_ddpm.py",
     }
     assert not any(name.startswith(("checkpoints/", "logs/")) for name in repo.files)
     # The token went only into Authorization headers: never printed, logged or written.
@@ -60,12 +61,12 @@ def test_push_to_hub_uploads_pipeline_and_card_only_and_loads_back_identical(tin
     assert any(headers.get("authorization") == f"Bearer {TOKEN}" or headers.get("Authorization") == f"Bearer {TOKEN}"
                for _, _, headers, _ in state.requests)
 
-    # Diffusers' own loader refuses the repo (it expects non-Diffusers component code as files in the repo);
-    # RobustDDPMPipeline.download fetches exactly the files the components need.
+    # Diffusers' own loader asks for trust_remote_code (the repository's pipeline.py imports the installed class);
+    # RobustDDPMPipeline.download fetches exactly the files the components need and runs none of them.
     refused = subprocess.run(
         [sys.executable, "-c", "from diffusers import DiffusionPipeline; DiffusionPipeline.from_pretrained('alice/robust-tiny')"],
         env=env, capture_output=True, text=True, timeout=300)
-    assert refused.returncode != 0 and "scheduler/diffusers_robust" in refused.stderr
+    assert refused.returncode != 0 and "Pass `trust_remote_code=True`" in refused.stderr
     run_client(SAMPLE.format(source="alice/robust-tiny", target=str(tmp_path / "remote.npy")), env)
     run_client(SAMPLE.format(source=str(output_dir), target=str(tmp_path / "local.npy")), training_env())
     assert np.array_equal(np.load(tmp_path / "remote.npy"), np.load(tmp_path / "local.npy"))
@@ -81,10 +82,22 @@ pipe = RobustDDPMPipeline(unet=make_tiny_unet(), scheduler=RobustDDPMScheduler(i
 pipe.push_to_hub("bob/direct")
 loaded = RobustDDPMPipeline.from_pretrained("bob/direct")
 assert loaded.scheduler.config.input_perturbation == 0.1
+# What a Diffusers user tries first: the repository's one-line pipeline.py imports the installed class.
+import diffusers, pytest, torch
+with pytest.raises(ValueError, match="trust_remote_code=True"):
+    diffusers.DiffusionPipeline.from_pretrained("bob/direct")
+generic = diffusers.DiffusionPipeline.from_pretrained("bob/direct", trust_remote_code=True)
+assert type(generic) is RobustDDPMPipeline and type(generic.scheduler) is RobustDDPMScheduler
+assert generic.scheduler.config.input_perturbation == 0.1
+draw = lambda p: p(batch_size=1, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+assert (draw(generic) == draw(loaded)).all()
 """
     run_client(code, env)
     assert not state.repos["bob/direct"].private
-    assert "unet/diffusion_pytorch_model.safetensors" in state.repos["bob/direct"].files
+    files = state.repos["bob/direct"].files
+    assert {"unet/diffusion_pytorch_model.safetensors", "pipeline.py",
+            "scheduler/diffusers_robust.schedulers.scheduling_robust_ddpm.py"} <= set(files)
+    assert files["pipeline.py"].decode().endswith("from diffusers_robust import RobustDDPMPipeline  # noqa: F401\n")
 
 
 def test_push_command_uploads_a_trained_folder_and_rewrites_a_missing_card(tiny_preset, tmp_path, hub):
@@ -94,6 +107,14 @@ def test_push_command_uploads_a_trained_folder_and_rewrites_a_missing_card(tiny_
                              env=training_env(), capture_output=True, text=True, timeout=300)
     assert trained.returncode == 0, trained.stderr[-3000:]
     (output_dir / "README.md").unlink()  # written again from metrics.json and training_config.yaml
+    state.valid_tokens = {TOKEN}
+    for extra, message in (({"HF_TOKEN": "hf_wrong"}, "refused the token (401) for bob/tiny: set HF_TOKEN to a token "
+                                                      "with write access, or run `hf auth login`"),
+                           ({"HF_ENDPOINT": "http://127.0.0.1:9"}, "cannot reach the Hub at http://127.0.0.1:9")):
+        refused = subprocess.run([sys.executable, "-m", "diffusers_robust", "push", str(output_dir), "bob/tiny"],
+                                 env={**env, **extra}, capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr[-3000:]
+        assert len(refused.stderr.strip().splitlines()) == 1 and "bob/tiny" not in state.repos
     pushed = subprocess.run([sys.executable, "-m", "diffusers_robust", "push", str(output_dir), "bob/tiny", "--private"],
                             env=env, capture_output=True, text=True, timeout=300)
     assert pushed.returncode == 0, pushed.stderr[-3000:]

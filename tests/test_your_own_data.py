@@ -2,6 +2,8 @@
 silent conversion), and input errors as one line with exit code 2."""
 
 import json
+import logging
+import os
 import subprocess
 import sys
 
@@ -11,7 +13,13 @@ import pytest
 from conftest import training_env
 
 from diffusers_robust import RobustDDPMPipeline
+from diffusers_robust.data.datasets import load_digits_dataset, load_image_dataset
+from diffusers_robust.data.splits import plan_held_out
 from diffusers_robust.pipelines.presets import available_presets, build_pipeline_from_preset, resolve_preset
+from diffusers_robust.training.distributed import requested_processes
+from diffusers_robust.training.progress import StepProgress, format_duration
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cli(cwd, *args: str) -> subprocess.CompletedProcess:
@@ -49,7 +57,7 @@ def test_a_misspelled_preset_names_the_presets_and_never_asks_the_hub(tmp_path, 
 
 def _train_args(folder, out, *extra: str) -> list[str]:
     return ["train", "--dataset", folder, "--output_dir", str(out), "--max_train_steps", "2", "--train_batch_size", "8",
-            "--validation_split", "null", "--report", "false", "--logger", "none", "--checkpointing_steps", "2",
+            "--report", "false", "--logger", "none", "--checkpointing_steps", "2",
             "--validation_steps", "2", "--num_grid_images", "2", "--num_inference_steps", "2", *extra]
 
 
@@ -81,6 +89,13 @@ def test_version_and_a_fresh_start_from_resume_latest(tmp_path, rgb_folder):
                                        "--resume_from_checkpoint", "latest", "--max_train_steps", "1"))
     assert first.returncode == 0, first.stderr[-2000:]
     assert "holds no checkpoint yet, so a fresh run starts" in first.stderr
+    # Not a terminal: progress as lines (no bar redrawn per step), no Accelerate chatter per checkpoint.
+    assert "step 1/1 (100%) |" in first.stderr and "ETA 0s" in first.stderr and "\r" not in first.stderr
+    assert "Saving current state" not in first.stderr and "validation at step 1 (3 held-out images): clean " in first.stderr
+    # The folder has no test split: a seeded tenth of it is held out, never trained on, and recorded.
+    assert "has no 'test' split: holding out 10% of split 'train' (seed 0)" in first.stderr
+    held_out = json.loads((tmp_path / "out" / "metrics.json").read_text())["held_out"]
+    assert held_out == {"source": rgb_folder, "split": "train", "held_out_share": 0.1, "held_out_seed": 0, "images": 3}
 
 
 def test_a_malformed_recipe_or_missing_dataset_is_one_line_exit_2_and_leaves_no_folder(tmp_path):
@@ -93,3 +108,111 @@ def test_a_malformed_recipe_or_missing_dataset_is_one_line_exit_2_and_leaves_no_
     assert missing.returncode == 2 and "Traceback" not in missing.stderr, missing.stderr[-2000:]
     assert "dataset 'shapez' is no local folder or file here, and the Hub could not give it" in missing.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def data_a_user_has(tmp_path_factory):
+    """The same 8x8 grey images in every form a user has them: an image folder (flat, and with train/test subfolders),
+    parquet files named train/test (a glob, and their folder), `save_to_disk` folders and Datasets objects."""
+    import datasets
+
+    root = tmp_path_factory.mktemp("forms")
+    digits = load_digits_dataset()
+    train, test = digits["train"].select(range(40)), digits["test"].select(range(10))
+    for split, part in (("train", train), ("test", test)):
+        (root / "subfolders" / split).mkdir(parents=True)
+        for index, image in enumerate(part["image"]):
+            image.save(root / "subfolders" / split / f"{index:02d}.png")
+    (root / "flat").mkdir()
+    for index, image in enumerate(train["image"]):
+        image.save(root / "flat" / f"{index:02d}.png")
+    (root / "parquet").mkdir()
+    train.to_parquet(str(root / "parquet" / "train.parquet"))
+    test.to_parquet(str(root / "parquet" / "test.parquet"))
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(root / "saved_dict"))
+    train.save_to_disk(str(root / "saved_one"))
+    return root, datasets.DatasetDict({"train": train, "test": test})
+
+
+@pytest.mark.parametrize("form, counts", [
+    ("subfolders", (40, 10)), ("parquet/*.parquet", (40, 10)), ("parquet", (40, 10)), ("saved_dict", (40, 10)),
+    ("flat", (36, 4)), ("saved_one", (36, 4)), ("DatasetDict", (40, 10)), ("Dataset", (36, 4)),
+])
+def test_every_form_of_data_gives_training_and_held_out_images_that_never_overlap(data_a_user_has, form, counts):
+    root, objects = data_a_user_has
+    source = objects if form == "DatasetDict" else objects["train"] if form == "Dataset" else str(root / form)
+    plan = plan_held_out(source, "train")
+    train = load_image_dataset(source, "train", hold_out=plan.train_hold_out, channels=1, resolution=8)
+    held_out = load_image_dataset(plan.source, plan.split, hold_out=plan.hold_out, channels=1, resolution=8)
+    assert (len(train.dataset), len(held_out.dataset)) == counts  # test.parquet is never merged into training
+    pixels = {np.asarray(r["pixel_values"]).tobytes() for r in train.dataset}
+    assert not pixels & {np.asarray(r["pixel_values"]).tobytes() for r in held_out.dataset}
+
+
+def test_the_hold_out_is_seeded_apart_from_training_and_validation_data_is_used_as_given(data_a_user_has):
+    root, _ = data_a_user_has
+    first, again = plan_held_out(str(root / "flat")), plan_held_out(str(root / "flat"), seed=0)
+    assert first.hold_out.indices(40) == again.hold_out.indices(40) == sorted(first.hold_out.indices(40))
+    assert first.hold_out.indices(40) != plan_held_out(str(root / "flat"), seed=1).hold_out.indices(40)
+    assert set(first.hold_out.indices(40)).isdisjoint(first.train_hold_out.indices(40))
+    given = plan_held_out(str(root / "flat"), validation_data=str(root / "subfolders" / "test"))
+    assert (given.train_hold_out, given.source, given.split) == (None, str(root / "subfolders" / "test"), "train")
+    with pytest.raises(ValueError, match=r"has splits \['train'\], got validation_split 'val': .* validation_data"):
+        plan_held_out(str(root / "flat"), validation_split="val")
+
+
+def test_a_datasets_object_trains_from_python(tmp_path):
+    """`run_training(config, dataset=...)` with a `datasets.Dataset` (no test split: a tenth is held out)."""
+    script = (
+        "from diffusers_robust.data.datasets import load_digits_dataset\n"
+        "from diffusers_robust.training.config import TrainingConfig\n"
+        "from diffusers_robust.training.loop import run_training\n"
+        "data = load_digits_dataset()['train'].select(range(64))\n"
+        "config = TrainingConfig(output_dir='out', max_train_steps=2, train_batch_size=8, checkpointing_steps=2,\n"
+        "    validation_steps=2, num_grid_images=2, num_inference_steps=2, report=False, logger='none')\n"
+        "run_training(config, dataset=data)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=training_env(), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["held_out"]["source"].startswith("Dataset ") and metrics["held_out"]["images"] == 7
+    assert metrics["images_seen"] == 16
+
+
+def test_a_launcher_that_drops_processes_on_cpu_says_so_with_the_command_that_runs_them(tmp_path):
+    assert requested_processes(["accelerate", "launch", "--num_processes", "4", "x.py"]) == 4
+    assert requested_processes(["accelerate", "launch", "--num-processes=3", "x.py"]) == 3
+    assert requested_processes(["accelerate", "launch", "x.py"]) is None
+    script = os.path.join(REPOSITORY, "training", "train_robust_ddpm.py")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", script,
+               *_train_args("digits", "out", "--max_train_steps", "1", "--validation_split", "null")[1:]]
+    result = subprocess.run(command, cwd=tmp_path, env=training_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "accelerate launch asked for 2 processes but runs 1 on this CPU machine" in result.stderr
+    assert "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1" in result.stderr
+
+
+def test_progress_lines_say_step_speed_loss_and_eta(caplog):
+    progress = StepProgress(total=10, initial=2, interactive=False, interval=0.0)
+    with caplog.at_level(logging.INFO, logger="diffusers_robust.training.progress"):
+        progress.update(3, 0.5, 100.0)
+        progress.update(4, 0.25, 120.0)
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 2 and lines[1].startswith("step 4/10 (40%) | ") and "| 120 images/s | loss 0.2500 (mean" in lines[1]
+    assert lines[1].rsplit("ETA ", 1)[1] != "?" and format_duration(3725) == "1h02m" and format_duration(65) == "1m05s"
+
+
+def test_the_package_and_the_command_line_start_without_importing_torch_diffusers_or_datasets():
+    """`import diffusers_robust` and `diffusers-robust --help` stay fast (0.05 s and 0.2 s measured, from 10-12 s):
+    public names resolve lazily, as in Diffusers."""
+    code = ("import sys, contextlib, io\n"
+            "import diffusers_robust\n"
+            "from diffusers_robust.cli import build_parser\n"
+            "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+            "    build_parser().parse_args(['train', '--help'])\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'datasets', 'accelerate') if m in sys.modules))\n"
+            "print(diffusers_robust.RobustDDPMScheduler.__name__, 'torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], env=training_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == ["[]", "RobustDDPMScheduler True"]

@@ -6,7 +6,6 @@ object whose records are `{"pixel_values": (C, H, W) float32 in [-1, 1], "augmen
 dropped and reported by [`collate_image_batch`], so a bad file never stops a run.
 """
 
-import glob
 import io
 import logging
 import math
@@ -34,6 +33,7 @@ from .annotations import (
     summarise,
 )
 from .augment import AugmentPipeline
+from .splits import DatasetLike, HoldOut, describe_source, load_local, looks_like_path, select_split
 
 logger = logging.getLogger(__name__)
 
@@ -69,16 +69,13 @@ def load_digits_dataset() -> datasets.DatasetDict:
     return datasets.DatasetDict(splits)
 
 
-def _looks_like_path(source: str) -> bool:
-    """Local unless it reads as a Hub id (`name` or `owner/name`) that is not an existing path."""
-    return (source.startswith((os.sep, ".", "~")) or os.path.exists(source) or any(c in source for c in "*?")
-            or source.count("/") > 1 or source.endswith("/"))
-
-
 def _load_source(
-    source: str, split: str, streaming_from_hub: bool, cache_dir: str | None
+    source: Any, split: str, streaming_from_hub: bool, cache_dir: str | None
 ) -> datasets.Dataset | datasets.IterableDataset:
-    """Load `source` as a map-style dataset (local sources) or a stream (Hub with `streaming=True`)."""
+    """Load `source` as a map-style dataset (local sources, Datasets objects as given) or a stream (Hub with
+    `streaming=True`)."""
+    if not isinstance(source, str):
+        return select_split(source, split, describe_source(source))
     if source in EMBEDDED_DATASETS:
         splits = load_digits_dataset()
         if split == "all":
@@ -86,23 +83,8 @@ def _load_source(
         if split not in splits:
             raise ValueError(f"dataset 'digits' has splits ['train', 'test', 'all'], got '{split}'")
         return splits[split]
-    if _looks_like_path(source):
-        path = os.path.expanduser(source)
-        if os.path.isdir(path):
-            dataset = datasets.load_dataset("imagefolder", data_dir=path, cache_dir=cache_dir)
-        else:
-            files = sorted(glob.glob(path))
-            if not files:
-                raise FileNotFoundError(f"dataset path {source} does not exist")
-            kinds = {os.path.splitext(f)[1].lower() for f in files}
-            builder = {".parquet": "parquet", ".arrow": "arrow"}.get(kinds.pop()) if len(kinds) == 1 else None
-            if builder is None:
-                raise ValueError(f"dataset files must all be .parquet or all .arrow, got {sorted(set(files))[:5]}")
-            dataset = datasets.load_dataset(builder, data_files=files, cache_dir=cache_dir)
-        if split not in dataset:
-            raise ValueError(f"{source} has splits {list(dataset)}, got split '{split}': name one of them (training: "
-                             "--dataset_split, held-out: --validation_split, which null skips)")
-        return dataset[split]
+    if looks_like_path(source):
+        return select_split(load_local(source, cache_dir), split, source)
     try:
         return datasets.load_dataset(source, split=split, streaming=streaming_from_hub, cache_dir=cache_dir)
     except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
@@ -329,9 +311,10 @@ class ImageDataset:
 
 
 def load_image_dataset(
-    source: str = "digits",
+    source: "str | DatasetLike" = "digits",
     split: str = "train",
     *,
+    hold_out: HoldOut | None = None,
     streaming: bool = False,
     image_column: str | None = None,
     channels: int = 3,
@@ -352,10 +335,14 @@ def load_image_dataset(
     Load images for training or evaluation.
 
     Args:
-        source (`str`, defaults to `"digits"`):
-            `"digits"` (embedded, scikit-learn), a local image folder, parquet/arrow file(s) or a glob, or a
-            Hub dataset name.
+        source (`str` or a Datasets object, defaults to `"digits"`):
+            `"digits"` (embedded, scikit-learn), a local image folder (with `train/` and `test/` subfolders as splits),
+            parquet/arrow file(s), a folder of them or a glob (`test.parquet` is split "test", never merged into
+            "train"), a `save_to_disk` folder, a Hub dataset name, or a `datasets.Dataset` / `DatasetDict` /
+            `IterableDataset` object (a single dataset is split "train").
         split (`str`): split to load (`"train"`, `"test"`, ...; `"all"` for digits).
+        hold_out ([`~data.splits.HoldOut`], *optional*): keep only this part of the split (the rest of a seeded
+            hold-out, or the held-out share).
         streaming (`bool`):
             Return a `datasets.IterableDataset`. Local sources are resharded into `num_shards` shards so
             DataLoader workers can share them; Hub datasets are streamed with `load_dataset(streaming=True)`.
@@ -400,20 +387,25 @@ def load_image_dataset(
         raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
     if isinstance(augment, (str, os.PathLike)):
         augment = AugmentPipeline.from_file(augment, seed=seed)
-    from_hub_stream = streaming and not (source in EMBEDDED_DATASETS or _looks_like_path(source))
-    dataset = _load_source(source, split, from_hub_stream, cache_dir)
+    local = not isinstance(source, str) or source in EMBEDDED_DATASETS or looks_like_path(source)
+    dataset = _load_source(source, split, streaming and not local, cache_dir)
+    from_hub_stream = isinstance(dataset, datasets.IterableDataset)  # a Hub stream, or a stream passed from Python
+    if hold_out is not None:
+        dataset = hold_out.apply(dataset)
     column = detect_image_column(dataset.features, image_column)
     arrays = is_array_column(dataset.features, column)
     if arrays and augment is not None:
         raise ValueError(f"column '{column}' holds float arrays, which augmentation recipes do not take; set augment: null")
     if not arrays:
         dataset = dataset.cast_column(column, datasets.Image(decode=False))
-    name = os.path.basename(os.path.normpath(source)) + f"/{split}"
+    name = (os.path.basename(os.path.normpath(source)) if isinstance(source, str) else type(source).__name__) + f"/{split}"
+    name += f" ({hold_out.part.replace('_', '-')})" if hold_out is not None else ""
     source_shape = None if from_hub_stream else first_image_shape(dataset, column, arrays)
     transform = ImageRecordTransform(column, channels, resolution, center_crop, augment, seed, name, array_images=arrays)
     present = [c for c in (*ANNOTATION_COLUMNS, MASK_COLUMN) if c in (dataset.features or {})]
     keep = [column, *present]
-    sidecar = find_sidecar(os.path.expanduser(source)) if annotations is None else annotations
+    sidecar = (find_sidecar(os.path.expanduser(source)) if isinstance(source, str) else None) if annotations is None \
+        else annotations
     sidecar = None if sidecar in ("ignore", "auto") else sidecar
     wanted = annotations != "ignore" and (present or sidecar or annotations == "auto" or noise_sigma is not None
                                         or annotations_required)

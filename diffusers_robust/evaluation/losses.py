@@ -6,10 +6,10 @@ import torch
 
 from ..data.corruptions import apply_corruption
 from ..training.objective import RobustDiffusionObjective
+from .defaults import EVALUATION_SEED
 
-# Evaluation draws (timesteps, noise, corruptions) come from this seed, never from the training seed, so two runs'
+# Evaluation draws (timesteps, noise, corruptions) come from EVALUATION_SEED, never from the training seed, so two runs'
 # figures differ only by what they trained.
-EVALUATION_SEED = 1234
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 LabelsFor = Callable[[str, int, int], torch.Tensor | None]

@@ -16,20 +16,24 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..data.splits import HoldOut, describe_source
+from .defaults import DEFAULT_RESTORATION_CASES, EVALUATION_SEED
 from .images import stack_images
-from .losses import EVALUATION_SEED, validation_losses
+from .losses import validation_losses
 from .metrics import InceptionFeatures, Metric, PixelFeatures, Reference, digits_classifier, generation_metrics
-from .restoration import DEFAULT_RESTORATION_CASES, evaluate_restoration
+from .restoration import evaluate_restoration
 
 REPORT_VERSION = 1
 LOSS_CORRUPTIONS = ("gaussian_noise", "impulse_noise", "gaussian_blur")
 
 
-def load_evaluation_images(dataset: str, split: str, channels: int, resolution: int, limit: int) -> torch.Tensor:
-    """Up to `limit` images `(N, C, H, W)` in `[-1, 1]` of `dataset`'s `split`, in order; `ValueError` if none decode."""
+def load_evaluation_images(dataset: Any, split: str, channels: int, resolution: int, limit: int,
+                           hold_out: HoldOut | None = None) -> torch.Tensor:
+    """Up to `limit` images `(N, C, H, W)` in `[-1, 1]` of `dataset`'s `split` (or its `hold_out` part), in order;
+    `ValueError` if none decode."""
     from ..data.datasets import collate_image_batch, load_image_dataset
 
-    loaded = load_image_dataset(dataset, split, channels=channels, resolution=resolution)
+    loaded = load_image_dataset(dataset, split, hold_out=hold_out, channels=channels, resolution=resolution)
     batches = (batch["pixel_values"] for batch in DataLoader(loaded.dataset, batch_size=256, collate_fn=collate_image_batch))
     images = stack_images(batches, limit)
     if images.shape[0] == 0:
@@ -100,6 +104,8 @@ def evaluate_pipeline(
     seed: int = EVALUATION_SEED,
     progress: bool = True,
     learned_restoration: bool = False,
+    hold_out: HoldOut | None = None,
+    train_dataset: Any = None,
 ) -> dict[str, Any]:
     """
     Evaluate a [`RobustDDPMPipeline`] on held-out data: restoration per corruption case, generation (FID/KID and on
@@ -109,12 +115,17 @@ def evaluate_pipeline(
         inception_weights (`str`, *optional*): a TorchScript Inception-v3 file for FID/KID; without it, an offline
             pixel feature extractor is used and the report says so.
         learned_restoration (`bool`): restore with a restoration-trained pipeline's conditioned denoiser where it can.
+        hold_out ([`~data.splits.HoldOut`], *optional*): the held-out images are this part of `split` (a seeded
+            hold-out of the training split; [`~data.splits.plan_held_out`]); the memorisation check then compares with
+            the other part.
+        train_dataset (*optional*): the training images' source when it is not `dataset` (held-out `validation_data`).
     """
     config = pipeline.unet.config
     size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
-    held_out = load_evaluation_images(dataset, split, pipeline.image_channels, size, num_images)
-    train = load_evaluation_images(dataset, train_split, pipeline.image_channels, size, 100_000)
-    digits = dataset == "digits"
+    held_out = load_evaluation_images(dataset, split, pipeline.image_channels, size, num_images, hold_out)
+    train = load_evaluation_images(dataset if train_dataset is None else train_dataset, train_split,
+                                   pipeline.image_channels, size, 100_000, hold_out.other() if hold_out else None)
+    digits = isinstance(dataset, str) and dataset == "digits"
     labels = _digits_labels(split, held_out.shape[0]) if digits else None
     classifier = digits_classifier() if digits else None
     features = InceptionFeatures(inception_weights, pipeline.device) if inception_weights else PixelFeatures()
@@ -133,7 +144,8 @@ def evaluate_pipeline(
     steps.close()
     return {
         "report_version": REPORT_VERSION,
-        "dataset": dataset, "split": split, "train_split": train_split, "num_images": int(held_out.shape[0]),
+        "dataset": describe_source(dataset), "split": split,
+        "held_out_share": hold_out.share if hold_out else None, "train_split": train_split, "num_images": int(held_out.shape[0]),
         "seed": seed, "sampler": f"DDIM-{sampling_steps}",
         "restoration": restoration, "generation": generation, "losses": losses,
         "_samples": samples,  # for the sample grid; not written to report.json

@@ -32,6 +32,46 @@ ImageInput = PIL.Image.Image | list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 # File patterns a pipeline needs from a repository: configs and safetensors weights of each component.
 _COMPONENT_FILE_PATTERNS = ("*.json", "*.safetensors")
+# What `diffusers.DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` imports from a saved folder.
+LOADER_MODULE = "pipeline"
+LOADER_LIBRARY = "diffusers_robust"
+
+
+def installed_class(name: str) -> type:
+    """A class this package exports by name (`RobustDDPMScheduler`, `ConditionEmbedding`, ...); `ValueError` otherwise."""
+    import diffusers_robust
+
+    if name not in diffusers_robust.__all__:
+        raise ValueError(f"model_index.json names {name!r} from diffusers_robust, which exports no such class")
+    return getattr(diffusers_robust, name)
+
+
+def _is_own_component(name: str, entry) -> bool:
+    """Whether a `model_index.json` entry names a component class of this package (`["diffusers_robust...", class]`)."""
+    return (not name.startswith("_") and isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str)
+            and str(entry[0]).split(".")[0] == LOADER_LIBRARY)
+
+
+def write_diffusers_loader_files(folder: str) -> None:
+    """Make a saved pipeline folder loadable by `diffusers.DiffusionPipeline.from_pretrained(folder,
+    trust_remote_code=True)`: `pipeline.py` and `<component>/diffusers_robust.py`, each importing the installed class,
+    and `model_index.json` naming them. Components of Diffusers itself are left as they are."""
+    index_path = os.path.join(folder, "model_index.json")
+    with open(index_path, encoding="utf-8") as handle:
+        index = json.load(handle)
+    loaders = {LOADER_MODULE + ".py": RobustDDPMPipeline.__name__}
+    index["_class_name"] = [LOADER_MODULE, RobustDDPMPipeline.__name__]
+    for name, entry in index.items():
+        if _is_own_component(name, entry):
+            loaders[f"{name}/{entry[0]}.py"] = entry[1]  # Diffusers looks for custom code at <component>/<library>.py
+    for path, class_name in loaders.items():
+        with open(os.path.join(folder, path), "w", encoding="utf-8") as handle:
+            handle.write(f'"""Lets `diffusers.DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` load this '
+                         f'folder: the class is\nthe installed `diffusers_robust.{class_name}` '
+                         f'(pip install diffusers-robust)."""\n\nfrom diffusers_robust import {class_name}  # noqa: F401\n')
+    with open(index_path, "w", encoding="utf-8") as handle:
+        json.dump(index, handle, indent=2, sort_keys=True)
+        handle.write("\n")
 
 
 class RobustDDPMPipeline(DiffusionPipeline):
@@ -83,6 +123,37 @@ class RobustDDPMPipeline(DiffusionPipeline):
         """Channels of the images the pipeline makes and restores: the UNet's `out_channels` (its `in_channels` for a
         denoiser whose config has no `out_channels`)."""
         return self.unet.config.get("out_channels", self.unet.config.in_channels)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """Diffusers' `save_pretrained`, plus what lets `diffusers.DiffusionPipeline.from_pretrained(folder or repo,
+        trust_remote_code=True)` load the folder: `_class_name` `["pipeline", "RobustDDPMPipeline"]` with a `pipeline.py`,
+        and a `<component>/<module>.py` for each component of this package. Each of those files is one import line from
+        the installed package (`pip install diffusers-robust`)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        write_diffusers_loader_files(str(save_directory))
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict:
+        """Read `model_index.json`, with the `["pipeline", "RobustDDPMPipeline"]` form read as this class (the installed
+        one loads without running the folder's `pipeline.py`)."""
+        config = super()._dict_from_json_file(json_file)
+        if config.get("_class_name") == [LOADER_MODULE, cls.__name__]:
+            config["_class_name"] = cls.__name__
+        return config
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "RobustDDPMPipeline":
+        """Diffusers' `from_pretrained`. Components of this package are built from the installed classes (never from the
+        import files a saved folder carries for `DiffusionPipeline.from_pretrained`)."""
+        folder = str(pretrained_model_name_or_path)
+        if not os.path.isdir(folder):
+            folder = cls.download(folder, **kwargs)
+        with open(os.path.join(folder, cls.config_name), encoding="utf-8") as handle:
+            index = json.load(handle)
+        for name, entry in index.items():
+            if name not in kwargs and _is_own_component(name, entry):
+                kwargs[name] = installed_class(entry[1]).from_pretrained(folder, subfolder=name)
+        return super().from_pretrained(folder, **kwargs)
 
     @classmethod
     def download(cls, pretrained_model_name: str, **kwargs) -> str:

@@ -106,7 +106,7 @@ def build_pipeline_from_preset(preset: str | os.PathLike, seed: int | None = Non
     """
     preset = resolve_preset(preset)
     index = load_pipeline_index(preset)
-    if index.get("_class_name") != RobustDDPMPipeline.__name__:
+    if index.get("_class_name") not in (RobustDDPMPipeline.__name__, ["pipeline", RobustDDPMPipeline.__name__]):
         raise ValueError(f"{preset}: model_index.json is for {index.get('_class_name')}, expected RobustDDPMPipeline")
     components = {}
     with torch.random.fork_rng(devices=[]):

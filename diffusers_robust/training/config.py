@@ -11,8 +11,6 @@ from typing import Any
 
 import yaml
 
-from ..data.corruptions import canonical_name
-from ..schedulers.robust_noise import validate_robust_options
 from ..schedulers.robust_options import robust_option
 
 
@@ -43,7 +41,14 @@ class TrainingConfig:
     # Data
     dataset: str = option("digits", "'digits' (embedded), an image folder, parquet/arrow files, or a Hub dataset name")
     dataset_split: str = option("train", "split to train on")
-    validation_split: str | None = option("test", "held-out split for the validation loss; null skips the loss")
+    validation_split: str | None = option("test", "held-out split for the validation loss and report; 'test' missing "
+                                          "from the dataset holds out validation_share of the training split; null: none")
+    validation_data: str | None = option(None, "held-out images from elsewhere (image folder, parquet/arrow files, "
+                                         "save_to_disk folder, Hub id): its validation_split if it has one, else its only split")
+    validation_share: float = option(0.1, "share of the training split held out (never trained on) when the dataset has "
+                                     "no validation split and no validation_data is given")
+    validation_holdout_seed: int = option(0, "seed of that hold-out (not the training seed, so runs of any seed hold out "
+                                          "the same images)")
     image_column: str | None = option(None, "image column; detected (first Image feature) if null")
     streaming: bool = option(False, "stream the dataset (IterableDataset) instead of map-style")
     channels: int | None = option(None, "1 or 3 (images are converted to it; another count than the preset's builds the "
@@ -137,6 +142,9 @@ class TrainingConfig:
 
     def validate(self) -> None:
         """Raise `ValueError` naming the first bad value."""
+        from ..data.corruptions import canonical_name  # here, so `--help` does not import PyTorch
+        from ..schedulers.robust_noise import validate_robust_options
+
         choices = {
             "lr_scheduler": ("cosine", "constant", "linear"),
             "mixed_precision": ("no", "fp16", "bf16"),
@@ -208,6 +216,8 @@ class TrainingConfig:
         if self.noise_sigma is not None and self.annotations is not None:
             raise ValueError(f"noise_sigma sets every record's noise; it replaces annotations {self.annotations!r}: "
                              "set one of them")
+        if not 0 < self.validation_share < 1:  # also refuses NaN
+            raise ValueError(f"validation_share must be in (0, 1), got {self.validation_share}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 or null, got {self.num_threads}")
         if self.quality_samples > 0 and self.dataset != "digits":

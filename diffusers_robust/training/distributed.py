@@ -81,3 +81,37 @@ def set_thread_count(num_threads: int | None, processes: int) -> int:
             "the cores are oversubscribed, which can make each step many times slower; set num_threads (or "
             "OMP_NUM_THREADS) lower or wait for the other work to finish")
     return num_threads
+
+
+def requested_processes(launcher_argv: list[str]) -> int | None:
+    """The `--num_processes` / `--num-processes` value of an `accelerate launch` command line; None when absent."""
+    for index, word in enumerate(launcher_argv):
+        for flag in ("--num_processes", "--num-processes"):
+            if word == flag and index + 1 < len(launcher_argv) and launcher_argv[index + 1].isdigit():
+                return int(launcher_argv[index + 1])
+            if word.startswith(flag + "=") and word.split("=", 1)[1].isdigit():
+                return int(word.split("=", 1)[1])
+    return None
+
+
+def warn_if_launcher_dropped_processes(num_processes: int, device_type: str) -> str | None:
+    """On CPU, `accelerate launch --num_processes N` without `--multi_gpu` starts one process that trains alone. Read the
+    launcher's command line (Linux `/proc`), and when it asked for more processes than run, log a warning with the
+    command that runs them; returns the warning (None when nothing was dropped or the launcher cannot be read)."""
+    if device_type != "cpu" or num_processes > 1 or "ACCELERATE_USE_CPU" not in os.environ:
+        return None  # only accelerate's single-process launcher sets ACCELERATE_USE_CPU without a process group
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as handle:
+            launcher = [part.decode(errors="replace") for part in handle.read().split(b"\0") if part]
+    except OSError:
+        return None
+    wanted = requested_processes(launcher)
+    if wanted is None or wanted <= num_processes:
+        return None
+    script = next((i for i, word in enumerate(launcher) if word.endswith(".py") and "accelerate" not in word), None)
+    rest = " ".join(launcher[script:]) if script is not None else "training/train_robust_ddpm.py ..."
+    message = (f"accelerate launch asked for {wanted} processes but runs 1 on this CPU machine (it needs --multi_gpu to "
+               f"start several, even on CPU); to train with {wanted}: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
+               f"--num_processes {wanted} --num_machines 1 --mixed_precision no --dynamo_backend no {rest}")
+    logger.warning(message)
+    return message

@@ -1,6 +1,7 @@
 """The training run in named phases: [`set_up`], [`resume`], [`run_steps`] (with a [`Checkpointer`] and a
 [`Validator`]) and [`export`]. `train` calls them in that order; `training/train_robust_ddpm.py` is a thin `main()`."""
 
+import dataclasses
 import math
 import os
 import shutil
@@ -8,6 +9,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -16,11 +18,11 @@ from accelerate.utils import set_seed
 from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from ..data.annotations import lowest_usable_sigma
 from ..data.corruptions import RandomCorruption
 from ..data.datasets import ImageDataset, SkippedRecords, collate_image_batch, load_image_dataset, require_decodable
+from ..data.splits import DatasetLike, HeldOutPlan, describe_source, plan_held_out
 from ..evaluation.images import make_grid, stack_images, upscale_for_display
 from ..evaluation.losses import validation_losses
 from ..hub import prepare_hub_repo, push_pipeline_to_hub, write_model_card
@@ -33,6 +35,7 @@ from .checkpoints import Checkpointer, NonFiniteLossError, TrainingPosition, app
 from .config import TrainingConfig
 from .distributed import parameter_checksum, step_seed
 from .objective import RobustDiffusionObjective
+from .progress import StepProgress, quiet_third_party_logs
 from .run_guard import StopSignals, check_resume_config, prepare_fresh_output_dir
 from .setup import (
     build_dataloader,
@@ -83,6 +86,8 @@ class TrainingRun:
     effective_batch: int
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None  # built by `resume` (it depends on the start step)
     annotations: dict | None = None  # the training records' annotation summary (imperfect data), if annotated
+    held_out_plan: HeldOutPlan | None = None  # where the held-out images come from
+    train_source: Any = None  # config.dataset, or the Datasets object passed in its place
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -102,9 +107,11 @@ class StepStats:
     first_step_at: float | None = None  # `time.time()` at the end of this run's first optimizer step
 
 
-def set_up(config: TrainingConfig, accelerator: Accelerator) -> TrainingRun:
+def set_up(config: TrainingConfig, accelerator: Accelerator, dataset: DatasetLike | None = None,
+           validation_dataset: DatasetLike | None = None) -> TrainingRun:
     """Check the output folder, build the model, scheduler, objective, data and optimizer, and prepare them. Everything
-    is checked before the first step, so bad input loses nothing."""
+    is checked before the first step, so bad input loses nothing. `dataset` / `validation_dataset`: Datasets objects
+    that replace `config.dataset` / `config.validation_data`."""
     set_seed(config.seed)
     rank, world_size = accelerator.process_index, accelerator.num_processes
     if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
@@ -122,8 +129,14 @@ def set_up(config: TrainingConfig, accelerator: Accelerator) -> TrainingRun:
     pipeline = build_pipeline_from_preset(config.pipeline, seed=config.seed)
     scheduler = configure_scheduler(pipeline.scheduler, config)
     channels, resolution = resolve_image_shape(pipeline.unet, config)
+    source = config.dataset if dataset is None else dataset
+    held_out_plan = plan_held_out(source, config.dataset_split, config.validation_split,
+                                  config.validation_data if validation_dataset is None else validation_dataset,
+                                  config.validation_share, config.validation_holdout_seed)
+    logger.info(held_out_plan.description)
     train_data = load_image_dataset(
-        config.dataset, config.dataset_split, streaming=config.streaming, image_column=config.image_column,
+        source, config.dataset_split, hold_out=held_out_plan.train_hold_out, streaming=config.streaming,
+        image_column=config.image_column,
         channels=channels, resolution=resolution, center_crop=config.center_crop, augment=config.augment,
         seed=config.seed, shuffle_buffer=config.shuffle_buffer, rank=rank, world_size=world_size,
         num_shards=max(8, world_size * max(1, config.dataloader_num_workers)), annotations=config.annotations,
@@ -138,15 +151,16 @@ def set_up(config: TrainingConfig, accelerator: Accelerator) -> TrainingRun:
         annotations = {**(annotations or {}), "masked": sum(share < 1 for share in train_data.observed_shares),
                        "observed_share": sum(train_data.observed_shares) / len(train_data.observed_shares)}
     validation_images = None
-    if config.validation_split is not None:
-        held_out = load_image_dataset(config.dataset, config.validation_split, image_column=config.image_column,
-                                      channels=channels, resolution=resolution, seed=config.seed, annotations="ignore")
+    if held_out_plan.source is not None:
+        held_out = load_image_dataset(held_out_plan.source, held_out_plan.split, hold_out=held_out_plan.hold_out,
+                                      image_column=config.image_column, channels=channels, resolution=resolution,
+                                      seed=config.seed, annotations="ignore")
         loader = DataLoader(held_out.dataset, batch_size=256, collate_fn=collate_image_batch)
         validation_images = stack_images((b["pixel_values"] for b in loader), config.validation_images).to(accelerator.device)
         if validation_images.shape[0] == 0:
-            raise ValueError(f"{config.dataset} split '{config.validation_split}' holds no decodable image; fix it or set "
-                             "validation_split: null")
-    require_decodable(train_data, f"{config.dataset} split '{config.dataset_split}'")
+            raise ValueError(f"{describe_source(held_out_plan.source)} split '{held_out_plan.split}' holds no decodable "
+                             "image (the held-out images); fix it or set validation_split: null")
+    require_decodable(train_data, f"{describe_source(source)} split '{config.dataset_split}'")
     if config.push_to_hub and accelerator.is_main_process:  # a bad token or endpoint fails now, not after training
         prepare_hub_repo(hub_repo_id(config), config.hub_private_repo)
 
@@ -185,7 +199,8 @@ def set_up(config: TrainingConfig, accelerator: Accelerator) -> TrainingRun:
         accelerator.register_for_checkpointing(ema)
     return TrainingRun(config, accelerator, scheduler, model, optimizer, ema, objective, train_data, dataloader,
                        validation_images, channels, resolution, max_train_steps, num_epochs, batches_per_epoch,
-                       effective_batch, annotations=annotations)
+                       effective_batch, annotations=annotations, held_out_plan=held_out_plan,
+                       train_source=source)
 
 
 # Options that assume clean training images (or change their noise), refused with noisy or restricted records.
@@ -323,6 +338,9 @@ class Validator:
                 if tracker.name == "tensorboard":
                     tracker.writer.add_images("samples", upscale_for_display(samples), step, dataformats="NHWC")
             self.stats.validation[step] = losses
+            if losses:
+                shown = ", ".join(f"{name} {value:.4f}" for name, value in losses.items())
+                logger.info(f"validation at step {step} ({run.validation_images.shape[0]} held-out images): {shown}")
             unwrapped.train()
         if run.ema is not None:
             run.ema.restore(run.model.parameters())
@@ -340,7 +358,7 @@ def run_steps(
     rank, world_size = accelerator.process_index, accelerator.num_processes
     step, epoch, batches_consumed = start.step, start.epoch, start.batches_consumed
     batches_to_skip = 0 if run.train_data.streaming else batches_consumed - epoch * run.batches_per_epoch
-    progress = tqdm(total=run.max_train_steps, initial=step, disable=not accelerator.is_local_main_process, desc="steps")
+    progress = StepProgress(run.max_train_steps, step, enabled=accelerator.is_local_main_process)
     parameters = list(model.parameters())  # one list for clipping and EMA, not a module walk per step
     model.train()
     loop_started, last_validation = time.perf_counter(), -1
@@ -396,8 +414,7 @@ def run_steps(
             throughput = stats.images_seen_here * world_size / (time.perf_counter() - loop_started)
             accelerator.log({"train/loss": mean_loss, "train/lr": stats.lr[step], "train/images_per_second": throughput,
                              "train/skipped_records": stats.skipped.count}, step=step)
-            progress.update(1)
-            progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{throughput:.0f}")
+            progress.update(step, mean_loss, throughput)
             if stop_requested:  # no next step will come: save now
                 saved = checkpointer.save(checkpointer.position(step, epoch, batches_consumed))
                 name = (signals.requested if signals is not None else None) or "SIGTERM"  # another rank was signalled
@@ -482,6 +499,8 @@ def export(run: TrainingRun, end: TrainingPosition, stats: StepStats, validate: 
             training_wall_time_seconds=time.perf_counter() - run.started,
             seconds_to_first_step=seconds_since_process_start(stats.first_step_at),
             annotations=run.annotations,
+            held_out={**run.held_out_plan.summary(), "images": int(run.validation_images.shape[0])}
+            if run.validation_images is not None else None,
         )
         if config.quality_samples > 0:
             from ..evaluation.metrics import digits_quality
@@ -493,8 +512,10 @@ def export(run: TrainingRun, end: TrainingPosition, stats: StepStats, validate: 
         if config.report and run.validation_images is not None:  # the held-out report of `diffusers-robust evaluate`
             from ..evaluation.report import evaluate_pipeline, write_report
 
-            report = evaluate_pipeline(sampler, config.dataset, config.validation_split, config.dataset_split,
-                                       config.report_images, config.report_samples, config.num_inference_steps)
+            plan = run.held_out_plan
+            report = evaluate_pipeline(sampler, plan.source, plan.split, config.dataset_split, config.report_images,
+                                       config.report_samples, config.num_inference_steps, hold_out=plan.hold_out,
+                                       train_dataset=run.train_source)
             write_report(report, os.path.join(config.output_dir, "evaluation"), title=f"Evaluation of {repo_id}")
             summary.report = {key: value for key, value in report.items() if not key.startswith("_")}
         summary.save(config.output_dir)
@@ -507,10 +528,12 @@ def export(run: TrainingRun, end: TrainingPosition, stats: StepStats, validate: 
     return summary
 
 
-def train(config: TrainingConfig, accelerator: Accelerator, signals: StopSignals | None = None) -> RunSummary | None:
-    """One training run: set up, resume, the step loop, export. Returns the run summary on the main process."""
+def train(config: TrainingConfig, accelerator: Accelerator, signals: StopSignals | None = None,
+          dataset: DatasetLike | None = None, validation_dataset: DatasetLike | None = None) -> RunSummary | None:
+    """One training run: set up, resume, the step loop, export. Returns the run summary on the main process.
+    `dataset` / `validation_dataset`: Datasets objects in place of `config.dataset` / `config.validation_data`."""
     try:
-        run = set_up(config, accelerator)
+        run = set_up(config, accelerator, dataset, validation_dataset)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         raise BadTrainingInput(str(error)) from error
     stream_loader = run.dataloader if run.train_data.streaming else None
@@ -536,17 +559,24 @@ def main(argv: list[str] | None = None) -> None:
     run_training(config)
 
 
-def run_training(config: TrainingConfig) -> None:
+def run_training(config: TrainingConfig, dataset: DatasetLike | None = None,
+                 validation_dataset: DatasetLike | None = None) -> None:
     """Run `config` in this process (one of several under `accelerate launch`): hold the output folder's lock, handle
-    SIGTERM / SIGINT (exit 128 + signal after a checkpoint), train, and shut the process group down cleanly."""
+    SIGTERM / SIGINT (exit 128 + signal after a checkpoint), train, and shut the process group down cleanly.
+
+    `dataset` / `validation_dataset`: a `datasets.Dataset`, `DatasetDict` or `IterableDataset` to train on (and to hold
+    out) in place of `config.dataset` / `config.validation_data`; the config records their fingerprints."""
     import logging
     import traceback
 
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
-    from .distributed import set_thread_count, shutdown_distributed
+    from .distributed import set_thread_count, shutdown_distributed, warn_if_launcher_dropped_processes
     from .run_guard import OutputDirLock
 
+    if dataset is not None or validation_dataset is not None:  # what the saved config and a resume check compare
+        config = dataclasses.replace(config, dataset=describe_source(dataset) or config.dataset,
+                                     validation_data=describe_source(validation_dataset) or config.validation_data)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
@@ -555,14 +585,16 @@ def run_training(config: TrainingConfig) -> None:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    quiet_third_party_logs()
     set_thread_count(config.num_threads, accelerator.num_processes if accelerator.device.type == "cpu" else 1)
+    warn_if_launcher_dropped_processes(accelerator.num_processes, accelerator.device.type)
     signals = StopSignals().install()
     created = not os.path.exists(config.output_dir)  # removed again if the run stops before its first step
     lock = OutputDirLock(config.output_dir)
     try:
         if accelerator.is_main_process:
             lock.acquire()  # one writer per output_dir
-        train(config, accelerator, signals)
+        train(config, accelerator, signals, dataset, validation_dataset)
     except TrainingStopped as stopped:
         traceback.clear_frames(stopped.__traceback__)
         logger.error(str(stopped))

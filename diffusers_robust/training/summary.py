@@ -39,10 +39,11 @@ class RunSummary:
     digits_quality: dict[str, Any] | None = None  # digits only: samples scored by the digits classifier
     report: dict[str, Any] | None = field(default=None)  # the held-out report (diffusers-robust evaluate), if written
     annotations: dict[str, Any] | None = None  # imperfect data: counts of clean / noisy / restricted records, trusted level
+    held_out: dict[str, Any] | None = None  # where the held-out images came from: source, split, held-out share and seed
 
     def to_dict(self) -> dict[str, Any]:
         return {key: value for key, value in dataclasses.asdict(self).items()
-                if value is not None or key not in ("digits_quality", "report", "annotations")}
+                if value is not None or key not in ("digits_quality", "report", "annotations", "held_out")}
 
     def save(self, output_dir: str) -> str:
         """Write `output_dir/metrics.json`; returns its path."""
