@@ -2,6 +2,7 @@
 bad files, an unreachable Hub. Each runs the real training script (through `accelerate launch` where a launcher
 matters) and checks that nothing good is lost and the message names the problem."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -21,7 +22,8 @@ from safetensors.torch import load_file
 from diffusers_robust.data.datasets import ImageRecordTransform
 from diffusers_robust.pipelines.presets import build_pipeline_from_preset
 from diffusers_robust.training.checkpoints import complete_checkpoints
-from diffusers_robust.training.config import parse_training_config
+from diffusers_robust.training.config import TrainingConfig, parse_training_config
+from diffusers_robust.training.run_guard import check_resume_config
 
 pytestmark = pytest.mark.slow
 
@@ -69,10 +71,14 @@ def test_resume_refuses_changed_options_the_checkpoint_depends_on_and_keeps_the_
     out = tmp_path / "out"
     assert run(tiny_training_args(tiny_preset, out, max_train_steps=2, checkpointing_steps=2)).returncode == 0
     first = (out / "training_config.yaml").read_text()
-    for option, value in (("train_batch_size", 8), ("seed", 3), ("use_ema", "false"), ("dataset_split", "test")):
-        refused = run(tiny_training_args(tiny_preset, out, resume_from_checkpoint="latest", max_train_steps=3,
-                                         **{option: value}))
-        assert refused.returncode == 2 and f"{option}:" in refused.stderr and "Traceback" not in refused.stderr
+    refused = run(tiny_training_args(tiny_preset, out, resume_from_checkpoint="latest", max_train_steps=3, seed=3))
+    assert refused.returncode == 2 and "seed:" in refused.stderr and "Traceback" not in refused.stderr
+    base = TrainingConfig.from_yaml(out / "training_config.yaml")  # the same check, in process for the other options
+    for option, value in (("train_batch_size", 8), ("use_ema", False), ("dataset_split", "test"),
+                          ("validation_share", 0.2)):
+        changed = dataclasses.replace(base, resume_from_checkpoint="latest", max_train_steps=3, **{option: value})
+        with pytest.raises(ValueError, match=f"{option}: "):
+            check_resume_config(str(out), changed)
     assert not (out / "checkpoints" / "checkpoint-3").exists()
     resumed = run(tiny_training_args(tiny_preset, out, resume_from_checkpoint="latest", max_train_steps=3,
                                      learning_rate=5e-4))
