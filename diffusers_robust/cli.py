@@ -16,10 +16,11 @@ Bad input exits with code 2 and a one-line message.
 """
 
 import argparse
+import json
 import os
 import sys
 
-from .evaluation.defaults import DEFAULT_RESTORATION_CASES, EVALUATION_SEED
+from .evaluation.defaults import DEFAULT_RESTORATION_CASES, EVALUATION_SEED, QUICK_RESTORATION_CASES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -80,15 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     restore = commands.add_parser("restore", help="restore corrupted image files", formatter_class=defaults,
                                   description="Restore image files (or every image in the folders given) with the "
-                                              "pipeline's restoration; the restored images keep their file names.")
+                                              "pipeline's restoration; the restored images keep their file names. With no "
+                                              "restoration option, what damaged each image is detected and restored by the "
+                                              "matching method; restoration.json records the choice per image.")
     _add_pipeline_arguments(restore)
     restore.add_argument("inputs", nargs="+", help="image files or folders of images, at the pipeline's sample size")
     restore.add_argument("--output_dir", default="restored", help="where the restored images go")
     restore.add_argument("--corruption", default=None,
-                         help="what damaged the images (gaussian_noise, impulse_noise, gaussian_blur, ..., or auto)")
+                         help="what damaged the images (gaussian_noise, impulse_noise, gaussian_blur, ..., or auto); with "
+                              "no restoration option it is detected per image (auto)")
     restore.add_argument("--severity", type=int, choices=range(1, 6), default=None, help="1..5, the corruption's severity")
     restore.add_argument("--noise_sigma", type=float, default=None, help="Gaussian noise std in [0, 1] image units")
-    restore.add_argument("--strength", type=float, default=None, help="SDEdit strength in (0, 1] (the default method)")
+    restore.add_argument("--strength", type=float, default=None, help="SDEdit strength in (0, 1]: fresh noise, then sampling")
     restore.add_argument("--masks", default=None,
                          help="folder of mask images named like the inputs: white where a pixel is missing")
     restore.add_argument("--restoration_steps", type=_positive, default=None, help="denoiser calls per restoration")
@@ -109,11 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--validation_share", type=float, default=0.1, help="share held out when there is no split")
     evaluate.add_argument("--validation_holdout_seed", type=int, default=0, help="seed of that hold-out (training's default: 0)")
     evaluate.add_argument("--train_split", default="train", help="train split, for memorisation distances")
-    evaluate.add_argument("--num_images", type=_positive, default=300, help="held-out images")
+    evaluate.add_argument("--full", action="store_true",
+                          help=f"today's full depth: {len(DEFAULT_RESTORATION_CASES)} restoration cases on 300 images "
+                               f"(default: {len(QUICK_RESTORATION_CASES)} cases on 200 images, about 2 minutes for 8x8 "
+                               "digits on 2 cores; the generation and loss figures are the same)")
+    evaluate.add_argument("--num_images", type=_positive, default=argparse.SUPPRESS,
+                          help="held-out images (default 200; --full 300)")
     evaluate.add_argument("--num_samples", type=_positive, default=256, help="generated samples for FID/KID and digits figures")
     evaluate.add_argument("--sampling_steps", type=_positive, default=50, help="DDIM steps per sample")
-    evaluate.add_argument("--cases", type=_case, nargs="+", default=list(DEFAULT_RESTORATION_CASES),
-                          help="restoration cases, e.g. gaussian_noise/s3 impulse_noise/s5 gaussian_noise/sigma0.3")
+    evaluate.add_argument("--cases", type=_case, nargs="+", default=argparse.SUPPRESS,
+                          help="restoration cases, e.g. gaussian_noise/s3 impulse_noise/s5 gaussian_noise/sigma0.3 "
+                               "(default: " + " ".join(f"{c}/s{v}" if isinstance(v, int) else f"{c}/sigma{v:g}"
+                                                     for c, v in QUICK_RESTORATION_CASES) + "; --full: all of the table)")
     evaluate.add_argument("--inception_weights", default=None,
                           help="TorchScript Inception-v3 (inception-2015-12-05.pt) for FID/KID; default: offline pixel features")
     evaluate.add_argument("--seed", type=int, default=EVALUATION_SEED, help="evaluation seed (independent of training)")
@@ -303,20 +314,46 @@ def run_restore(args: argparse.Namespace) -> list[str]:
         mask_files = [os.path.join(args.masks, os.path.basename(path)) for path in files]
         masks = (_read_images(mask_files, 1, size, "mask") > 0.5).astype(np.float32)
     os.makedirs(args.output_dir, exist_ok=True)
-    options = {"corruption": args.corruption, "severity": args.severity, "noise_sigma": args.noise_sigma,
-               "strength": args.strength, "restoration_steps": args.restoration_steps,
+    detect = all(value is None for value in (args.corruption, args.severity, args.noise_sigma, args.strength, args.masks))
+    options = {"corruption": "auto" if detect else args.corruption, "severity": args.severity,
+               "noise_sigma": args.noise_sigma, "strength": args.strength, "restoration_steps": args.restoration_steps,
                "learned_restoration": args.learned_restoration}
-    written = []
+    written, choices = [], {}
     for start in tqdm(range(0, len(files), args.batch_size), desc="restore"):
         stop = min(start + args.batch_size, len(files))
         mask = None if masks is None else masks[start:stop]
-        restored = pipeline(image=images[start:stop], mask=mask, generator=_generators(args.seed, start, stop - start),
-                            output_type="pil", **options).images
-        for path, picture in zip(files[start:stop], restored, strict=True):
+        output = pipeline(image=images[start:stop], mask=mask, generator=_generators(args.seed, start, stop - start),
+                          output_type="pil", **options)
+        for index, (path, picture) in enumerate(zip(files[start:stop], output.images, strict=True)):
             target = os.path.join(args.output_dir, os.path.splitext(os.path.basename(path))[0] + ".png")
             picture.save(target)
             written.append(target)
-    return written
+            choices[os.path.basename(target)] = (output.detections[index].to_dict() if output.detections is not None
+                                                 else {key: value for key, value in options.items() if value is not None})
+    for name, choice in choices.items():
+        print(f"{name}: {_describe_choice(choice)}", file=sys.stderr)
+    record = os.path.join(args.output_dir, "restoration.json")
+    with open(record, "w", encoding="utf-8") as handle:
+        json.dump({"detected": detect, "images": choices}, handle, indent=2)
+    return [*written, record]
+
+
+def _describe_choice(choice: dict) -> str:
+    """One line for a restored image: what was detected (or asked for) and how it was restored."""
+    if "method" not in choice:
+        return "restored with " + ", ".join(f"{key}={value}" for key, value in choice.items())
+    if choice["corruption"] is None:
+        return "clean: kept as it is"
+    level = (f", noise std {choice['noise_sigma']:.3f}" if choice["noise_sigma"] is not None
+             else f", severity {choice['severity']}" if choice["severity"] is not None else "")
+    return f"{choice['corruption']}{level}: restored by {choice['method']}"
+
+
+def evaluation_depth(args: argparse.Namespace) -> tuple[list[tuple[str, int | float]], int]:
+    """The restoration cases and held-out image count `evaluate` scores: `--cases` / `--num_images` when given, else the
+    quick default (8 cases, 200 images) or, with `--full`, every case of the table on 300 images."""
+    cases = getattr(args, "cases", None) or list(DEFAULT_RESTORATION_CASES if args.full else QUICK_RESTORATION_CASES)
+    return cases, getattr(args, "num_images", None) or (300 if args.full else 200)
 
 
 def run_evaluate(args: argparse.Namespace) -> list[str]:
@@ -327,8 +364,9 @@ def run_evaluate(args: argparse.Namespace) -> list[str]:
                          args.validation_holdout_seed)
     print(plan.description, file=sys.stderr)
     pipeline = _load_pipeline(args)
-    report = evaluate_pipeline(pipeline, plan.source, plan.split, args.train_split, args.num_images, args.num_samples,
-                               args.sampling_steps, args.cases, args.inception_weights, args.seed,
+    cases, num_images = evaluation_depth(args)
+    report = evaluate_pipeline(pipeline, plan.source, plan.split, args.train_split, num_images, args.num_samples,
+                               args.sampling_steps, cases, args.inception_weights, args.seed,
                                learned_restoration=args.learned_restoration, hold_out=plan.hold_out,
                                train_dataset=args.dataset)
     return list(write_report(report, args.output_dir, title=f"Evaluation of {args.pipeline}").values())
@@ -339,18 +377,18 @@ def run_push(args: argparse.Namespace) -> list[str]:
 
     if not os.path.isfile(os.path.join(args.folder, "model_index.json")):
         raise FileNotFoundError(f"{args.folder} holds no model_index.json: not a saved pipeline")
-    if not os.path.isfile(os.path.join(args.folder, "README.md")):  # a card is written from the run's own record
-        import yaml
+    config_path = os.path.join(args.folder, "training_config.yaml")
+    if os.path.isfile(config_path) and os.path.isfile(os.path.join(args.folder, "metrics.json")):
+        import yaml  # the card is written again from the run's own record, so it names this repository
 
         from .training.summary import RunSummary
 
-        config_path = os.path.join(args.folder, "training_config.yaml")
-        if not os.path.isfile(config_path) or not os.path.isfile(os.path.join(args.folder, "metrics.json")):
-            raise FileNotFoundError(f"{args.folder} has no README.md model card, and no metrics.json and "
-                                    "training_config.yaml to write one from")
         with open(config_path, encoding="utf-8") as handle:
             config = yaml.safe_load(handle)
         write_model_card(args.folder, args.repo_id, config, RunSummary.load(args.folder), config.get("license", "apache-2.0"))
+    elif not os.path.isfile(os.path.join(args.folder, "README.md")):
+        raise FileNotFoundError(f"{args.folder} has no README.md model card, and no metrics.json and "
+                                "training_config.yaml to write one from")
     return [push_pipeline_to_hub(args.folder, args.repo_id, private=args.private)]
 
 

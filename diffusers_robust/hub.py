@@ -83,7 +83,7 @@ def write_model_card(
 ## Held-out evaluation
 
 Restoration of {report["num_images"]} held-out images (`{report["split"]}`) per corruption, beside the corrupted input and
-a 3x3 median filter (PSNR in dB of the set's mean squared error; evaluation seed {report["seed"]}). Restore with
+a classical baseline (PSNR in dB of the set's mean squared error; evaluation seed {report["seed"]}). Restore with
 `pipe(image=..., corruption=..., severity=...)`.
 
 {restoration_markdown(report["restoration"])}
@@ -133,6 +133,9 @@ pipe = RobustDDPMPipeline.from_pretrained("{repo_id}")
 pipe.scheduler = RobustDDIMScheduler.from_config(pipe.scheduler.config)
 images = pipe(batch_size=16, num_inference_steps=50).images
 ```
+
+With Diffusers alone installed beside `diffusers-robust`: `DiffusionPipeline.from_pretrained("{repo_id}",
+trust_remote_code=True)` (the repository's `pipeline.py` is one import line of the installed package).
 
 Training configuration: `training_config.yaml`; all figures: `metrics.json`.
 """

@@ -13,8 +13,8 @@ from diffusers_robust import RobustDDPMPipeline, RobustDDPMScheduler
 
 REPORT_KEYS = {"report_version", "dataset", "split", "held_out_share", "train_split", "num_images", "seed", "sampler",
                "restoration", "generation", "losses"}
-ROW_KEYS = {"case", "method", "psnr_input", "psnr", "psnr_median_filter", "ssim_input", "ssim", "ssim_median_filter",
-            "accuracy_input", "accuracy", "accuracy_median_filter"}
+ROW_KEYS = {"case", "method", "baseline", "caveat", "psnr_input", "psnr", "psnr_baseline", "ssim_input", "ssim",
+            "ssim_baseline", "accuracy_input", "accuracy", "accuracy_baseline"}
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +42,23 @@ def test_evaluate_writes_report_json_markdown_and_plots(tiny_pipeline_folder, tm
         "gaussian_noise/s3", "gaussian_noise/sigma0.3", "impulse_noise/s5", "gaussian_blur/s3"]
     assert [row["method"] for row in report["restoration"]] == ["noise", "noise", "inpaint", "linear"]
     assert all(set(row) == ROW_KEYS for row in report["restoration"])
+    # A classical baseline of the right kind per case, tuned on train images; none where the exact operator is inverted.
+    baselines = [row["baseline"] for row in report["restoration"]]
+    assert baselines[0].startswith(("Gaussian filter", "none")) and baselines[2] == "median 3x3" and baselines[3] is None
+    assert report["restoration"][3]["psnr_baseline"] is None and "exact operator" in report["restoration"][3]["caveat"]
     sigma = report["restoration"][1]
     assert 12 < sigma["psnr_input"] < 14  # sigma 0.3 on digits: about 12.9 dB, whatever the model
     generation = report["generation"]
     assert generation["samples"] == 8 and generation["feature_extractor"].startswith("pixels-16x16")
     assert set(generation["digits"]) == {"confident_fraction", "classes_present", "class_counts", "class_entropy_bits"}
     assert set(generation["memorisation"]) == {"median_distance_to_train", "median_distance_to_held_out",
-                                               "share_closer_to_train"}
+                                               "share_closer_to_train", "median_distance_held_out_to_train", "meaningful"}
+    assert generation["memorisation"]["meaningful"] is False  # an untrained model's samples are noise, not digits
+    assert "**Not meaningful here**" in (out / "report.md").read_text()
     assert {"clean", "restore/impulse_noise/s5"} <= set(report["losses"])
     markdown = (out / "report.md").read_text()
-    assert "| gaussian_noise/sigma0.3 | noise |" in markdown and "restoration.png" in markdown
+    assert "| gaussian_noise/sigma0.3 | noise | Gaussian filter" in markdown and "restoration.png" in markdown
+    assert "| gaussian_blur/s3* | linear | - |" in markdown and "\n* the restoration inverts the exact operator" in markdown
     for name in ("restoration.png", "samples.png"):
         assert (out / name).stat().st_size > 1000
 

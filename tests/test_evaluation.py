@@ -38,6 +38,12 @@ def test_make_grid_tiles_images_in_a_square():
     assert np.asarray(grid)[..., 0].max() == 128 and np.asarray(grid)[8:, 16:].max() == 0  # the blank cell
 
 
+def test_report_grids_keep_grey_gaps_and_at_least_four_screen_pixels_per_pixel():
+    grid = np.asarray(make_grid(np.ones((3, 8, 8, 1)), columns=2, min_size=1, gap=2, min_scale=4))
+    assert grid.shape == (2 * 32 + 2, 2 * 32 + 2)  # 8 px x 4, a 2 px gap between cells
+    assert (grid[:32, 32:34] == 128).all() and (grid[:32, :32] == 255).all() and (grid[34:, 34:] == 0).all()
+
+
 def test_make_grid_enlarges_small_images_by_whole_pixels_to_at_least_256_pixels():
     images = np.random.default_rng(0).random((4, 8, 8, 1))
     grid = np.asarray(make_grid(images))  # 2 x 2 cells of 8 px: each pixel becomes a 16 x 16 square

@@ -100,13 +100,13 @@ assert (draw(generic) == draw(loaded)).all()
     assert files["pipeline.py"].decode().endswith("from diffusers_robust import RobustDDPMPipeline  # noqa: F401\n")
 
 
-def test_push_command_uploads_a_trained_folder_and_rewrites_a_missing_card(tiny_preset, tmp_path, hub):
+def test_push_command_uploads_a_trained_folder_with_a_card_naming_the_repository(tiny_preset, tmp_path, hub):
     state, env = hub
     output_dir = tmp_path / "run"
     trained = subprocess.run([sys.executable, SCRIPT, *tiny_training_args(tiny_preset, output_dir, max_train_steps=2)],
                              env=training_env(), capture_output=True, text=True, timeout=300)
     assert trained.returncode == 0, trained.stderr[-3000:]
-    (output_dir / "README.md").unlink()  # written again from metrics.json and training_config.yaml
+    assert "# run" in (output_dir / "README.md").read_text()  # training named the card after its folder
     state.valid_tokens = {TOKEN}
     for extra, message in (({"HF_TOKEN": "hf_wrong"}, "refused the token (401) for bob/tiny: set HF_TOKEN to a token "
                                                       "with write access, or run `hf auth login`"),
@@ -122,4 +122,5 @@ def test_push_command_uploads_a_trained_folder_and_rewrites_a_missing_card(tiny_
     assert repo.private and {"model_index.json", "unet/diffusion_pytorch_model.safetensors", "README.md"} <= set(repo.files)
     assert not any(name.startswith(("checkpoints/", "logs/")) for name in repo.files)
     card = (output_dir / "README.md").read_text()
-    assert "# bob/tiny" in card and "for 2 optimizer steps" in card and TOKEN not in pushed.stdout + pushed.stderr
+    assert "# bob/tiny" in card and 'from_pretrained("bob/tiny")' in card and "# run" not in card
+    assert "for 2 optimizer steps" in card and TOKEN not in pushed.stdout + pushed.stderr

@@ -18,6 +18,7 @@ from diffusers_robust.data.splits import plan_held_out
 from diffusers_robust.pipelines.presets import available_presets, build_pipeline_from_preset, resolve_preset
 from diffusers_robust.training.distributed import requested_processes
 from diffusers_robust.training.progress import StepProgress, format_duration
+from diffusers_robust.training.summary import HISTORY_POINTS, thin_history
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -217,3 +218,21 @@ def test_the_package_and_the_command_line_start_without_importing_torch_diffuser
     result = subprocess.run([sys.executable, "-c", code], env=training_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.splitlines() == ["[]", "RobustDDPMScheduler True"]
+
+
+def test_metrics_json_keeps_histories_small_on_long_runs():
+    history = {step: 1.0 / step for step in range(1, 100_001)}
+    thinned = thin_history(history, HISTORY_POINTS)
+    assert len(thinned) == HISTORY_POINTS and {1, 100_000} <= set(thinned) and thinned[100_000] == history[100_000]
+    assert thin_history({1: 0.5, 2: 0.25}, HISTORY_POINTS) == {1: 0.5, 2: 0.25}  # short runs keep every step
+
+
+def test_evaluate_defaults_to_a_quick_depth_and_full_restores_todays():
+    from diffusers_robust.cli import build_parser, evaluation_depth
+    from diffusers_robust.evaluation.defaults import DEFAULT_RESTORATION_CASES, QUICK_RESTORATION_CASES
+
+    parse = build_parser().parse_args
+    assert evaluation_depth(parse(["evaluate", "model"])) == (list(QUICK_RESTORATION_CASES), 200)
+    assert evaluation_depth(parse(["evaluate", "model", "--full"])) == (list(DEFAULT_RESTORATION_CASES), 300)
+    given = evaluation_depth(parse(["evaluate", "model", "--full", "--cases", "masking/s2", "--num_images", "7"]))
+    assert given == ([("masking", 2)], 7) and len(QUICK_RESTORATION_CASES) == 8

@@ -19,17 +19,26 @@ def upscale_for_display(images: np.ndarray, min_size: int = MIN_DISPLAY_SIZE, co
     return images.repeat(factor, axis=1).repeat(factor, axis=2) if factor > 1 else images
 
 
-def make_grid(images: np.ndarray, columns: int | None = None, min_size: int = MIN_DISPLAY_SIZE) -> PIL.Image.Image:
+def make_grid(images: np.ndarray, columns: int | None = None, min_size: int = MIN_DISPLAY_SIZE, gap: int = 0,
+              min_scale: int = 1) -> PIL.Image.Image:
     """Tile images (numpy `(B, H, W, C)` in `[0, 1]`, as `output_type="np"` returns them) into one grid image at least
-    `min_size` pixels wide (small images are enlarged by whole pixels, see [`upscale_for_display`])."""
-    from diffusers import DiffusionPipeline
-    from diffusers.utils import make_image_grid
-
+    `min_size` pixels wide (small images are enlarged by whole pixels, at least `min_scale` screen pixels per image
+    pixel, see [`upscale_for_display`]), with `gap` pixels of mid-grey between the images."""
     columns = columns or math.ceil(math.sqrt(len(images)))
-    pictures = DiffusionPipeline.numpy_to_pil(upscale_for_display(np.asarray(images), min_size, columns))
-    rows = math.ceil(len(pictures) / columns)
-    blank = PIL.Image.new(pictures[0].mode, pictures[0].size)
-    return make_image_grid(pictures + [blank] * (rows * columns - len(pictures)), rows=rows, cols=columns)
+    images = np.asarray(images)
+    scale = max(min_scale, math.ceil(min_size / (images.shape[2] * columns)))
+    tiles = (images.repeat(scale, axis=1).repeat(scale, axis=2) * 255).round().clip(0, 255).astype(np.uint8)
+    rows, (height, width, channels) = math.ceil(len(tiles) / columns), tiles.shape[1:]
+    fill = 128 if gap else 0
+    canvas = np.full((rows * height + (rows - 1) * gap, columns * width + (columns - 1) * gap, channels), fill, np.uint8)
+    for index, tile in enumerate(tiles):
+        top, left = (index // columns) * (height + gap), (index % columns) * (width + gap)
+        canvas[top:top + height, left:left + width] = tile
+    if gap:  # cells past the last image stay black, not grey
+        for index in range(len(tiles), rows * columns):
+            top, left = (index // columns) * (height + gap), (index % columns) * (width + gap)
+            canvas[top:top + height, left:left + width] = 0
+    return PIL.Image.fromarray(canvas[..., 0] if channels == 1 else canvas)
 
 
 def stack_images(batches: Iterable[torch.Tensor], limit: int) -> torch.Tensor:

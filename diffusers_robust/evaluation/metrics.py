@@ -263,11 +263,21 @@ class Memorisation:
         train, held_out = reference.train_images, reference.images
         subset = train[torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(self.seed))[: held_out.shape[0]]]
         to_train, to_held_out = nearest_neighbour_distance(images, subset), nearest_neighbour_distance(images, held_out)
+        data_spacing = float(nearest_neighbour_distance(held_out, subset).median())
         return {"memorisation": {
             "median_distance_to_train": float(to_train.median()),
             "median_distance_to_held_out": float(to_held_out.median()),
             "share_closer_to_train": float((to_train < to_held_out).float().mean()),
+            # Held-out images to the train subset: how far apart real images are. Samples much farther than that from
+            # every image are not images of the data (noise, say), and which side is nearer then means nothing.
+            "median_distance_held_out_to_train": data_spacing,
+            "meaningful": bool(float(to_held_out.median()) <= MEMORISATION_DISTANCE_FACTOR * data_spacing),
         }}
+
+
+# Samples whose median distance to the held-out images exceeds this many times the held-out images' own distance to
+# the train images are not images of the data: the memorisation share is then flagged as meaningless.
+MEMORISATION_DISTANCE_FACTOR = 1.5
 
 
 class DigitsScore:

@@ -132,6 +132,7 @@ def evaluate_pipeline(
 
     steps = tqdm(total=3, desc="evaluate", disable=not progress)
     restoration = evaluate_restoration(pipeline, held_out, labels, cases, seed, classifier, progress=progress,
+                                       fit_images=train,
                                        learned_restoration=learned_restoration)
     steps.update(1)
     samples = generate(pipeline, num_samples, sampling_steps, seed)
@@ -153,20 +154,29 @@ def evaluate_pipeline(
 
 
 def restoration_markdown(rows: list[dict[str, Any]]) -> str:
-    """The restoration table: PSNR / SSIM (and accuracy) of input, median filter and restoration per case."""
+    """The restoration table: PSNR / SSIM (and accuracy) of the input, the classical baseline and the restoration per
+    case; rows whose method inverts the exact operator are starred, with the caveat below the table."""
     accuracy = "accuracy" in rows[0] if rows else False
-    head = "| case | method | PSNR input | PSNR median 3x3 | PSNR restored | gain (dB) | SSIM input | SSIM restored |"
-    rule = "|---|---|---|---|---|---|---|---|"
+    head = ("| case | method | baseline | PSNR input | PSNR baseline | PSNR restored | gain (dB) | SSIM input | "
+            "SSIM restored |")
+    rule = "|---|---|---|---|---|---|---|---|---|"
     if accuracy:
         head += " accuracy input | accuracy restored |"
         rule += "---|---|"
-    lines = [head, rule]
+    lines, caveats = [head, rule], {}
     for row in rows:
-        line = (f"| {row['case']} | {row['method']} | {row['psnr_input']:.2f} | {row['psnr_median_filter']:.2f} | "
-                f"{row['psnr']:.2f} | {row['psnr'] - row['psnr_input']:+.2f} | {row['ssim_input']:.3f} | {row['ssim']:.3f} |")
+        star = ""
+        if row.get("caveat"):
+            star = "*" * (list(caveats).index(row["caveat"]) + 1 if row["caveat"] in caveats else len(caveats) + 1)
+            caveats.setdefault(row["caveat"], star)
+        baseline = f"{row['psnr_baseline']:.2f}" if row.get("psnr_baseline") is not None else "-"
+        line = (f"| {row['case']}{star} | {row['method']} | {row.get('baseline') or '-'} | {row['psnr_input']:.2f} | "
+                f"{baseline} | {row['psnr']:.2f} | {row['psnr'] - row['psnr_input']:+.2f} | {row['ssim_input']:.3f} | "
+                f"{row['ssim']:.3f} |")
         if accuracy:
             line += f" {row['accuracy_input']:.3f} | {row['accuracy']:.3f} |"
         lines.append(line)
+    lines += ["", *(f"{star} {caveat}." for caveat, star in caveats.items())] if caveats else []
     return "\n".join(lines)
 
 
@@ -200,7 +210,11 @@ def report_markdown(report: dict[str, Any], title: str = "Evaluation") -> str:
         "", f"Memorisation: median nearest-neighbour RMS distance of samples to train images "
         f"{memorisation['median_distance_to_train']:.4f}, to held-out images {memorisation['median_distance_to_held_out']:.4f} "
         f"(a train subset as large as the held-out set); {memorisation['share_closer_to_train']:.1%} of samples are closer "
-        "to a train image than to a held-out one (50% for a model that does not memorise).",
+        "to a train image than to a held-out one (50% for a model that does not memorise)." + (
+            "" if memorisation.get("meaningful", True) else
+            f" **Not meaningful here**: the samples lie farther from every image than held-out images lie from train "
+            f"images ({memorisation['median_distance_held_out_to_train']:.4f}) by more than 1.5x, so they are not images "
+            "of the data."),
         "", "![samples](samples.png)", "",
         "## Validation losses", "",
         "Denoising MSE at fixed evaluation timesteps and noise: clean, on the corrupted distribution "
@@ -212,7 +226,7 @@ def report_markdown(report: dict[str, Any], title: str = "Evaluation") -> str:
 
 
 def plot_restoration(rows: list[dict[str, Any]], path: str) -> None:
-    """A bar chart of PSNR per case: corrupted input, median filter, restored."""
+    """A bar chart of PSNR per case: corrupted input, classical baseline (none for linear operators), restored."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,9 +235,10 @@ def plot_restoration(rows: list[dict[str, Any]], path: str) -> None:
     names = [row["case"] for row in rows]
     positions = np.arange(len(rows))
     figure, axes = plt.subplots(figsize=(max(6, 0.55 * len(rows)), 4))
-    bars = (("psnr_input", "corrupted input"), ("psnr_median_filter", "median 3x3"), ("psnr", "restored"))
+    bars = (("psnr_input", "corrupted input"), ("psnr_baseline", "classical baseline"), ("psnr", "restored"))
     for offset, (key, label) in zip((-0.27, 0, 0.27), bars, strict=True):
-        axes.bar(positions + offset, [min(row[key], 60) for row in rows], width=0.27, label=label)
+        axes.bar(positions + offset, [min(row[key], 60) if row.get(key) is not None else 0 for row in rows], width=0.27,
+                 label=label)
     axes.set_xticks(positions, names, rotation=60, ha="right", fontsize=8)
     axes.set_ylabel("PSNR (dB, capped at 60)")
     axes.legend()
@@ -246,7 +261,5 @@ def write_report(report: dict[str, Any], output_dir: str, title: str = "Evaluati
     plot_restoration(report["restoration"], paths["restoration.png"])
     if samples is not None:
         grid = ((samples[:64] + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-        picture = make_grid(grid)
-        scale = max(1, math.ceil(256 / max(picture.size)))  # small images: nearest-neighbour, so pixels stay visible
-        picture.resize((picture.width * scale, picture.height * scale), resample=0).save(paths["samples.png"])
+        make_grid(grid, gap=2, min_scale=4).save(paths["samples.png"])  # >= 4 screen pixels per pixel, grey gaps
     return paths

@@ -3,6 +3,7 @@
 import inspect
 import json
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import PIL.Image
@@ -12,6 +13,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import hf_hub_download, snapshot_download
 
 from ..models import ConditionEmbedding
+from .detection import Detection, detect_corruption
 from .restoration import (
     DETECTION_SIGMA,
     LEARNED_RESTORATION_SIGMA,
@@ -35,6 +37,13 @@ _COMPONENT_FILE_PATTERNS = ("*.json", "*.safetensors")
 # What `diffusers.DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` imports from a saved folder.
 LOADER_MODULE = "pipeline"
 LOADER_LIBRARY = "diffusers_robust"
+
+
+@dataclass
+class RestorationPipelineOutput(ImagePipelineOutput):
+    """`ImagePipelineOutput` with, after `corruption="auto"`, the [`~pipelines.detection.Detection`] of each image."""
+
+    detections: list[Detection] | None = None
 
 
 def installed_class(name: str) -> type:
@@ -112,6 +121,7 @@ class RobustDDPMPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, condition_embedding=condition_embedding)
         self._observed: torch.Tensor | None = None  # missing-pixel models: this call's fixed mask (B, 1, H, W)
+        self._detections: list[Detection] | None = None  # corruption="auto": what this call detected per image
 
     @property
     def masked_input(self) -> bool:
@@ -298,7 +308,7 @@ class RobustDDPMPipeline(DiffusionPipeline):
         mask: torch.Tensor | np.ndarray | None = None,
         restoration_steps: int | None = None,
         learned_restoration: bool = False,
-    ) -> ImagePipelineOutput | tuple:
+    ) -> "RestorationPipelineOutput | tuple":
         r"""
         Generate images, or restore corrupted ones (`image=`).
 
@@ -307,7 +317,9 @@ class RobustDDPMPipeline(DiffusionPipeline):
         - `noise_sigma=S`, or `corruption="gaussian_noise", severity=K`: Gaussian noise of std S (`[0, 1]` units). The
           image is scaled into the forward process at the timestep whose noise level matches (no fresh noise) and
           denoised: one step gives the posterior mean (best PSNR), `restoration_steps > 1` deterministic DDIM steps.
-        - `corruption="auto"`: the noise std is estimated from each image (Haar wavelet MAD), then as above.
+        - `corruption="auto"`: what damaged each image is detected with the pipeline's prior (`detect_corruption`:
+          clean, Gaussian noise and its std, salt-and-pepper, holes, blur and its severity) and restored by the method
+          below that fits it; images found clean come back unchanged. Its thresholds were set on 8x8 digits.
         - `corruption="impulse_noise"` / `"salt_and_pepper"` / `"masking"` (severity optional), or `mask=`: the hit pixels
           are treated as missing (detected as extreme values that the prior disagrees with, or `mask` where it is 1)
           and inpainted with RePaint; untouched pixels are kept exactly.
@@ -358,7 +370,8 @@ class RobustDDPMPipeline(DiffusionPipeline):
                 the pipeline has none or was not trained on `corruption`.
 
         Returns:
-            [`~diffusers.ImagePipelineOutput`] or `tuple`: the images in the format of `output_type`.
+            [`RestorationPipelineOutput`] (an `ImagePipelineOutput`) or `tuple`: the images in the format of
+            `output_type`; with `corruption="auto"`, `.detections` says what was found in each image.
 
         Example:
 
@@ -377,6 +390,7 @@ class RobustDDPMPipeline(DiffusionPipeline):
         _check_count("num_inference_steps", num_inference_steps)
         if restoration_steps is not None:
             _check_count("restoration_steps", restoration_steps)
+        self._detections = None
         try:
             sample = self._generate_or_restore(batch_size, generator, num_inference_steps, image, strength, eta, corruption,
                                                severity, noise_sigma, mask, restoration_steps, learned_restoration)
@@ -390,7 +404,7 @@ class RobustDDPMPipeline(DiffusionPipeline):
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
-        return ImagePipelineOutput(images=images)
+        return RestorationPipelineOutput(images=images, detections=self._detections)
 
     def _generate_or_restore(self, batch_size, generator, num_inference_steps, image, strength, eta, corruption, severity,
                              noise_sigma, mask, restoration_steps, learned_restoration) -> torch.Tensor:
@@ -415,7 +429,40 @@ class RobustDDPMPipeline(DiffusionPipeline):
             raise ValueError(f"learned_restoration needs a corruption this pipeline was trained to undo ({known}), "
                              f"got {plan.corruption!r}")
         self._observed = self._draw_observed(corrupted.shape[0], generator, corrupted.device)
+        if plan.method == "auto":
+            return self._restore_detected(corrupted, generator, num_inference_steps, eta, restoration_steps)
         return self._restore(corrupted, plan, generator, num_inference_steps, eta, restoration_steps, learned_restoration)
+
+    @torch.no_grad()
+    def detect_corruption(self, image: ImageInput) -> list[Detection]:
+        """What damaged each image (clean, Gaussian noise and its std, salt-and-pepper, holes, blur and its severity),
+        as `corruption="auto"` decides it: [`~pipelines.detection.detect_corruption`] with this pipeline's prior."""
+        corrupted = self._image_to_tensor(image)
+        try:  # a missing-pixel model sees every pixel here
+            self._observed = torch.ones_like(corrupted[:, :1]) if self.masked_input else None
+            return detect_corruption(self._denoiser(), self.scheduler.alphas_cumprod, corrupted)
+        finally:
+            self._observed = None
+
+    def _restore_detected(self, corrupted: torch.Tensor, generator, num_inference_steps: int, eta: float,
+                          steps: int | None) -> torch.Tensor:
+        """`corruption="auto"`: detect per image, then restore each group of images with the same detection by its
+        method; images found clean are returned as they are."""
+        observed = self._observed
+        if self.masked_input:
+            self._observed = torch.ones_like(corrupted[:, :1])  # detection sees every pixel
+        detections = detect_corruption(self._denoiser(), self.scheduler.alphas_cumprod, corrupted)
+        self._detections = detections
+        restored = corrupted.clone()
+        for detection in dict.fromkeys(detections):
+            index = [i for i, found in enumerate(detections) if found == detection]
+            if detection.corruption is None:
+                continue
+            group_generator = [generator[i] for i in index] if isinstance(generator, list) else generator
+            self._observed = observed[index] if observed is not None else None
+            plan = plan_restoration(**detection.restoration_kwargs())
+            restored[index] = self._restore(corrupted[index], plan, group_generator, num_inference_steps, eta, steps)
+        return restored
 
     def _sample_size(self) -> tuple[int, int]:
         size = self.unet.config.sample_size

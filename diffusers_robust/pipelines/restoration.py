@@ -201,7 +201,8 @@ LEARNED_RESTORATION_SIGMA = 0.05
 class RestorationPlan:
     """What `RobustDDPMPipeline` does with an `image=`: a validated choice among its restoration methods.
 
-    `method`: `"sdedit"`, `"noise"` (noise-matched start), `"inpaint"` or `"linear"` (data consistency)."""
+    `method`: `"sdedit"`, `"noise"` (noise-matched start), `"inpaint"`, `"linear"` (data consistency) or `"auto"`
+    (detected per image, [`~pipelines.detection.detect_corruption`])."""
 
     method: str
     corruption: str | None = None
@@ -242,7 +243,7 @@ def plan_restoration(
     if corruption is None:
         return RestorationPlan("sdedit", strength=0.3)
     if corruption == "auto":
-        return RestorationPlan("noise")
+        return RestorationPlan("auto")
     name = canonical_name(corruption)
     if severity is not None:
         corruption_parameter(name, severity)  # checks 1..5

@@ -9,6 +9,19 @@ from typing import Any
 SUMMARY_FILE = "metrics.json"
 
 
+# Steps kept per history in `metrics.json`.
+HISTORY_POINTS = 500
+
+
+def thin_history(history: dict[int, float], points: int) -> dict[int, float]:
+    """At most `points` entries of `history`, evenly spaced over its steps, the first and last kept."""
+    steps = sorted(history)
+    if len(steps) <= points:
+        return dict(history)
+    kept = {steps[round(i * (len(steps) - 1) / (points - 1))] for i in range(points)}
+    return {step: history[step] for step in steps if step in kept}
+
+
 @dataclass
 class RunSummary:
     """Facts of one training run. JSON keys are the field names; `from_json` refuses unknown keys.
@@ -42,8 +55,13 @@ class RunSummary:
     held_out: dict[str, Any] | None = None  # where the held-out images came from: source, split, held-out share and seed
 
     def to_dict(self) -> dict[str, Any]:
-        return {key: value for key, value in dataclasses.asdict(self).items()
-                if value is not None or key not in ("digits_quality", "report", "annotations", "held_out")}
+        """The JSON form. `lr_history` and `loss_history` keep at most `HISTORY_POINTS` evenly spaced steps (the last
+        included), so `metrics.json` stays small on long runs; TensorBoard logs keep every step."""
+        values = {key: value for key, value in dataclasses.asdict(self).items()
+                  if value is not None or key not in ("digits_quality", "report", "annotations", "held_out")}
+        for key in ("lr_history", "loss_history"):
+            values[key] = thin_history(values[key], HISTORY_POINTS)
+        return values
 
     def save(self, output_dir: str) -> str:
         """Write `output_dir/metrics.json`; returns its path."""

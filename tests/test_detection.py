@@ -1,0 +1,102 @@
+"""The damage detector behind `corruption="auto"` and `diffusers-robust restore` with no option."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from conftest import make_tiny_unet, training_env
+
+from diffusers_robust import RobustDDPMPipeline, RobustDDPMScheduler
+from diffusers_robust.data.corruptions import apply_corruption
+from diffusers_robust.data.datasets import load_digits_dataset
+from diffusers_robust.pipelines.detection import Detection, detect_corruption, noise_level, relative_detail
+
+
+@pytest.fixture(scope="module")
+def digit() -> torch.Tensor:
+    """One held-out digit `(1, 1, 8, 8)` in `[-1, 1]`."""
+    image = np.asarray(load_digits_dataset()["test"][3]["image"], dtype=np.float32)
+    return torch.from_numpy(image)[None, None] / 127.5 - 1
+
+
+def exact_prior(image: torch.Tensor, alphas: torch.Tensor):
+    """The exact denoiser of a data distribution that holds `image` alone: its posterior mean is `image` at every level,
+    so the detector's decisions can be checked without a trained model."""
+
+    def denoiser(sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        alpha = alphas[timesteps].view(-1, 1, 1, 1).to(sample.dtype)
+        return (sample - alpha.sqrt() * image) / (1 - alpha).sqrt()
+
+    return denoiser
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("clean", Detection(None)),
+    ("impulse", Detection("impulse_noise")),
+    ("hole", Detection("masking")),
+    ("noise", "gaussian_noise"),
+    ("blur", Detection("gaussian_blur", 3)),
+])
+def test_each_kind_of_damage_is_told_apart_under_an_exact_prior(digit, damage, expected):
+    alphas = RobustDDPMScheduler().alphas_cumprod
+    image = digit.clone()
+    if damage == "impulse":
+        image[0, 0, 0, 0] = 1.0  # a white pixel in the black background
+    elif damage == "hole":
+        image[0, 0, 3:5, 3:5] = -1.0  # black where the digit's stroke is bright
+    elif damage == "noise":
+        image = (image + 2 * 0.1 * torch.randn(image.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    elif damage == "blur":
+        image = apply_corruption(image, "gaussian_blur", 3)
+    found = detect_corruption(exact_prior(digit, alphas), alphas, image)[0]
+    if expected == "gaussian_noise":
+        assert found.corruption == "gaussian_noise" and 0.05 < found.noise_sigma <= 0.5 and found.method == "noise"
+    else:
+        assert found == expected
+    assert found.to_dict()["method"] == found.method
+
+
+def test_noise_level_grows_with_the_noise_and_detail_falls_with_blur(digit):
+    alphas = RobustDDPMScheduler().alphas_cumprod
+    generator = torch.Generator().manual_seed(1)
+    noisy = torch.cat([digit + 2 * sigma * torch.randn(digit.shape, generator=generator) for sigma in (0.0, 0.05, 0.2)])
+    levels = noise_level(exact_prior(digit, alphas), alphas, noisy.clamp(-1, 1))
+    assert levels[0] == 0 and 0 < levels[1] < levels[2]
+    blurred = torch.cat([apply_corruption(digit, "gaussian_blur", severity) for severity in (1, 3, 5)])
+    detail = relative_detail(torch.cat([digit, blurred]))
+    assert (detail[1:] < detail[:-1]).all()
+
+
+def test_auto_restoration_reports_what_it_found_and_keeps_images_it_finds_clean(digit):
+    pipe = RobustDDPMPipeline(unet=make_tiny_unet(), scheduler=RobustDDPMScheduler(num_train_timesteps=100))
+    pipe.set_progress_bar_config(disable=True)
+    images = torch.cat([digit, apply_corruption(digit, "gaussian_blur", 4), digit.flip(-1)]).numpy() / 2 + 0.5
+    output = pipe(image=images.transpose(0, 2, 3, 1), corruption="auto", restoration_steps=2, output_type="np",
+                  generator=[torch.Generator().manual_seed(i) for i in range(3)])
+    assert len(output.detections) == 3 and output.detections == pipe.detect_corruption(images.transpose(0, 2, 3, 1))
+    for index, found in enumerate(output.detections):
+        if found.corruption is None:
+            assert np.allclose(output.images[index, ..., 0], images[index, 0], atol=1e-6)
+    assert pipe(image=images.transpose(0, 2, 3, 1), noise_sigma=0.1, output_type="np").detections is None
+
+
+def test_restore_with_no_option_detects_per_image_and_writes_its_choices(tmp_path, digit):
+    folder = tmp_path / "pipe"
+    RobustDDPMPipeline(unet=make_tiny_unet(), scheduler=RobustDDPMScheduler(num_train_timesteps=100)).save_pretrained(folder)
+    (tmp_path / "inputs").mkdir()
+    for index in range(3):
+        pixels = ((digit[0, 0].numpy() + 1) * 127.5).round().astype(np.uint8)
+        PIL.Image.fromarray(np.roll(pixels, index, axis=1)).save(tmp_path / "inputs" / f"{index}.png")
+    result = subprocess.run([sys.executable, "-m", "diffusers_robust", "restore", str(folder), str(tmp_path / "inputs"),
+                             "--output_dir", str(tmp_path / "out"), "--restoration_steps", "2"], cwd=tmp_path,
+                            env=training_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((tmp_path / "out" / "restoration.json").read_text())
+    assert record["detected"] is True and sorted(record["images"]) == ["0.png", "1.png", "2.png"]
+    for name, choice in record["images"].items():
+        assert set(choice) == {"corruption", "severity", "noise_sigma", "method"}
+        assert f"{name}: " in result.stderr and (tmp_path / "out" / name).is_file()
