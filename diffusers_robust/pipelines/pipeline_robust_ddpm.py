@@ -454,13 +454,19 @@ class RobustDDPMPipeline(DiffusionPipeline):
         detections = detect_corruption(self._denoiser(), self.scheduler.alphas_cumprod, corrupted)
         self._detections = detections
         restored = corrupted.clone()
-        for detection in dict.fromkeys(detections):
-            index = [i for i, found in enumerate(detections) if found == detection]
-            if detection.corruption is None:
+        groups: dict[tuple, list[int]] = {}  # one batch per kind and severity; noisy images keep their own std
+        for index, found in enumerate(detections):
+            groups.setdefault((found.corruption, found.severity), []).append(index)
+        for (corruption, severity), index in groups.items():
+            if corruption is None:
                 continue
             group_generator = [generator[i] for i in index] if isinstance(generator, list) else generator
             self._observed = observed[index] if observed is not None else None
-            plan = plan_restoration(**detection.restoration_kwargs())
+            if corruption == "gaussian_noise":
+                sigmas = torch.tensor([detections[i].noise_sigma for i in index], dtype=torch.float64)
+                plan = RestorationPlan("noise", corruption, noise_sigma=sigmas)
+            else:
+                plan = plan_restoration(corruption=corruption, severity=severity)
             restored[index] = self._restore(corrupted[index], plan, group_generator, num_inference_steps, eta, steps)
         return restored
 

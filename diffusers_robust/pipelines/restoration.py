@@ -207,7 +207,7 @@ class RestorationPlan:
     method: str
     corruption: str | None = None
     severity: int | None = None
-    noise_sigma: float | None = None
+    noise_sigma: float | torch.Tensor | None = None  # a `(B,)` tensor: one std per image (detected noise)
     mask: Any = None
     strength: float | None = None
 
