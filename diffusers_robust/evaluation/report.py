@@ -132,8 +132,8 @@ def evaluate_pipeline(
 
     steps = tqdm(total=3, desc="evaluate", disable=not progress)
     restoration = evaluate_restoration(pipeline, held_out, labels, cases, seed, classifier, progress=progress,
-                                       fit_images=train,
-                                       learned_restoration=learned_restoration)
+                                       fit_images=train, learned_restoration=learned_restoration)
+    examples = {row["case"]: row.pop("_examples") for row in restoration}
     steps.update(1)
     samples = generate(pipeline, num_samples, sampling_steps, seed)
     generation = generation_figures(samples, Reference(held_out, labels, train), generation_metrics(features, digits, seed))
@@ -150,6 +150,7 @@ def evaluate_pipeline(
         "seed": seed, "sampler": f"DDIM-{sampling_steps}",
         "restoration": restoration, "generation": generation, "losses": losses,
         "_samples": samples,  # for the sample grid; not written to report.json
+        "_examples": examples,  # per case: clean, corrupted and restored images, for restoration.png
     }
 
 
@@ -225,23 +226,38 @@ def report_markdown(report: dict[str, Any], title: str = "Evaluation") -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_restoration(rows: list[dict[str, Any]], path: str) -> None:
-    """A bar chart of PSNR per case: corrupted input, classical baseline (none for linear operators), restored."""
+def plot_restoration(rows: list[dict[str, Any]], path: str, examples: dict[str, torch.Tensor] | None = None,
+                     title: str = "Restoration") -> None:
+    """`title` over a bar chart of PSNR per case (corrupted input, classical baseline, restored) and, with `examples`
+    (case -> `(3, k, C, H, W)` clean, corrupted, restored in `[-1, 1]`), a before/after row per case."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [row["case"] for row in rows]
+    cases = [row["case"] for row in rows if examples and row["case"] in examples]
+    figure = plt.figure(figsize=(max(7, 0.55 * len(rows)), 4.5 + 1.1 * len(cases)))
+    figure.suptitle(f"{title}: PSNR (dB) per corruption case", fontsize=12)
+    layout = figure.add_gridspec(1 + len(cases), 1, height_ratios=[4] + [1] * len(cases))
+    axes = figure.add_subplot(layout[0])
     positions = np.arange(len(rows))
-    figure, axes = plt.subplots(figsize=(max(6, 0.55 * len(rows)), 4))
     bars = (("psnr_input", "corrupted input"), ("psnr_baseline", "classical baseline"), ("psnr", "restored"))
     for offset, (key, label) in zip((-0.27, 0, 0.27), bars, strict=True):
         axes.bar(positions + offset, [min(row[key], 60) if row.get(key) is not None else 0 for row in rows], width=0.27,
                  label=label)
-    axes.set_xticks(positions, names, rotation=60, ha="right", fontsize=8)
+    axes.set_xticks(positions, [row["case"] + ("*" if row.get("caveat") else "") for row in rows], rotation=60,
+                    ha="right", fontsize=8)
     axes.set_ylabel("PSNR (dB, capped at 60)")
-    axes.legend()
+    axes.legend(fontsize=8)
+    for line, case in enumerate(cases, start=1):
+        clean, corrupted, restored = ((examples[case] + 1) / 2).clamp(0, 1)
+        thin = torch.full((*clean.shape[1:3], 1), 0.5)  # grey between the three views, wider between images
+        strip = torch.cat([torch.cat([c, thin, d, thin, r, thin.repeat(1, 1, 3)], dim=-1)
+                           for c, d, r in zip(clean, corrupted, restored, strict=True)], dim=-1)[..., :-3]
+        picture = figure.add_subplot(layout[line])
+        picture.imshow(strip.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        picture.set_title(f"{case}: clean | corrupted | restored, x{clean.shape[0]}", fontsize=8)
+        picture.axis("off")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -258,7 +274,7 @@ def write_report(report: dict[str, Any], output_dir: str, title: str = "Evaluati
         json.dump({k: v for k, v in report.items() if not k.startswith("_")}, handle, indent=2)
     with open(paths["report.md"], "w", encoding="utf-8") as handle:
         handle.write(report_markdown(report, title))
-    plot_restoration(report["restoration"], paths["restoration.png"])
+    plot_restoration(report["restoration"], paths["restoration.png"], report.get("_examples"), title)
     if samples is not None:
         grid = ((samples[:64] + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
         make_grid(grid, gap=2, min_scale=4).save(paths["samples.png"])  # >= 4 screen pixels per pixel, grey gaps

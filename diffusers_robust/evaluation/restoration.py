@@ -33,6 +33,7 @@ def corrupt_case(images: torch.Tensor, corruption: str, level: int | float, seed
 # Corruptions whose classical baseline is a 3x3 median filter (isolated wrong pixels); noise-like ones get a Gaussian
 # filter tuned on training images; linear operators get none (the pipeline inverts the exact operator, see `CAVEATS`).
 MEDIAN_BASELINE = ("impulse_noise", "masking")
+EXAMPLES = 4  # images per case kept for the before/after picture
 LINEAR_OPERATOR_CASES = ("gaussian_blur", "pixelate", "contrast")
 GAUSSIAN_FILTER_STDS = (0.5, 0.7, 0.9, 1.2, 1.6)  # pixels; the best on the training images is the baseline
 CAVEATS = {name: "the restoration inverts the exact operator that made the damage (known kernel); a real blur or "
@@ -95,7 +96,8 @@ def evaluate_restoration(
         One row per case: `case`, `method`, `baseline` (the classical restorer, or None for a linear operator),
         `caveat` (or None), `psnr_input` / `psnr` / `psnr_baseline` (dB, of the set's mean squared error; the corrupted
         images are rounded to 8 bits first, as a saved image would be), mean `ssim_input` / `ssim` / `ssim_baseline`,
-        and with labels `accuracy_input` / `accuracy` / `accuracy_baseline` (baseline figures None without a baseline).
+        and with labels `accuracy_input` / `accuracy` / `accuracy_baseline` (baseline figures None without a baseline);
+        `_examples` `(3, k, C, H, W)`: the first `EXAMPLES` clean, corrupted and restored images (for pictures).
     """
     from tqdm.auto import tqdm
 
@@ -124,7 +126,10 @@ def evaluate_restoration(
         method = "learned" if learned else plan.method
         row: dict[str, Any] = {"case": case_name(corruption, level), "method": method,
                                "baseline": baseline[0] if baseline else None,
-                               "caveat": CAVEATS.get(corruption) if method == "linear" else None}
+                               "caveat": CAVEATS.get(corruption) if method == "linear" else None,
+                               # the first images, for the report's before/after picture (not written to JSON)
+                               "_examples": torch.stack([images[:EXAMPLES], corrupted[:EXAMPLES],
+                                                         outputs[""][:EXAMPLES]])}
         for suffix, output in outputs.items():
             for metric in metrics:
                 figures = metric.compute(output if output is not None else corrupted, reference)
