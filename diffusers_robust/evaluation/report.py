@@ -21,7 +21,7 @@ from .defaults import DEFAULT_RESTORATION_CASES, EVALUATION_SEED
 from .images import stack_images
 from .losses import validation_losses
 from .metrics import InceptionFeatures, Metric, PixelFeatures, Reference, digits_classifier, generation_metrics
-from .restoration import evaluate_restoration
+from .restoration import case_cost, evaluate_restoration
 
 REPORT_VERSION = 1
 LOSS_CORRUPTIONS = ("gaussian_noise", "impulse_noise", "gaussian_blur")
@@ -130,18 +130,22 @@ def evaluate_pipeline(
     classifier = digits_classifier() if digits else None
     features = InceptionFeatures(inception_weights, pipeline.device) if inception_weights else PixelFeatures()
 
-    steps = tqdm(total=3, desc="evaluate", disable=not progress)
-    restoration = evaluate_restoration(pipeline, held_out, labels, cases, seed, classifier, progress=progress,
-                                       fit_images=train, learned_restoration=learned_restoration)
+    # One bar in denoiser calls x images, so its ETA weighs a RePaint case (about 100 calls) against a one-call one.
+    costs = {case: case_cost(*case, held_out.shape[0]) for case in cases}
+    generation_cost, loss_cost = num_samples * sampling_steps, held_out.shape[0] * (1 + 2 * 3 * len(LOSS_CORRUPTIONS))
+    steps = tqdm(total=sum(costs.values()) + generation_cost + loss_cost, desc="evaluate", disable=not progress,
+                 unit="calls", unit_scale=True)
+    restoration = evaluate_restoration(pipeline, held_out, labels, cases, seed, classifier, progress=False,
+                                       fit_images=train, learned_restoration=learned_restoration,
+                                       on_case_done=lambda case: steps.update(costs[case]))
     examples = {row["case"]: row.pop("_examples") for row in restoration}
-    steps.update(1)
     samples = generate(pipeline, num_samples, sampling_steps, seed)
     generation = generation_figures(samples, Reference(held_out, labels, train), generation_metrics(features, digits, seed))
-    steps.update(1)
+    steps.update(generation_cost)
     denoise, labels_for = pipeline_denoiser(pipeline)
     losses = validation_losses(denoise, pipeline.scheduler, held_out.to(pipeline.device), LOSS_CORRUPTIONS, (1, 3, 5),
                                labels_for, seed=seed)
-    steps.update(1)
+    steps.update(loss_cost)
     steps.close()
     return {
         "report_version": REPORT_VERSION,

@@ -2,13 +2,14 @@
 images, beside the corrupted input and a median filter."""
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..data.corruptions import apply_corruption, gaussian_blur, gaussian_noise
+from ..pipelines.restoration import plan_restoration
 from .defaults import DEFAULT_RESTORATION_CASES
 from .metrics import Metric, Reference, mean_psnr, median_filter, restoration_metrics
 
@@ -76,6 +77,7 @@ def evaluate_restoration(
     learned_restoration: bool = False,
     metrics: Sequence[Metric] | None = None,
     fit_images: torch.Tensor | None = None,
+    on_case_done: Callable[[tuple[str, int | float]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """
     Restore held-out images under each corruption case and score them against the clean images.
@@ -91,6 +93,7 @@ def evaluate_restoration(
             SSIM, and with `labels` and `classifier` the classifier's accuracy).
         fit_images (`torch.Tensor`, *optional*): training images `(M, C, H, W)` that tune the classical baseline
             ([`classical_baseline`]); never the scored ones.
+        on_case_done (*optional*): called with each case when it is scored (the report's cost-weighted progress).
 
     Returns:
         One row per case: `case`, `method`, `baseline` (the classical restorer, or None for a linear operator),
@@ -100,8 +103,6 @@ def evaluate_restoration(
         `_examples` `(3, k, C, H, W)`: the first `EXAMPLES` clean, corrupted and restored images (for pictures).
     """
     from tqdm.auto import tqdm
-
-    from ..pipelines.restoration import plan_restoration
 
     reference = Reference(images, labels)
     if metrics is None:
@@ -136,4 +137,15 @@ def evaluate_restoration(
                 row.update({f"{name}_{suffix}" if suffix else name: value if output is not None else None
                             for name, value in figures.items()})
         rows.append(row)
+        if on_case_done is not None:
+            on_case_done((corruption, level))
     return rows
+
+
+def case_cost(corruption: str, level: int | float, images: int, steps: int | None = None) -> int:
+    """Denoiser calls (times images) that restoring one case costs, for a progress bar whose ETA holds: the noise method
+    takes `steps or 1` calls, data consistency 50, RePaint inpainting about 100 (50 steps and their resampling jumps)."""
+    plan = plan_restoration(**({"noise_sigma": level} if isinstance(level, float) else
+                               {"corruption": corruption, "severity": level}))
+    calls = {"inpaint": 100, "linear": 50}.get(plan.method, steps or 1)
+    return images * (calls + 1)  # + 1: the smoothed reference or the baseline's share of the work
