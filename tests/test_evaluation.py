@@ -1,4 +1,6 @@
 import numpy as np
+import PIL.Image
+import pytest
 import torch
 from conftest import make_tiny_unet
 from sklearn.datasets import load_digits
@@ -42,6 +44,17 @@ def test_report_grids_keep_grey_gaps_and_at_least_four_screen_pixels_per_pixel()
     grid = np.asarray(make_grid(np.ones((3, 8, 8, 1)), columns=2, min_size=1, gap=2, min_scale=4))
     assert grid.shape == (2 * 32 + 2, 2 * 32 + 2)  # 8 px x 4, a 2 px gap between cells
     assert (grid[:32, 32:34] == 128).all() and (grid[:32, :32] == 255).all() and (grid[34:, 34:] == 0).all()
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_a_caption_band_is_white_with_dark_text_above_the_grid(mode):
+    from diffusers_robust.evaluation.images import add_caption
+
+    picture = PIL.Image.new(mode, (64, 32), "black")
+    captioned = np.asarray(add_caption(picture, "4 samples").convert("RGB"))
+    assert captioned.shape == (50, 64, 3) and (captioned[18:] == 0).all()
+    band = captioned[:18]
+    assert (band == 255).mean() > 0.8 and (band.max(axis=-1) < 128).any()  # white, with dark text, in any mode
 
 
 def test_make_grid_enlarges_small_images_by_whole_pixels_to_at_least_256_pixels():

@@ -50,3 +50,13 @@ def stack_images(batches: Iterable[torch.Tensor], limit: int) -> torch.Tensor:
         if total >= limit:
             break
     return torch.cat(collected)[:limit]
+
+
+def add_caption(picture: PIL.Image.Image, caption: str, height: int = 18) -> PIL.Image.Image:
+    """`picture` under a white band holding `caption` in black (Pillow's default font), so a grid says what it shows."""
+    from PIL import ImageDraw
+
+    band = PIL.Image.new(picture.mode, (picture.width, picture.height + height), "white")
+    band.paste(picture, (0, height))
+    ImageDraw.Draw(band).text((4, 3), caption, fill="black")
+    return band

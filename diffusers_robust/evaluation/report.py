@@ -269,7 +269,7 @@ def plot_restoration(rows: list[dict[str, Any]], path: str, examples: dict[str, 
 
 def write_report(report: dict[str, Any], output_dir: str, title: str = "Evaluation") -> dict[str, str]:
     """Write `report.json`, `report.md`, `restoration.png` and `samples.png` into `output_dir`; returns their paths."""
-    from .images import make_grid
+    from .images import add_caption, make_grid
 
     os.makedirs(output_dir, exist_ok=True)
     paths = {name: os.path.join(output_dir, name) for name in ("report.json", "report.md", "restoration.png", "samples.png")}
@@ -281,5 +281,7 @@ def write_report(report: dict[str, Any], output_dir: str, title: str = "Evaluati
     plot_restoration(report["restoration"], paths["restoration.png"], report.get("_examples"), title)
     if samples is not None:
         grid = ((samples[:64] + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-        make_grid(grid, gap=2, min_scale=4).save(paths["samples.png"])  # >= 4 screen pixels per pixel, grey gaps
+        picture = make_grid(grid, gap=2, min_scale=4)  # >= 4 screen pixels per pixel, grey gaps
+        caption = f"{len(grid)} of {len(samples)} samples, {report['sampler']}, seed {report['seed']}"
+        add_caption(picture, caption).save(paths["samples.png"])
     return paths
