@@ -43,16 +43,22 @@ def validate_robust_options(
     prediction_type: str,
     sampling_stop_sigma: float = 0.0,
     sampling_observed_share: float = 1.0,
+    num_train_timesteps: int = 1000,
 ) -> None:
-    """Raise `ValueError` naming the first robust option that is out of range."""
+    """Raise `ValueError` naming the first robust option that is out of range (`num_train_timesteps`: the schedule's
+    length, over which epsilon scaling's `lambda_t` must stay positive)."""
     if input_perturbation < 0:
         raise ValueError(f"input_perturbation must be >= 0, got {input_perturbation}")
     if offset_noise < 0:
         raise ValueError(f"offset_noise must be >= 0, got {offset_noise}")
     if not 0 <= pyramid_noise_discount < 1:
         raise ValueError(f"pyramid_noise_discount must be in [0, 1), got {pyramid_noise_discount}")
-    if epsilon_scale_base <= 0:
+    if not epsilon_scale_base > 0:  # also refuses NaN
         raise ValueError(f"epsilon_scale_base must be > 0, got {epsilon_scale_base}")
+    last = epsilon_scale_base + epsilon_scale_slope * (num_train_timesteps - 1)
+    if not last > 0:  # sampling divides the predicted noise by lambda_t = slope * t + base at every timestep t
+        raise ValueError(f"epsilon scaling reaches lambda_t = {last:g} <= 0 at timestep {num_train_timesteps - 1}: "
+                         "epsilon_scale_base + epsilon_scale_slope * t must stay > 0 for every training timestep t")
     if not 0 <= sampling_stop_sigma < 1e6:  # also refuses NaN
         raise ValueError(f"sampling_stop_sigma must be a finite std >= 0 ([0, 1] image units), got {sampling_stop_sigma}")
     if not 0 < sampling_observed_share <= 1:

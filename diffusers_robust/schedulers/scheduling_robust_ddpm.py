@@ -76,7 +76,7 @@ class RobustDDPMScheduler(RobustNoiseMixin, DDPMScheduler):
     ):
         validate_robust_options(
             input_perturbation, offset_noise, pyramid_noise_discount, epsilon_scale_base, epsilon_scale_slope,
-            prediction_type, sampling_stop_sigma, sampling_observed_share,
+            prediction_type, sampling_stop_sigma, sampling_observed_share, num_train_timesteps,
         )
         super().__init__(
             num_train_timesteps=num_train_timesteps,

@@ -216,6 +216,14 @@ class TrainingConfig:
         if self.noise_sigma is not None and self.annotations is not None:
             raise ValueError(f"noise_sigma sets every record's noise; it replaces annotations {self.annotations!r}: "
                              "set one of them")
+        if not str(self.output_dir).strip():
+            raise ValueError("output_dir is empty: name the folder the run writes to (it would train into the current "
+                             "directory)")
+        for name in ("seed", "validation_holdout_seed"):
+            if not 0 <= getattr(self, name) < 2**32:
+                raise ValueError(f"{name} must be in [0, 2**32), got {getattr(self, name)}")
+        if self.num_threads is not None and self.num_threads > 4096:
+            raise ValueError(f"num_threads must be at most 4096, got {self.num_threads}")
         if not 0 < self.validation_share < 1:  # also refuses NaN
             raise ValueError(f"validation_share must be in (0, 1), got {self.validation_share}")
         if self.num_threads is not None and self.num_threads < 1:
@@ -332,13 +340,27 @@ def build_argument_parser(parser: argparse.ArgumentParser | None = None) -> argp
     return add_config_arguments(parser, TrainingConfig)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"option {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml_values(path: str | os.PathLike) -> dict[str, Any]:
     """The option mapping of a YAML recipe, each value parsed to its option's type (not yet validated as a whole)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path} does not exist")
     with open(path, encoding="utf-8") as handle:
         try:
-            values = yaml.safe_load(handle) or {}
+            values = yaml.load(handle, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -128,6 +128,9 @@ def set_up(config: TrainingConfig, accelerator: Accelerator, dataset: DatasetLik
 
     pipeline = build_pipeline_from_preset(config.pipeline, seed=config.seed)
     scheduler = configure_scheduler(pipeline.scheduler, config)
+    if config.num_inference_steps > scheduler.config.num_train_timesteps:  # else the first validation would crash
+        raise ValueError(f"num_inference_steps {config.num_inference_steps} exceeds the preset's "
+                         f"{scheduler.config.num_train_timesteps} training timesteps: pass at most that")
     channels, resolution = resolve_image_shape(pipeline.unet, config)
     source = config.dataset if dataset is None else dataset
     held_out_plan = plan_held_out(source, config.dataset_split, config.validation_split,
