@@ -66,6 +66,14 @@ def test_command_line_overrides_the_recipe_and_parses_types(tmp_path):
     (dict(train_batch_size=0), "train_batch_size"),
     (dict(restoration_training=True), "restoration_training needs corruptions"),
     (dict(restoration_training=True, corruptions=["gaussian_noise"], corruption_p=0.5), "restoration_training needs snr_gamma"),
+    # values that used to be accepted and break later (issue 17)
+    (dict(output_dir=""), "output_dir is empty"),
+    (dict(output_dir="  "), "output_dir is empty"),
+    (dict(seed=-1), r"seed must be in \[0, 2\*\*32\)"),
+    (dict(validation_holdout_seed=2**32), r"validation_holdout_seed must be in \[0, 2\*\*32\)"),
+    (dict(num_threads=10**23), "num_threads must be at most 4096"),
+    (dict(epsilon_scale_slope=-1.0), r"epsilon scaling reaches lambda_t = -998 <= 0 at timestep 999"),
+    (dict(epsilon_scale_base=float("nan")), "epsilon_scale_base must be a finite number"),
 ])
 def test_bad_values_are_named(values, message):
     with pytest.raises(ValueError, match=message):

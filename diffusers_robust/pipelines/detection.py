@@ -69,14 +69,6 @@ class Detection:
         """`"none"` (kept as it is), `"noise"`, `"inpaint"` or `"linear"`: the pipeline's restoration method."""
         return {None: "none", "gaussian_noise": "noise", "gaussian_blur": "linear"}.get(self.corruption, "inpaint")
 
-    def restoration_kwargs(self) -> dict:
-        """The `RobustDDPMPipeline.__call__` arguments that restore this damage (empty for a clean image)."""
-        if self.corruption == "gaussian_noise":
-            return {"noise_sigma": self.noise_sigma}
-        if self.corruption is None:
-            return {}
-        return {"corruption": self.corruption, "severity": self.severity}
-
     def to_dict(self) -> dict:
         return {**asdict(self), "method": self.method}
 
