@@ -211,13 +211,31 @@ def run_make_imperfect(args: argparse.Namespace) -> list[str]:
 
 
 def _load_pipeline(args: argparse.Namespace):
-    import torch
-
     from .pipelines.pipeline_robust_ddpm import RobustDDPMPipeline
 
-    pipeline = RobustDDPMPipeline.from_pretrained(args.pipeline).to(torch.device(args.device))
+    device = checked_device(args.device)  # before the load: a wrong device is one line, not a traceback
+    pipeline = RobustDDPMPipeline.from_pretrained(args.pipeline).to(device)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def checked_device(name: str):
+    """`torch.device(name)`, or `ValueError` saying why this machine cannot use it (no CUDA, no such index, no MPS)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    return device
 
 
 def _generators(seed: int, start: int, count: int) -> list:

@@ -100,11 +100,12 @@ assert (draw(generic) == draw(loaded)).all()
     assert files["pipeline.py"].decode().endswith("from diffusers_robust import RobustDDPMPipeline  # noqa: F401\n")
 
 
-def test_push_command_uploads_a_trained_folder_with_a_card_naming_the_repository(tiny_preset, tmp_path, hub):
+def test_push_command_uploads_a_restoration_trained_folder_that_loads_back_whole(tiny_preset, tmp_path, hub):
     state, env = hub
     output_dir = tmp_path / "run"
-    trained = subprocess.run([sys.executable, SCRIPT, *tiny_training_args(tiny_preset, output_dir, max_train_steps=2)],
-                             env=training_env(), capture_output=True, text=True, timeout=300)
+    args = tiny_training_args(tiny_preset, output_dir, max_train_steps=2, corruptions=["gaussian_noise"], corruption_p=0.5,
+                              restoration_training="true", restoration_max_timestep=20, snr_gamma=5.0)
+    trained = subprocess.run([sys.executable, SCRIPT, *args], env=training_env(), capture_output=True, text=True, timeout=300)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "# run" in (output_dir / "README.md").read_text()  # training named the card after its folder
     state.valid_tokens = {TOKEN}
@@ -124,3 +125,9 @@ def test_push_command_uploads_a_trained_folder_with_a_card_naming_the_repository
     card = (output_dir / "README.md").read_text()
     assert "# bob/tiny" in card and 'from_pretrained("bob/tiny")' in card and "# run" not in card
     assert "for 2 optimizer steps" in card and TOKEN not in pushed.stdout + pushed.stderr
+    # Every component model_index.json names was uploaded: the learned restoration's label embedding too.
+    assert {"condition_embedding/config.json", "condition_embedding/diffusion_pytorch_model.safetensors"} <= set(repo.files)
+    loaded = run_client("from diffusers_robust import RobustDDPMPipeline\n"
+                        "pipe = RobustDDPMPipeline.from_pretrained('bob/tiny')\n"
+                        "print(pipe.condition_embedding.corruptions)", env)
+    assert loaded.stdout.strip().splitlines()[-1] == "['gaussian_noise']"

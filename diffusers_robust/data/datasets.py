@@ -123,6 +123,8 @@ def to_mode(image: PIL.Image.Image, channels: int) -> PIL.Image.Image:
     """
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image).astype(np.float64)
+        if not np.isfinite(array).all():  # NaN would become 0 (black) below, silently
+            raise ValueError(f"{image.mode} image holds NaN or infinite values")
         top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
         if image.mode == "F":
             top = max(1.0, float(array.max()))

@@ -2,6 +2,7 @@
 
 import inspect
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -390,6 +391,8 @@ class RobustDDPMPipeline(DiffusionPipeline):
         _check_count("num_inference_steps", num_inference_steps)
         if restoration_steps is not None:
             _check_count("restoration_steps", restoration_steps)
+        if not (isinstance(eta, int | float) and math.isfinite(eta) and eta >= 0):  # NaN would pass `eta < 0` unnoticed
+            raise ValueError(f"eta must be a finite number >= 0 (0: deterministic DDIM, 1: DDPM-like), got {eta!r}")
         self._detections = None
         try:
             sample = self._generate_or_restore(batch_size, generator, num_inference_steps, image, strength, eta, corruption,
@@ -613,4 +616,6 @@ def _mask_to_tensor(mask: torch.Tensor | np.ndarray, like: torch.Tensor) -> torc
         mask = mask.expand(like.shape[0], *mask.shape[1:])
     if tuple(mask.shape) != expected:
         raise ValueError(f"mask must have shape {expected} (1 = missing) for this image batch, got {tuple(mask.shape)}")
+    if mask.is_floating_point() and not torch.isfinite(mask).all():  # NaN != 0 would mark every such pixel missing
+        raise ValueError("mask holds NaN or infinite values; pass 1 where a pixel is missing, 0 where it is seen")
     return mask.to(like.device) != 0

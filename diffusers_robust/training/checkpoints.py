@@ -1,9 +1,15 @@
 """Crash-safe checkpoint folders: written under a temporary name, renamed when complete, rotated.
 
 Layout: `<output_dir>/checkpoints/checkpoint-<step>/` holding Accelerate's `save_state` files, a streamed dataset's
-`stream_position_rank<r>.pt`, and `checkpoint.json` (`{"step": int, "epoch": int, "batches_consumed": int}`). A save
-in progress lives in `checkpoint-<step>.tmp`; a kill during the save leaves that folder behind, which is never picked up
-and is removed by the next save, so the previous complete checkpoint stays usable.
+`stream_position_rank<r>.pt`, and `checkpoint.json` (`step`, `epoch`, `batches_consumed`, `files`: each file's size in
+bytes, `run_id` of the process that saved it and `parent`: the checkpoint that process resumed from). A save in
+progress lives in `checkpoint-<step>.tmp`; a kill during the save leaves that folder behind, which is never picked up
+and is removed by the next save. Every file and the folder are fsynced before and after the rename, so a power cut
+leaves either the complete checkpoint or none; one whose files no longer have their recorded sizes is skipped by
+`latest` with a warning.
+
+Resuming from an older checkpoint abandons the newer ones: they are moved to `checkpoints/abandoned-<time>/`, so
+`latest` and rotation stay within the line of checkpoints the run continues.
 """
 
 import contextlib
@@ -13,6 +19,9 @@ import logging
 import os
 import re
 import shutil
+import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,16 +50,84 @@ def complete_checkpoints(output_dir: str) -> list[str]:
     return [path for _, path in sorted(found)]
 
 
+def damage(path: str) -> str | None:
+    """What is wrong with the complete checkpoint `path` (a file missing or not of its recorded size, unreadable
+    metadata), or None. Checkpoints saved before sizes were recorded are trusted."""
+    try:
+        recorded = read_checkpoint_metadata(path).get("files", {})
+    except (OSError, ValueError) as error:
+        return f"{METADATA_FILE} is unreadable ({error})"
+    for name, size in recorded.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return f"{name} is missing"
+        if os.path.getsize(file) != size:
+            return f"{name} holds {os.path.getsize(file)} bytes, {size} were saved"
+    return None
+
+
 def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str) -> str:
-    """`latest` -> the newest complete checkpoint; a path -> that folder, checked to be complete."""
+    """`latest` -> the newest complete checkpoint that is not damaged (a damaged one is skipped with a warning naming
+    it); a path -> that folder, checked to be complete and undamaged."""
     if resume_from_checkpoint == "latest":
         found = complete_checkpoints(output_dir)
         if not found:
             raise FileNotFoundError(f"resume_from_checkpoint=latest but {checkpoints_dir(output_dir)} has no complete checkpoint")
-        return found[-1]
+        for path in reversed(found):
+            problem = damage(path)
+            if problem is None:
+                return path
+            logger.warning("skipping the damaged checkpoint %s (%s); trying the one before it", path, problem)
+        raise FileNotFoundError(f"every checkpoint in {checkpoints_dir(output_dir)} is damaged (see the warnings above)")
     if not os.path.isfile(os.path.join(resume_from_checkpoint, METADATA_FILE)):
         raise FileNotFoundError(f"{resume_from_checkpoint} is not a complete checkpoint (no {METADATA_FILE})")
+    problem = damage(resume_from_checkpoint)
+    if problem is not None:
+        raise FileNotFoundError(f"{resume_from_checkpoint} is damaged: {problem}; resume from an older checkpoint")
     return resume_from_checkpoint
+
+
+def set_aside_newer(output_dir: str, step: int) -> str | None:
+    """Move the checkpoints newer than `step` (a branch the run no longer continues) to `checkpoints/abandoned-<time>/`;
+    returns that folder, or None when there were none."""
+    newer = [path for path in complete_checkpoints(output_dir) if int(path.rsplit("-", 1)[1]) > step]
+    if not newer:
+        return None
+    stamp, suffix = time.strftime("%Y%m%d-%H%M%S"), ""
+    while os.path.exists(aside := os.path.join(checkpoints_dir(output_dir), f"abandoned-{stamp}{suffix}-after-{step}")):
+        suffix = f".{int(suffix[1:] or 0) + 1}"
+    os.makedirs(aside)
+    for path in newer:
+        os.replace(path, os.path.join(aside, os.path.basename(path)))
+    sync_directory(checkpoints_dir(output_dir))
+    return aside
+
+
+def sync_directory(path: str) -> None:
+    """fsync a folder, so the names created, renamed or removed in it survive a power cut."""
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(descriptor)
+    except OSError:  # some file systems cannot sync a folder; their writes are then as durable as they allow
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def sync_tree(folder: str) -> dict[str, int]:
+    """fsync every file under `folder` and every folder in it; returns each file's size in bytes (by relative path)."""
+    sizes = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            descriptor = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+            sizes[os.path.relpath(path, folder)] = os.path.getsize(path)
+        sync_directory(root)
+    return sizes
 
 
 def temporary_checkpoint_path(output_dir: str, step: int) -> str:
@@ -77,15 +154,18 @@ def begin_checkpoint(output_dir: str, step: int, total_limit: int | None = None)
 def finish_checkpoint(output_dir: str, step: int, metadata: dict[str, Any], total_limit: int | None) -> str:
     """Main process, after every rank saved: write metadata, rename into place, drop the oldest beyond `total_limit`."""
     temporary = temporary_checkpoint_path(output_dir, step)
+    apply_umask(temporary)
+    files = sync_tree(temporary)
     with open(os.path.join(temporary, METADATA_FILE), "w", encoding="utf-8") as handle:
-        json.dump({"step": step, **metadata}, handle, indent=2)
+        json.dump({"step": step, **metadata, "files": files}, handle, indent=2)
         handle.flush()
         os.fsync(handle.fileno())
-    apply_umask(temporary)
+    sync_directory(temporary)
     final = os.path.join(checkpoints_dir(output_dir), f"checkpoint-{step}")
     if os.path.exists(final):
         shutil.rmtree(final)
     os.replace(temporary, final)
+    sync_directory(checkpoints_dir(output_dir))
     if total_limit is not None:
         for old in complete_checkpoints(output_dir)[:-total_limit]:
             shutil.rmtree(old, ignore_errors=True)
@@ -116,7 +196,7 @@ def explain_full_disk(folder: str, what: str):
     own message is `basic_ios::clear: iostream error`); the partial folder is removed, older checkpoints are untouched."""
     try:
         yield
-    except (OSError, RuntimeError) as error:
+    except Exception as error:  # noqa: BLE001 - OSError, PyTorch's RuntimeError, safetensors' SafetensorError
         text = str(error)
         by_errno = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
         # PyTorch's writer reports a full disk without errno; trust its message only when the disk is indeed full.
@@ -126,8 +206,8 @@ def explain_full_disk(folder: str, what: str):
             raise
         if folder.endswith(".tmp"):
             shutil.rmtree(folder, ignore_errors=True)
-        raise OSError(errno.ENOSPC, f"no space left on {os.path.dirname(folder)} while saving {what}; the checkpoints "
-                                    "saved before it are complete: free space, then --resume_from_checkpoint latest") from error
+        raise OSError(errno.ENOSPC, f"no space left on {os.path.dirname(folder)} while saving {what}; what was saved "
+                                    "before it is complete: free space, then --resume_from_checkpoint latest") from error
 
 
 def _disk_nearly_full(folder: str, margin: int = 64 * 2**20) -> bool:
@@ -137,6 +217,44 @@ def _disk_nearly_full(folder: str, margin: int = 64 * 2**20) -> bool:
         path = os.path.dirname(path)
     usage = shutil.disk_usage(path or ".")
     return usage.free < margin
+
+
+EXPORT_STAGING = ".export.tmp"
+# What an export writes at the top of `output_dir` (`samples/final.png` is swapped in on its own).
+EXPORT_ENTRIES = ("model_index.json", "pipeline.py", "unet", "scheduler", "condition_embedding", "evaluation",
+                  "metrics.json", "README.md")
+
+
+@contextlib.contextmanager
+def staged_export(output_dir: str) -> Iterator[str]:
+    """
+    Yield `output_dir/.export.tmp` to write an export into; when the block ends, fsync it and swap each of its
+    `EXPORT_ENTRIES` (and `samples/final.png`) into `output_dir` by renames. An error, a full disk (an `OSError` naming
+    the folder) or a stop request inside the block removes the staging folder and leaves the previous export whole.
+    """
+    staging = os.path.join(output_dir, EXPORT_STAGING)
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    try:
+        with explain_full_disk(staging, "the exported pipeline"):
+            yield staging
+            sync_tree(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    replaced = os.path.join(staging, ".replaced")
+    os.makedirs(replaced)
+    for name in EXPORT_ENTRIES:
+        if os.path.lexists(os.path.join(output_dir, name)):
+            os.replace(os.path.join(output_dir, name), os.path.join(replaced, name))
+        if os.path.lexists(os.path.join(staging, name)):
+            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+    final_grid = os.path.join(staging, "samples", "final.png")
+    if os.path.isfile(final_grid):
+        os.makedirs(os.path.join(output_dir, "samples"), exist_ok=True)
+        os.replace(final_grid, os.path.join(output_dir, "samples", "final.png"))
+    sync_directory(output_dir)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -169,15 +287,22 @@ class Checkpointer:
         output_dir (`str`): checkpoints go to `output_dir/checkpoints/checkpoint-<step>`.
         total_limit (`int`, *optional*): keep at most this many checkpoints (the newest).
         stream_loader (`StatefulDataLoader`, *optional*): a streamed dataset's loader, whose position is saved per rank.
+        fingerprints (`dict`, *optional*): what the run trains from (see `run_guard.run_fingerprints`), recorded in each
+            checkpoint (a resume compares them: `run_guard.warn_changed_fingerprints`).
     """
 
-    def __init__(self, accelerator, model, output_dir: str, total_limit: int | None = None, stream_loader=None):
+    def __init__(self, accelerator, model, output_dir: str, total_limit: int | None = None, stream_loader=None,
+                 fingerprints: dict[str, str] | None = None):
         self.accelerator = accelerator
+        self.fingerprints = fingerprints  # recorded in checkpoint.json
+        self.resumed_metadata: dict[str, Any] | None = None  # the resumed checkpoint's checkpoint.json
         self.model = model
         self.output_dir = output_dir
         self.total_limit = total_limit
         self.stream_loader = stream_loader
         self.last_saved_step: int | None = None
+        self.run_id = uuid.uuid4().hex[:12]  # this process's saves; `parent` names the checkpoint it resumed from
+        self.parent: dict[str, Any] | None = None
         self._pending: tuple[TrainingPosition, int] | None = None
 
     def position(self, step: int, epoch: int, batches_consumed: int) -> TrainingPosition:
@@ -219,7 +344,8 @@ class Checkpointer:
         final = os.path.join(checkpoints_dir(self.output_dir), f"checkpoint-{step}")
         if accelerator.is_main_process:
             with explain_full_disk(folder, f"checkpoint-{step}"):
-                metadata = {"epoch": position.epoch, "batches_consumed": position.batches_consumed}
+                metadata = {"epoch": position.epoch, "batches_consumed": position.batches_consumed,
+                            "run_id": self.run_id, "parent": self.parent, "fingerprints": self.fingerprints}
                 final = finish_checkpoint(self.output_dir, step, metadata, self.total_limit)
             logger.info(f"saved checkpoint {final}")
         accelerator.wait_for_everyone()
@@ -232,6 +358,14 @@ class Checkpointer:
         path = resolve_checkpoint(self.output_dir, resume_from_checkpoint)
         self.accelerator.load_state(path)
         metadata = read_checkpoint_metadata(path)
+        self.parent = {"step": metadata["step"], "run_id": metadata.get("run_id")}
+        self.resumed_metadata = metadata
+        if self.accelerator.is_main_process:
+            aside = set_aside_newer(self.output_dir, metadata["step"])
+            if aside is not None:
+                logger.warning(f"resuming from step {metadata['step']}: the newer checkpoints of the abandoned branch "
+                               f"were moved to {aside} (delete it when you no longer need them)")
+        self.accelerator.wait_for_everyone()
         if self.stream_loader is not None:
             stream = os.path.join(path, f"stream_position_rank{self.accelerator.process_index}.pt")
             if not os.path.isfile(stream):

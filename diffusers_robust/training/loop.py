@@ -1,6 +1,7 @@
 """The training run in named phases: [`set_up`], [`resume`], [`run_steps`] (with a [`Checkpointer`] and a
 [`Validator`]) and [`export`]. `train` calls them in that order; `training/train_robust_ddpm.py` is a thin `main()`."""
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -28,15 +29,29 @@ from ..evaluation.losses import validation_losses
 from ..hub import prepare_hub_repo, push_pipeline_to_hub, write_model_card
 from ..models import LabelConditionedUNet, export_condition_embedding, export_unet
 from ..pipelines.pipeline_robust_ddpm import RobustDDPMPipeline
-from ..pipelines.presets import build_pipeline_from_preset
+from ..pipelines.presets import build_pipeline_from_preset, resolve_preset
 from ..schedulers import RobustDDIMScheduler, RobustDDPMScheduler
 from ..schedulers.robust_options import ROBUST_OPTION_NAMES
-from .checkpoints import Checkpointer, NonFiniteLossError, TrainingPosition, apply_umask, complete_checkpoints
+from .checkpoints import (
+    Checkpointer,
+    NonFiniteLossError,
+    TrainingPosition,
+    apply_umask,
+    complete_checkpoints,
+    staged_export,
+)
 from .config import TrainingConfig
 from .distributed import parameter_checksum, step_seed
 from .objective import RobustDiffusionObjective
 from .progress import StepProgress, quiet_third_party_logs
-from .run_guard import StopSignals, check_resume_config, prepare_fresh_output_dir
+from .run_guard import (
+    StopSignals,
+    TrainingStopped,
+    check_resume_config,
+    prepare_fresh_output_dir,
+    run_fingerprints,
+    warn_changed_fingerprints,
+)
 from .setup import (
     build_dataloader,
     build_lr_scheduler,
@@ -54,14 +69,6 @@ logger = get_logger(__name__, log_level="INFO")
 
 class BadTrainingInput(ValueError):
     """Input refused before the first step (options, preset, data): reported as one line, exit code 2."""
-
-
-class TrainingStopped(RuntimeError):
-    """SIGTERM / SIGINT: the run stopped at a step boundary after saving a checkpoint."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass
@@ -105,6 +112,7 @@ class StepStats:
     skipped: SkippedRecords = field(default_factory=SkippedRecords)
     images_seen_here: int = 0
     first_step_at: float | None = None  # `time.time()` at the end of this run's first optimizer step
+    last_batch: tuple | None = None  # this process's last micro-batch: the objective's inputs, for `outputs_are_finite`
 
 
 def set_up(config: TrainingConfig, accelerator: Accelerator, dataset: DatasetLike | None = None,
@@ -282,6 +290,8 @@ def resume(run: TrainingRun, checkpointer: Checkpointer) -> TrainingPosition:
     position = TrainingPosition(step=0, epoch=0, batches_consumed=0)
     if config.resume_from_checkpoint:
         path, position = checkpointer.resume(config.resume_from_checkpoint)
+        if run.is_main_process:
+            warn_changed_fingerprints(path, checkpointer.resumed_metadata.get("fingerprints"), checkpointer.fingerprints)
         if not run.train_data.streaming:
             position.epoch = position.batches_consumed // run.batches_per_epoch
         logger.info(f"resumed from {path} at step {position.step}")
@@ -385,6 +395,7 @@ def run_steps(
                 labels = torch.zeros(1, labels.shape[1], device=accelerator.device)
             noise_sigmas, sigma_max = (batch["noise_sigmas"], batch["sigma_max"]) if valid else (None, None)
             observed = batch["observed"].to(accelerator.device, non_blocking=True) if valid else None
+            stats.last_batch = (images, labels, noise_sigmas, sigma_max, observed)
             with accelerator.accumulate(model):
                 loss = run.objective(model, images, labels, generator, noise_sigmas, sigma_max, observed).loss.mean()
                 loss = loss * float(valid)
@@ -418,11 +429,14 @@ def run_steps(
             accelerator.log({"train/loss": mean_loss, "train/lr": stats.lr[step], "train/images_per_second": throughput,
                              "train/skipped_records": stats.skipped.count}, step=step)
             progress.update(step, mean_loss, throughput)
+            if stop_requested or step == run.max_train_steps:  # no next loss will vouch for these weights: a probe does
+                require_finite_outputs(run, stats.last_batch, f"at step {step}", checkpointer.resume_hint)
             if stop_requested:  # no next step will come: save now
                 saved = checkpointer.save(checkpointer.position(step, epoch, batches_consumed))
-                name = (signals.requested if signals is not None else None) or "SIGTERM"  # another rank was signalled
+                here = signals is not None and signals.requested is not None  # else another rank was signalled
+                name, code = (signals.requested, signals.exit_code) if here else ("SIGTERM", 128 + signal.SIGTERM)
                 raise TrainingStopped(f"stopped by {name} at step {step}; saved {saved}. Resume with "
-                                      "--resume_from_checkpoint latest", 128 + int(signal.Signals[name]))
+                                      "--resume_from_checkpoint latest", code)
             if step == run.max_train_steps:
                 checkpointer.save(checkpointer.position(step, epoch, batches_consumed))
             elif step % config.checkpointing_steps == 0:  # written once the next loss, on these weights, is finite
@@ -436,10 +450,29 @@ def run_steps(
     progress.close()
     end = checkpointer.position(step, epoch, batches_consumed)
     if checkpointer.last_saved_step != step:
+        if stats.last_batch is not None:
+            require_finite_outputs(run, stats.last_batch, f"at step {step}", checkpointer.resume_hint)
         checkpointer.save(end)
     if last_validation != step:
         validate(step)
     return end
+
+
+def outputs_are_finite(run: TrainingRun, batch: tuple, everywhere: bool = True) -> bool:
+    """Whether the current weights give a finite loss on `batch` (`StepStats.last_batch`), with noise from a fixed seed;
+    `everywhere`: on every rank (a collective: all ranks call it), else on this one."""
+    model = run.accelerator.unwrap_model(run.model)
+    with torch.no_grad():
+        loss = run.objective(model, batch[0], batch[1], torch.Generator().manual_seed(0), *batch[2:]).loss
+    finite = torch.tensor([float(torch.isfinite(loss).all())], device=run.accelerator.device)
+    return bool(run.accelerator.gather(finite).all()) if everywhere else bool(finite.item())
+
+
+def require_finite_outputs(run: TrainingRun, batch: tuple, where: str, resume_hint) -> None:
+    """`NonFiniteLossError` unless the weights' loss on `batch` is finite on every rank: the last and the stopping
+    save have no next step whose loss would vouch for them."""
+    if not outputs_are_finite(run, batch):
+        raise NonFiniteLossError(f"the weights give a non-finite loss {where}; not saving them. {resume_hint()}")
 
 
 def seconds_since_process_start(moment: float | None) -> float | None:
@@ -456,9 +489,13 @@ def hub_repo_id(config: TrainingConfig) -> str:
     return config.hub_model_id or os.path.basename(os.path.normpath(config.output_dir))
 
 
-def export(run: TrainingRun, end: TrainingPosition, stats: StepStats, validate: Validator) -> RunSummary | None:
+def export(run: TrainingRun, end: TrainingPosition, stats: StepStats, validate: Validator,
+           signals: StopSignals | None = None) -> RunSummary | None:
     """Save the EMA weights as a pipeline, then (main process) the final grid, the held-out report, `metrics.json`,
-    the model card, and the Hub upload. Returns the run summary on the main process."""
+    the model card, and the Hub upload. Returns the run summary on the main process.
+
+    The export is staged in `output_dir/.export.tmp` and swapped in when complete, so a full disk, a crash or a stop
+    request leaves the previous export whole; weights whose loss on the last batch is not finite are not exported."""
     config, accelerator = run.config, run.accelerator
     # Cross-rank facts for the record: what each rank trained on and whether the weights agree.
     per_rank = accelerator.gather(torch.tensor([stats.images_seen_here, float(stats.skipped.count)],
@@ -471,63 +508,86 @@ def export(run: TrainingRun, end: TrainingPosition, stats: StepStats, validate: 
         run.ema.copy_to(run.model.parameters())
     summary = None
     if accelerator.is_main_process:
-        sampler = validate.sampling_pipeline()
-        sampler.set_progress_bar_config(disable=True)
-        RobustDDPMPipeline(unet=sampler.unet, scheduler=run.scheduler, condition_embedding=sampler.condition_embedding
-                           ).save_pretrained(config.output_dir, safe_serialization=True)
-        for component in ("unet", "condition_embedding"):
-            if os.path.isdir(os.path.join(config.output_dir, component)):
-                apply_umask(os.path.join(config.output_dir, component))
-        # The last validation sampled this grid from the same EMA weights and seed: reuse it.
-        samples_dir = os.path.join(config.output_dir, "samples")
-        shutil.copyfile(os.path.join(samples_dir, f"step-{end.step}.png"), os.path.join(samples_dir, "final.png"))
-        summary = RunSummary(
-            global_step=end.step,
-            images_seen=int(per_rank[:, 0].sum().item()),
-            images_seen_per_rank=[int(v) for v in per_rank[:, 0].tolist()],
-            num_processes=accelerator.num_processes,
-            train_batch_size_effective=run.effective_batch,
-            mixed_precision=accelerator.mixed_precision,
-            resolution=run.resolution,
-            skipped_records=stats.skipped.count,
-            skipped_record_ids=stats.skipped.ids,
-            records_decoded_this_run=run.train_data.transform.records_decoded if config.dataloader_num_workers == 0 else None,
-            parameter_checksums_per_rank=checksums,
-            lr_history=stats.lr,
-            loss_history=stats.loss,
-            validation_losses=stats.validation.get(end.step) or {},
-            validation_history=stats.validation,
-            validation_images=0 if run.validation_images is None else int(run.validation_images.shape[0]),
-            scheduler_robust_options={k: run.scheduler.config[k] for k in ("prediction_type", *ROBUST_OPTION_NAMES)},
-            training_wall_time_seconds=time.perf_counter() - run.started,
-            seconds_to_first_step=seconds_since_process_start(stats.first_step_at),
-            annotations=run.annotations,
-            held_out={**run.held_out_plan.summary(), "images": int(run.validation_images.shape[0])}
-            if run.validation_images is not None else None,
-        )
-        if config.quality_samples > 0:
-            from ..evaluation.metrics import digits_quality
-
-            samples = sampler(batch_size=config.quality_samples, generator=torch.Generator().manual_seed(config.seed + 1),
-                              num_inference_steps=config.num_inference_steps, output_type="np").images
-            summary.digits_quality = {"samples": config.quality_samples, **digits_quality(samples)}
-        repo_id = hub_repo_id(config)
-        if config.report and run.validation_images is not None:  # the held-out report of `diffusers-robust evaluate`
-            from ..evaluation.report import evaluate_pipeline, write_report
-
-            plan = run.held_out_plan
-            report = evaluate_pipeline(sampler, plan.source, plan.split, config.dataset_split, config.report_images,
-                                       config.report_samples, config.num_inference_steps, hold_out=plan.hold_out,
-                                       train_dataset=run.train_source)
-            write_report(report, os.path.join(config.output_dir, "evaluation"), title=f"Evaluation of {repo_id}")
-            summary.report = {key: value for key, value in report.items() if not key.startswith("_")}
-        summary.save(config.output_dir)
-        write_model_card(config.output_dir, repo_id, config.to_dict(), summary, config.license)
+        if stats.last_batch is not None and not outputs_are_finite(run, stats.last_batch, everywhere=False):
+            raise NonFiniteLossError(f"the {'EMA ' if run.ema is not None else ''}weights give a non-finite loss on the "
+                                     "last batch; nothing was exported")
+        saved = f"checkpoint-{end.step} is saved"
+        with _interrupting(signals, f"during the export ({saved}; the previous export is unchanged): run again with "
+                                    "--resume_from_checkpoint latest to export"):
+            with staged_export(config.output_dir) as folder:
+                summary = write_export(run, end, stats, validate, folder, [int(v) for v in per_rank[:, 0].tolist()],
+                                       checksums)
         logger.info(f"wrote the pipeline, samples, metrics.json and README.md to {config.output_dir}")
         if config.push_to_hub:
-            push_pipeline_to_hub(config.output_dir, repo_id, private=config.hub_private_repo)
+            repo_id = hub_repo_id(config)
+            with _interrupting(signals, f"during the Hub upload ({saved}, the pipeline is exported): upload it with "
+                                        f"diffusers-robust push {config.output_dir} --hub_model_id {repo_id}"):
+                push_pipeline_to_hub(config.output_dir, repo_id, private=config.hub_private_repo)
             logger.info(f"pushed the pipeline to {repo_id}")
     accelerator.wait_for_everyone()
+    return summary
+
+
+def _interrupting(signals: StopSignals | None, where: str):
+    return signals.interrupting(where) if signals is not None else contextlib.nullcontext()
+
+
+def write_export(run: TrainingRun, end: TrainingPosition, stats: StepStats, validate: Validator, folder: str,
+                 images_seen_per_rank: list[int], checksums: list | None) -> RunSummary:
+    """Main process: write the pipeline, `samples/final.png`, the held-out report, `metrics.json` and the model card
+    into `folder`; returns the run summary."""
+    config = run.config
+    sampler = validate.sampling_pipeline()
+    sampler.set_progress_bar_config(disable=True)
+    RobustDDPMPipeline(unet=sampler.unet, scheduler=run.scheduler, condition_embedding=sampler.condition_embedding
+                       ).save_pretrained(folder, safe_serialization=True)
+    apply_umask(folder)
+    # The last validation sampled this grid from the same EMA weights and seed: reuse it.
+    os.makedirs(os.path.join(folder, "samples"))
+    shutil.copyfile(os.path.join(config.output_dir, "samples", f"step-{end.step}.png"),
+                    os.path.join(folder, "samples", "final.png"))
+    summary = RunSummary(
+        global_step=end.step,
+        images_seen=sum(images_seen_per_rank),
+        images_seen_per_rank=images_seen_per_rank,
+        num_processes=run.accelerator.num_processes,
+        train_batch_size_effective=run.effective_batch,
+        mixed_precision=run.accelerator.mixed_precision,
+        resolution=run.resolution,
+        skipped_records=stats.skipped.count,
+        skipped_record_ids=stats.skipped.ids,
+        records_decoded_this_run=run.train_data.transform.records_decoded if config.dataloader_num_workers == 0 else None,
+        parameter_checksums_per_rank=checksums,
+        lr_history=stats.lr,
+        loss_history=stats.loss,
+        validation_losses=stats.validation.get(end.step) or {},
+        validation_history=stats.validation,
+        validation_images=0 if run.validation_images is None else int(run.validation_images.shape[0]),
+        scheduler_robust_options={k: run.scheduler.config[k] for k in ("prediction_type", *ROBUST_OPTION_NAMES)},
+        training_wall_time_seconds=time.perf_counter() - run.started,
+        seconds_to_first_step=seconds_since_process_start(stats.first_step_at),
+        annotations=run.annotations,
+        held_out={**run.held_out_plan.summary(), "images": int(run.validation_images.shape[0])}
+        if run.validation_images is not None else None,
+    )
+    if config.quality_samples > 0:
+        from ..evaluation.metrics import digits_quality
+
+        samples = sampler(batch_size=config.quality_samples, generator=torch.Generator().manual_seed(config.seed + 1),
+                          num_inference_steps=config.num_inference_steps, output_type="np").images
+        summary.digits_quality = {"samples": config.quality_samples, **digits_quality(samples)}
+    repo_id = hub_repo_id(config)
+    if config.report and run.validation_images is not None:  # the held-out report of `diffusers-robust evaluate`
+        from ..evaluation.report import evaluate_pipeline, write_report
+
+        plan = run.held_out_plan
+        report = evaluate_pipeline(sampler, plan.source, plan.split, config.dataset_split, config.report_images,
+                                   config.report_samples, config.num_inference_steps, hold_out=plan.hold_out,
+                                   train_dataset=run.train_source)
+        write_report(report, os.path.join(folder, "evaluation"), title=f"Evaluation of {repo_id}")
+        summary.report = {key: value for key, value in report.items() if not key.startswith("_")}
+    summary.save(folder)
+    write_model_card(folder, repo_id, config.to_dict(), summary, config.license)
     return summary
 
 
@@ -540,12 +600,15 @@ def train(config: TrainingConfig, accelerator: Accelerator, signals: StopSignals
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         raise BadTrainingInput(str(error)) from error
     stream_loader = run.dataloader if run.train_data.streaming else None
-    checkpointer = Checkpointer(accelerator, run.model, config.output_dir, config.checkpoints_total_limit, stream_loader)
+    fingerprints = run_fingerprints(resolve_preset(config.pipeline), {"dataset": config.dataset,
+                                                                      "validation_data": config.validation_data})
+    checkpointer = Checkpointer(accelerator, run.model, config.output_dir, config.checkpoints_total_limit, stream_loader,
+                                fingerprints)
     start = resume(run, checkpointer)
     stats = StepStats()
     validate = Validator(run, stats)
     end = run_steps(run, start, checkpointer, validate, stats, signals)
-    return export(run, end, stats, validate)
+    return export(run, end, stats, validate, signals)
 
 
 
@@ -575,7 +638,7 @@ def run_training(config: TrainingConfig, dataset: DatasetLike | None = None,
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     from .distributed import set_thread_count, shutdown_distributed, warn_if_launcher_dropped_processes
-    from .run_guard import OutputDirLock
+    from .run_guard import OutputDirBusy, OutputDirLock
 
     if dataset is not None or validation_dataset is not None:  # what the saved config and a resume check compare
         config = dataclasses.replace(config, dataset=describe_source(dataset) or config.dataset,
@@ -602,6 +665,9 @@ def run_training(config: TrainingConfig, dataset: DatasetLike | None = None,
         traceback.clear_frames(stopped.__traceback__)
         logger.error(str(stopped))
         raise SystemExit(stopped.exit_code) from None
+    except OutputDirBusy as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     except BadTrainingInput as error:  # one line and exit code 2, like the CLI; DIFFUSERS_ROBUST_DEBUG=1 shows the trace
         if os.environ.get("DIFFUSERS_ROBUST_DEBUG"):
             raise

@@ -1,18 +1,26 @@
-"""What keeps a training run's output folder whole: one writer at a time (a lock file), a fresh run never mixing with
+"""What keeps a training run's output folder whole: one writer at a time (a kernel-held file lock), a fresh run never mixing with
 another run's checkpoints, a resume that cannot silently change what the checkpoint was trained with, and signals that
 stop the run at a step boundary with a checkpoint instead of losing the work since the last one."""
 
+import contextlib
 import ctypes
 import dataclasses
+import fcntl
+import fnmatch
+import glob
+import hashlib
+import json
 import logging
 import os
 import shutil
 import signal
 import socket
+import time
 from typing import Any
 
 import yaml
 
+from ..data.splits import looks_like_path
 from .checkpoints import checkpoints_dir, complete_checkpoints
 from .config import TrainingConfig
 
@@ -30,60 +38,76 @@ MUTABLE_ON_RESUME = frozenset({
 })
 
 
+class OutputDirBusy(RuntimeError):
+    """Another live run holds `output_dir`'s lock."""
+
+
 class OutputDirLock:
-    """`output_dir/.lock` holding `host:pid` of the run writing there. A lock whose process is gone (same host) is
-    stale and replaced with a warning; a live one stops the second run with an error naming it."""
+    """
+    One writer per output folder: an exclusive `fcntl.flock` on `output_dir/.lock`, held on the open file for the whole
+    run. The kernel releases it when the process ends, however it ends (a crash, SIGKILL, a restarted container with the
+    same host name and pid), so there is no stale lock to guess about. The file names the holder (`host:pid`) for the
+    message a second run gets.
+
+    On shared storage, NFS releases a lock of a machine that went away when that client's lease expires (about 90 s).
+    A file system that keeps it (or does not support locks: then the run warns that nothing stops a second writer) is
+    unlocked by deleting `output_dir/.lock`, once the run that held it has surely stopped.
+    """
 
     def __init__(self, output_dir: str):
         self.path = os.path.join(output_dir, LOCK_FILE)
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
-        self.held = False
+        self._handle = None
+
+    @property
+    def held(self) -> bool:
+        return self._handle is not None
 
     def acquire(self) -> "OutputDirLock":
+        """Take the lock or raise `OutputDirBusy` naming the holder; never waits."""
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        for _ in range(2):
+        while True:
+            handle = open(self.path, "a+", encoding="utf-8")
             try:
-                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is not None:
-                    raise RuntimeError(f"another run (process {holder}) is writing to {os.path.dirname(self.path)}; "
-                                       f"wait for it, stop it, or use another output_dir") from None
-                logger.warning("removing the stale lock %s (its process is gone)", self.path)
-                os.remove(self.path)
-                continue
-            with os.fdopen(descriptor, "w") as handle:
-                handle.write(self.owner)
-            self.held = True
-            return self
-        raise RuntimeError(f"could not take the lock {self.path}")
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                handle.close()
+                elsewhere = "" if holder.startswith(f"{socket.gethostname()}:") else (
+                    f"; if that machine is gone, NFS frees its lock within about 90 s, or delete {self.path} once its "
+                    "run has surely stopped")
+                raise OutputDirBusy(f"another run (process {holder}) is writing to {os.path.dirname(self.path)}; wait "
+                                    f"for it, stop it, or use another output_dir{elsewhere}") from None
+            except OSError as error:  # ENOLCK / EOPNOTSUPP: a file system without locks
+                logger.warning("%s: this file system does not support locks (%s); nothing stops a second run from "
+                               "writing to the same output_dir", self.path, error.strerror)
+            if self._same_file(handle):  # not unlinked by a releasing holder between our open and our lock
+                break
+            handle.close()
+        handle.seek(0)
+        handle.truncate()
+        handle.write(self.owner)
+        handle.flush()
+        self._handle = handle
+        return self
 
-    def _holder(self) -> str | None:
-        """The live `host:pid` holding the lock, or None if the lock is stale (or unreadable and empty)."""
+    def _same_file(self, handle) -> bool:
         try:
-            with open(self.path, encoding="utf-8") as handle:
-                owner = handle.read().strip()
-            host, pid = owner.rsplit(":", 1)
-            pid = int(pid)
-        except (OSError, ValueError):
-            return None
-        if host != socket.gethostname():
-            return owner  # another machine's process cannot be checked: assume it is alive
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        return owner
+            return os.stat(self.path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            return False
 
     def release(self) -> None:
-        if self.held:
-            try:
-                os.remove(self.path)
-            except FileNotFoundError:
-                pass
-            self.held = False
+        """Delete the file, then unlock (a run waiting to lock the old file sees it unlinked and opens a new one)."""
+        if self._handle is None:
+            return
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+        self._handle.close()
+        self._handle = None
 
 
 def prepare_fresh_output_dir(output_dir: str, overwrite: bool) -> None:
@@ -98,6 +122,45 @@ def prepare_fresh_output_dir(output_dir: str, overwrite: bool) -> None:
                          "latest, pick another output_dir, or pass --overwrite_output_dir to delete them")
     logger.warning("overwrite_output_dir: deleting %d checkpoint(s) of the previous run in %s", len(found), output_dir)
     shutil.rmtree(checkpoints_dir(output_dir))
+
+
+def folder_fingerprint(paths: list[str], patterns: tuple[str, ...] = ("*",)) -> str:
+    """16 hex digits of sha256 over the files under `paths` matching `patterns` (relative name and size in bytes):
+    what changes when files are added, removed, renamed or rewritten with another size."""
+    entries = []
+    for top in paths:
+        if os.path.isfile(top):
+            entries.append((os.path.basename(top), os.path.getsize(top)))
+            continue
+        for root, folders, files in os.walk(top):
+            folders.sort()
+            for name in sorted(files):
+                relative = os.path.relpath(os.path.join(root, name), top)
+                if any(fnmatch.fnmatch(relative, pattern) for pattern in patterns):
+                    entries.append((relative, os.path.getsize(os.path.join(root, name))))
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+
+
+def run_fingerprints(pipeline_folder: str, sources: dict[str, Any]) -> dict[str, str]:
+    """Fingerprints of what a checkpoint was trained from: the preset's configs (`pipeline`) and each local data source
+    by name (its file list and sizes). Hub ids and Datasets objects are left out: the recorded config names their
+    revision or fingerprint, which a resume already compares."""
+    found = {"pipeline": folder_fingerprint([pipeline_folder], ("*.json",))}
+    for name, source in sources.items():
+        if isinstance(source, str) and looks_like_path(source):
+            expanded = os.path.expanduser(source)
+            found[name] = folder_fingerprint(sorted(glob.glob(expanded)) if any(c in source for c in "*?") else [expanded])
+    return found
+
+
+def warn_changed_fingerprints(checkpoint: str, saved: dict[str, str] | None, now: dict[str, str]) -> list[str]:
+    """Log a warning for each fingerprint that differs from the checkpoint's; returns their names."""
+    changed = sorted(name for name, value in (saved or {}).items() if name in now and now[name] != value)
+    for name in changed:
+        what = "the pipeline preset's configs" if name == "pipeline" else f"the files of {name}"
+        logger.warning("%s changed since %s was saved (files added, removed or of another size): the resumed run "
+                       "continues on the new contents", what, checkpoint)
+    return changed
 
 
 def check_resume_config(output_dir: str, config: TrainingConfig) -> dict[str, tuple[Any, Any]]:
@@ -122,40 +185,91 @@ def check_resume_config(output_dir: str, config: TrainingConfig) -> dict[str, tu
     return {name: values for name, values in changed.items() if name in MUTABLE_ON_RESUME}
 
 
+class TrainingStopped(BaseException):
+    """SIGTERM / SIGINT: the run stopped after saving a checkpoint (at a step boundary, or during the export). Like
+    `KeyboardInterrupt` it is no `Exception`, so no `except Exception` in the code it interrupts swallows it."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# The kernel sends this when the launcher (the parent process) dies: a real-time signal nothing else sends, so the
+# launcher's death is told apart from the user's signals and always joins the stop request they caused.
+PARENT_DEATH_SIGNAL = signal.SIGRTMIN + 2 if hasattr(signal, "SIGRTMIN") else None
+# Signals within this many seconds of the first belong to the same event (a signal to the process group reaches the
+# launcher and the trainer; `timeout`, systemd and SLURM may repeat theirs); a later one is the user's second request.
+STOP_GRACE_SECONDS = 3.0
+
+
 class StopSignals:
     """
-    SIGTERM and SIGINT ask the run to stop at the next step boundary (`requested` names the signal); a second one
-    exits at once. The process also asks the kernel for SIGTERM when its parent dies (Linux), so a trainer whose
-    `accelerate launch` was killed stops cleanly instead of training on as an orphan.
+    SIGTERM and SIGINT ask the run to stop at the next step boundary with a checkpoint; `requested` names the signal and
+    `exit_code` is 128 + its number. One event often delivers several signals, which join that one request: any within
+    `STOP_GRACE_SECONDS` of the first, and the launcher's death (the kernel's parent-death signal, asked for here on
+    Linux) at any time. A SIGTERM or SIGINT later than that is a deliberate second request: the process exits at once,
+    without a checkpoint.
+
+    Inside [`interrupting`] (the export and report, after the last checkpoint), a request stops the work at once by
+    raising `TrainingStopped` instead of waiting for a step boundary that will not come.
     """
 
     def __init__(self):
         self.requested: str | None = None
+        self._number = 0
+        self._first_at = 0.0
+        self._interrupting: str | None = None
         self._previous: dict[int, Any] = {}
 
     def install(self) -> "StopSignals":
-        for number in (signal.SIGTERM, signal.SIGINT):
+        numbers = [signal.SIGTERM, signal.SIGINT] + ([PARENT_DEATH_SIGNAL] if PARENT_DEATH_SIGNAL else [])
+        for number in numbers:
             self._previous[number] = signal.signal(number, self._handle)
-        try:  # PR_SET_PDEATHSIG = 1
-            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)
-        except (AttributeError, OSError):
-            pass
+        if PARENT_DEATH_SIGNAL:
+            try:  # PR_SET_PDEATHSIG = 1
+                ctypes.CDLL(None, use_errno=True).prctl(1, int(PARENT_DEATH_SIGNAL), 0, 0, 0)
+            except (AttributeError, OSError):
+                pass
         return self
 
+    @property
+    def exit_code(self) -> int:
+        return 128 + self._number if self.requested else 0
+
     def _handle(self, number: int, frame) -> None:
-        name = signal.Signals(number).name
-        if self.requested is not None:
+        parent_died = number == PARENT_DEATH_SIGNAL
+        name = "SIGTERM" if parent_died else signal.Signals(number).name
+        if self.requested is None:
+            self.requested, self._number, self._first_at = name, signal.SIGTERM if parent_died else number, time.monotonic()
+            cause = " (the launcher, this process's parent, died)" if parent_died else ""
+            logger.warning("%s received%s: finishing this step, saving a checkpoint, then stopping (send it again after "
+                           "%g s to exit at once, without a checkpoint)", name, cause, STOP_GRACE_SECONDS)
+        elif parent_died or time.monotonic() - self._first_at < STOP_GRACE_SECONDS:
+            logger.info("%s%s joins the stop already requested", name, " (the launcher died)" if parent_died else "")
+            return
+        else:
             logger.error("second %s: exiting now, without a checkpoint", name)
             os._exit(128 + number)
-        self.requested = name
-        logger.warning("%s received: finishing this step, saving a checkpoint, then stopping (send it again to exit now)",
-                       name)
+        if self._interrupting is not None:
+            self._raise()
+
+    def _raise(self) -> None:
+        where, self._interrupting = self._interrupting, None
+        raise TrainingStopped(f"stopped by {self.requested} {where}", self.exit_code)
+
+    @contextlib.contextmanager
+    def interrupting(self, where: str):
+        """Within this block a stop request raises `TrainingStopped("stopped by <signal> <where>")` at once (also one
+        that came before the block)."""
+        self._interrupting = where
+        try:
+            if self.requested is not None:
+                self._raise()
+            yield
+        finally:
+            self._interrupting = None
 
     def uninstall(self) -> None:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous.clear()
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + int(signal.Signals[self.requested]) if self.requested else 0
