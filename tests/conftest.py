@@ -78,3 +78,33 @@ def tiny_training_args(preset: str, output_dir, **overrides) -> list[str]:
         args.append(f"--{key}")
         args.extend(str(v) for v in value) if isinstance(value, list) else args.append(str(value))
     return args
+
+
+def wait_for(predicate, timeout: float = 180.0) -> None:
+    """Poll `predicate` every 0.1 s until it is true; `TimeoutError` after `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.1)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def can_mount_tmpfs(path) -> bool:
+    """Whether a small tmpfs can be mounted at `path` here (root only): the tests' full disk."""
+    import subprocess
+
+    path.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], capture_output=True)
+    if result.returncode == 0:
+        subprocess.run(["umount", str(path)], check=True)
+    return result.returncode == 0

@@ -16,7 +16,7 @@ import PIL.Image
 import pytest
 import torch
 import yaml
-from conftest import SCRIPT, tiny_training_args, training_env
+from conftest import SCRIPT, can_mount_tmpfs, tiny_training_args, training_env, wait_for
 from safetensors.torch import load_file
 
 from diffusers_robust.data.datasets import ImageRecordTransform
@@ -89,57 +89,6 @@ def test_resume_refuses_changed_options_the_checkpoint_depends_on_and_keeps_the_
     assert json.loads((out / "metrics.json").read_text())["lr_history"] == {"3": pytest.approx(5e-4, rel=1e-12)}
 
 
-def _launch(args: list[str], **popen) -> subprocess.Popen:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT, *args]
-    return subprocess.Popen(command, env=training_env(ACCELERATE_USE_CPU="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **popen)
-
-
-def _wait_for(predicate, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        time.sleep(0.2)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def test_sigterm_to_accelerate_launch_checkpoints_and_a_second_writer_is_refused(tiny_preset, tmp_path):
-    out = tmp_path / "out"
-    long_run = tiny_training_args(tiny_preset, out, max_train_steps=100000, checkpointing_steps=100000,
-                                  validation_steps=100000, lr_warmup_steps=0)
-    launcher = _launch(long_run)
-    lock = out / ".lock"
-    try:
-        _wait_for(lock.exists)
-        trainer_pid = int(lock.read_text().rsplit(":", 1)[1])
-        second = run(tiny_training_args(tiny_preset, out, max_train_steps=2))
-        assert second.returncode == 2 and f"another run (process {socket.gethostname()}:{trainer_pid})" in second.stderr
-        time.sleep(3)  # a few hundred steps
-        launcher.send_signal(signal.SIGTERM)
-        output, _ = launcher.communicate(timeout=120)
-    finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-    _wait_for(lambda: not _alive(trainer_pid), timeout=60)  # no orphan keeps training
-    assert launcher.returncode != 0
-    saved = complete_checkpoints(str(out))
-    assert len(saved) == 1 and f"stopped by SIGTERM at step {saved[0].rsplit('-', 1)[1]}; saved {saved[0]}" in output
-    assert not lock.exists()
-    step = int(saved[0].rsplit("-", 1)[1])
-    resumed = run([*long_run, "--resume_from_checkpoint", "latest", "--max_train_steps", str(step + 2)])
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert json.loads((out / "metrics.json").read_text())["global_step"] == step + 2
-
-
 def test_sigint_stops_at_a_step_with_a_checkpoint_and_a_left_lock_file_does_not_block(tiny_preset, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -150,7 +99,7 @@ def test_sigint_stops_at_a_step_with_a_checkpoint_and_a_left_lock_file_does_not_
     trainer = subprocess.Popen([sys.executable, SCRIPT, *args], env=training_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for(lambda: (out / ".lock").exists() and str(trainer.pid) in (out / ".lock").read_text())
+        wait_for(lambda: (out / ".lock").exists() and str(trainer.pid) in (out / ".lock").read_text())
         time.sleep(2)
         trainer.send_signal(signal.SIGINT)
         output, _ = trainer.communicate(timeout=120)
@@ -162,17 +111,9 @@ def test_sigint_stops_at_a_step_with_a_checkpoint_and_a_left_lock_file_does_not_
     assert len(complete_checkpoints(str(out))) == 1 and not (out / ".lock").exists()
 
 
-def _can_mount_tmpfs(path) -> bool:
-    path.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], capture_output=True)
-    if result.returncode == 0:
-        subprocess.run(["umount", str(path)], check=True)
-    return result.returncode == 0
-
-
 def test_a_full_disk_is_named_and_older_checkpoints_stay_resumable(tiny_preset, tmp_path):
     disk = tmp_path / "disk"
-    if not _can_mount_tmpfs(disk):
+    if not can_mount_tmpfs(disk):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     probe = tmp_path / "probe"
     assert run(tiny_training_args(tiny_preset, probe, max_train_steps=1, checkpointing_steps=1)).returncode == 0

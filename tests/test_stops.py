@@ -19,7 +19,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import SCRIPT, make_tiny_unet, tiny_training_args, training_env
+from conftest import SCRIPT, can_mount_tmpfs, make_tiny_unet, process_alive, tiny_training_args, training_env, wait_for
 
 from diffusers_robust import RobustDDPMPipeline, RobustDDPMScheduler
 from diffusers_robust.cli import main as cli_main
@@ -89,16 +89,6 @@ def test_the_kernel_releases_the_lock_of_a_killed_run(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- durable files
-def _fake_checkpoint(root, step: int, files: dict[str, bytes], recorded: dict[str, int] | None = None) -> str:
-    folder = root / "checkpoints" / f"checkpoint-{step}"
-    folder.mkdir(parents=True)
-    for name, content in files.items():
-        (folder / name).write_bytes(content)
-    sizes = recorded if recorded is not None else {name: len(content) for name, content in files.items()}
-    (folder / "checkpoint.json").write_text(json.dumps({"step": step, "epoch": 0, "batches_consumed": step,
-                                                         "files": sizes}))
-    return str(folder)
-
 
 def test_an_export_that_fails_leaves_the_previous_export_whole(tmp_path):
     with staged_export(str(tmp_path)) as folder:
@@ -115,19 +105,11 @@ def test_an_export_that_fails_leaves_the_previous_export_whole(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["metrics.json", "model_index.json", "unet"]  # no staging folder left
 
 
-def _can_mount_tmpfs(path) -> bool:
-    path.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], capture_output=True)
-    if result.returncode == 0:
-        subprocess.run(["umount", str(path)], check=True)
-    return result.returncode == 0
-
-
 def test_a_full_disk_while_safetensors_writes_is_an_oserror_naming_the_folder(tmp_path):
     from safetensors.torch import save_file
 
     disk = tmp_path / "disk"
-    if not _can_mount_tmpfs(disk):
+    if not can_mount_tmpfs(disk):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True)
     try:
@@ -181,22 +163,6 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, SCRIPT, *args], env=training_env(), capture_output=True, text=True, timeout=300)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _wait_for(predicate, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        time.sleep(0.1)
-
-
 class _Output:
     """A child's merged stdout/stderr, read on a thread so the test can wait for a line while the child runs."""
 
@@ -221,7 +187,7 @@ def _slow_steps(preset: str, out, **overrides) -> list[str]:
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_whole_process_group_saves_one_checkpoint_and_leaves_no_lock(tiny_preset, tmp_path):
+def test_sigterm_to_the_whole_process_group_saves_one_checkpoint_and_the_run_resumes(tiny_preset, tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT, *_slow_steps(tiny_preset, out)]
@@ -229,10 +195,12 @@ def test_sigterm_to_the_whole_process_group_saves_one_checkpoint_and_leaves_no_l
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
     output = _Output(launcher)
     try:
-        _wait_for(lambda: (out / "checkpoints" / "checkpoint-2").is_dir())
+        wait_for(lambda: (out / "checkpoints" / "checkpoint-2").is_dir())
         trainer = int((out / ".lock").read_text().rsplit(":", 1)[1])
+        second = _run(tiny_training_args(tiny_preset, out, max_train_steps=2))
+        assert second.returncode == 2 and f"another run (process {socket.gethostname()}:{trainer})" in second.stderr
         os.killpg(launcher.pid, signal.SIGTERM)  # systemd, SLURM, `timeout`, Ctrl-C: the launcher and the trainer
-        _wait_for(lambda: not _alive(trainer), timeout=120)
+        wait_for(lambda: not process_alive(trainer), timeout=120)
     finally:
         try:
             os.killpg(launcher.pid, signal.SIGKILL)
@@ -245,6 +213,9 @@ def test_sigterm_to_the_whole_process_group_saves_one_checkpoint_and_leaves_no_l
     step = int(saved[-1].rsplit("-", 1)[1])
     assert step > 2 and f"stopped by SIGTERM at step {step}; saved {saved[-1]}" in text
     assert not (out / ".lock").exists() and not list((out / "checkpoints").glob("*.tmp"))
+    resumed = _run([*_slow_steps(tiny_preset, out), "--resume_from_checkpoint", "latest", "--max_train_steps", str(step + 1)])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((out / "metrics.json").read_text())["global_step"] == step + 1
 
 
 @pytest.mark.slow
@@ -259,7 +230,7 @@ def test_a_trainer_that_is_pid_1_of_a_container_stops_on_sigterm_with_a_checkpoi
     container = subprocess.Popen(command, env=training_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = _Output(container)
     try:
-        _wait_for(lambda: (out / ".lock").exists() and (out / ".lock").read_text().endswith(":1"))
+        wait_for(lambda: (out / ".lock").exists() and (out / ".lock").read_text().endswith(":1"))
         init = int(open(f"/proc/{container.pid}/task/{container.pid}/children").read().split()[0])
         time.sleep(3)
         os.kill(init, signal.SIGTERM)
@@ -280,7 +251,7 @@ def test_sigterm_during_the_report_stops_it_at_once_and_a_resume_exports(tiny_pr
                                stderr=subprocess.STDOUT, text=True)
     output = _Output(trainer)
     try:
-        _wait_for(lambda: "validation at step 2" in output.text)
+        wait_for(lambda: "validation at step 2" in output.text)
         time.sleep(1)  # inside the report (it takes tens of seconds)
         os.kill(trainer.pid, signal.SIGTERM)
         signalled = time.monotonic()
@@ -319,6 +290,7 @@ def test_resuming_an_older_checkpoint_sets_the_abandoned_branch_aside_and_a_dama
     open(out / "checkpoints" / "checkpoint-4" / "model.safetensors", "w").close()
     resumed = _run([*args, "--resume_from_checkpoint", "latest", "--max_train_steps", "5"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "changed since" not in resumed.stderr  # same preset, same data: no fingerprint warning
     assert f"skipping the damaged checkpoint {out / 'checkpoints' / 'checkpoint-4'} (model.safetensors holds 0 bytes" \
         in resumed.stderr
     # Resumed from 3: checkpoint-4 belonged to the abandoned branch; 4 and 5 are now the new line's.
@@ -348,12 +320,10 @@ def test_a_resume_warns_when_the_preset_or_the_data_files_changed_under_the_same
     args = tiny_training_args(str(preset), out, dataset=str(data.parent), max_train_steps=2, checkpointing_steps=2,
                               validation_steps=100, train_batch_size=8)
     assert _run(args).returncode == 0
-    unchanged = _run([*args, "--resume_from_checkpoint", "latest", "--max_train_steps", "3"])
-    assert unchanged.returncode == 0 and "changed since" not in unchanged.stderr
     PIL.Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(data / "new.png")
     config = json.loads((preset / "scheduler" / "scheduler_config.json").read_text())
     (preset / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "beta_end": 0.03}))
-    changed = _run([*args, "--resume_from_checkpoint", "latest", "--max_train_steps", "4"])
+    changed = _run([*args, "--resume_from_checkpoint", "latest", "--max_train_steps", "3"])
     assert changed.returncode == 0, changed.stderr[-2000:]
     assert "the pipeline preset's configs changed since" in changed.stderr
     assert "the files of dataset changed since" in changed.stderr
