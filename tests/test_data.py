@@ -182,3 +182,19 @@ def test_mode_conversion_handles_alpha_palette_and_16_bit():
     assert np.asarray(to_mode(sixteen, 1)).max() == 255
     palette = PIL.Image.new("RGB", (2, 2), (10, 200, 30)).convert("P")
     assert to_mode(palette, 3).mode == "RGB" and to_mode(palette, 1).mode == "L"
+
+
+def test_dataloader_workers_draw_new_augmentations_each_epoch():
+    from diffusers_robust.training.config import TrainingConfig
+    from diffusers_robust.training.setup import build_dataloader
+
+    loaded = load_image_dataset("digits", "train", channels=1, resolution=8, augment=EDM, seed=0)
+    loaded.dataset = loaded.dataset.select(range(64))
+    config = TrainingConfig(output_dir="unused", train_batch_size=64, dataloader_num_workers=1)
+    loader = build_dataloader(config, loaded, shuffle_seed=0)
+    epochs = []
+    for epoch in range(2):
+        loaded.set_epoch(epoch)
+        images = torch.cat([batch["pixel_values"] for batch in loader])
+        epochs.append(sorted(image.numpy().round(4).tobytes() for image in images))  # the set, whatever the order
+    assert len(epochs[0]) == len(epochs[1]) == 64 and epochs[0] != epochs[1]

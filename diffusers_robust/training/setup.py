@@ -100,7 +100,9 @@ def build_dataloader(config: TrainingConfig, loaded: ImageDataset, shuffle_seed:
     pinned = torch.cuda.is_available()
     workers = {"num_workers": config.dataloader_num_workers, "pin_memory": pinned}
     if config.dataloader_num_workers > 0:
-        workers.update(persistent_workers=True, prefetch_factor=4)
+        # Not persistent: each epoch's workers copy the transform after `set_epoch`. Persistent workers keep the copy of
+        # the first epoch, so every later epoch would repeat its augmentations (and a stream its shuffle order).
+        workers.update(prefetch_factor=4)
     if loaded.streaming:
         from torchdata.stateful_dataloader import StatefulDataLoader
 
