@@ -71,6 +71,14 @@ class LabelConditionedUNet(nn.Module):
         return self.unet(sample, timestep, class_labels=embedding).sample
 
 
+def prediction_error(model, noisy_images: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
+                     labels: torch.Tensor | None) -> torch.Tensor:
+    """Per-sample mean squared error `(B,)` (over C, H, W, in float32) of `model(noisy_images, timesteps, labels)`
+    against `target`: the training objective's loss before weighting, and the held-out validation loss."""
+    prediction = model(noisy_images, timesteps, labels)
+    return ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, prediction.ndim)))
+
+
 def export_unet(model: LabelConditionedUNet | nn.Module) -> UNet2DModel:
     """A plain `UNet2DModel` (no class embedding) with the trained weights, for sampling and saving."""
     unet = model.unet

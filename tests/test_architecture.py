@@ -1,5 +1,6 @@
 """One home per idea: the robust options table, the training objective, the run summary, the package layout."""
 
+import ast
 import dataclasses
 import inspect
 import json
@@ -127,3 +128,58 @@ def test_thread_default_divides_the_cores_among_processes_and_warns_when_oversub
         assert "oversubscribed" in caplog.text
     finally:
         torch.set_num_threads(before)
+
+
+# The package's layers, lowest first: a module may import its own layer and the ones below, never one above, deferred
+# imports inside functions included. `if TYPE_CHECKING:` imports never run and are allowed; so is the package root,
+# whose names resolve lazily.
+LAYERS = [("schedulers", "models", "data"), ("pipelines",), ("evaluation",), ("hub",), ("training",), ("cli", "__main__")]
+
+
+def _layer(module: str) -> int:
+    part = module.split(".")[1]
+    found = [level for level, names in enumerate(LAYERS) if part in names]
+    assert found, f"{module} belongs to no layer: add it to LAYERS"
+    return found[0]
+
+
+def _imports_that_run(tree: ast.AST, module: str, is_package: bool) -> list[tuple[int, str]]:
+    """(line, absolute module) of every import in `tree` outside `if TYPE_CHECKING:` blocks."""
+    found, package = [], module if is_package else module.rsplit(".", 1)[0]
+    type_checking = [node for node in ast.walk(tree)
+                     if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING")]
+    skipped = {id(inner) for block in type_checking for inner in ast.walk(block)}
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names if alias.name.startswith("diffusers_robust.")]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.startswith("diffusers_robust."):
+                found.append((node.lineno, target))
+            elif target == "diffusers_robust":  # `from diffusers_robust import x` / `from . import x` at the root
+                found += [(node.lineno, f"diffusers_robust.{alias.name}") for alias in node.names
+                          if alias.name in {name for names in LAYERS for name in names}]
+    return found
+
+
+def test_no_module_imports_a_higher_layer():
+    root = os.path.join(REPO_ROOT, "diffusers_robust")
+    upward = []
+    for folder, _, files in os.walk(root):
+        for name in sorted(files):
+            if not name.endswith(".py") or (folder == root and name == "__init__.py"):
+                continue
+            path = os.path.join(folder, name)
+            module = "diffusers_robust." + os.path.relpath(path, root)[:-3].replace(os.sep, ".").removesuffix(".__init__")
+            with open(path, encoding="utf-8") as handle:
+                tree = ast.parse(handle.read())
+            for line, target in _imports_that_run(tree, module, name == "__init__.py"):
+                if _layer(target) > _layer(module):
+                    upward.append(f"{os.path.relpath(path, REPO_ROOT)}:{line} imports {target}")
+    assert upward == []

@@ -5,7 +5,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..data.corruptions import apply_corruption
-from ..training.objective import RobustDiffusionObjective
+from ..models import prediction_error
 from .defaults import EVALUATION_SEED
 
 # Evaluation draws (timesteps, noise, corruptions) come from EVALUATION_SEED, never from the training seed, so two runs'
@@ -57,7 +57,7 @@ def denoising_loss(
         noisy = scheduler.add_noise(corrupted, noise, timesteps)
         target = scheduler.training_target(target_images, target_noise, timesteps)
         labels = labels_for(corruption, severity, clean.shape[0]) if labels_for and restoration and corruption else None
-        per_sample = RobustDiffusionObjective.prediction_error(model, noisy, target, timesteps, labels)  # as in training
+        per_sample = prediction_error(model, noisy, target, timesteps, labels)  # as in training
         total += per_sample.sum().item() * target[0].numel()
         count += target.numel()
     return total / count

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models import prediction_error
 from ..schedulers.robust_noise import PREDICTION_TYPES
 
 # Missing-pixel training weights its x0 error by min-SNR with this gamma when `snr_gamma` is not set: unweighted, the
@@ -227,7 +228,7 @@ class RobustDiffusionObjective:
         else:
             noised = self.scheduler.add_training_noise(corrupted, timesteps, generator=generator)
         labels = self.labels(augment_labels, applied, batch, device)
-        loss = self.prediction_error(model, noised.noisy_images, noised.target, timesteps, labels)
+        loss = prediction_error(model, noised.noisy_images, noised.target, timesteps, labels)
         if self.snr_gamma is not None:
             loss = loss * min_snr_weights(self.scheduler.alphas_cumprod, timesteps, self.snr_gamma,
                                           self.scheduler.config.prediction_type).to(loss.device)
@@ -264,7 +265,7 @@ class RobustDiffusionObjective:
         if self.label_dim:
             chosen = augment_labels[records.to(augment_labels.device)] if augment_labels is not None else None
             labels = self.labels(chosen, [None] * batch, batch, device)
-        loss = self.prediction_error(model, noised.noisy_images, noised.target, timesteps, labels)
+        loss = prediction_error(model, noised.noisy_images, noised.target, timesteps, labels)
         if self.snr_gamma is not None:
             loss = loss * min_snr_weights(self.scheduler.alphas_cumprod, timesteps, self.snr_gamma,
                                           self.scheduler.config.prediction_type).to(loss.device)
@@ -303,13 +304,6 @@ class RobustDiffusionObjective:
             return model(torch.cat([noisy, torch.ones_like(noisy)], dim=1), timesteps, labels)
 
         return denoise
-
-    @staticmethod
-    def prediction_error(model, noisy_images: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
-                         labels: torch.Tensor | None) -> torch.Tensor:
-        """Per-sample mean squared error `(B,)` (over C, H, W, in float32) of `model(noisy_images, timesteps, labels)`."""
-        prediction = model(noisy_images, timesteps, labels)
-        return ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, prediction.ndim)))
 
     def labels(self, augment_labels: torch.Tensor | None, applied: list[tuple[str, int] | None], batch: int,
                device: torch.device) -> torch.Tensor | None:
