@@ -146,10 +146,14 @@ class RobustDDPMPipeline(DiffusionPipeline):
     @classmethod
     def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict:
         """Read `model_index.json`, with the `["pipeline", "RobustDDPMPipeline"]` form read as this class (the installed
-        one loads without running the folder's `pipeline.py`)."""
+        one loads without running the folder's `pipeline.py`), and this package's components named by the module
+        their class lives in now, so folders saved when it lived elsewhere (before 0.1.0's subpackages) still load."""
         config = super()._dict_from_json_file(json_file)
         if config.get("_class_name") == [LOADER_MODULE, cls.__name__]:
             config["_class_name"] = cls.__name__
+        for name, entry in config.items():
+            if _is_own_component(name, entry):
+                config[name] = [installed_class(entry[1]).__module__, entry[1]]
         return config
 
     @classmethod

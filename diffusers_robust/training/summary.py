@@ -24,7 +24,7 @@ def thin_history(history: dict[int, float], points: int) -> dict[int, float]:
 
 @dataclass
 class RunSummary:
-    """Facts of one training run. JSON keys are the field names; `from_json` refuses unknown keys.
+    """Facts of one training run. JSON keys are the field names; `from_dict` (and `load`) refuse unknown keys.
 
     Steps count optimizer updates; images count training images seen over all processes; losses are mean squared errors
     of the model's prediction; histories map an optimizer step to a value.
