@@ -428,9 +428,12 @@ def main(argv: list[str] | None = None) -> int:
                 "annotate": run_annotate, "make-imperfect": run_make_imperfect, "presets": run_presets}
     try:
         written = commands[args.command](args)
-    except (ValueError, FileNotFoundError, OSError) as error:
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as error:
         print(f"diffusers-robust {args.command}: error: {error}".splitlines()[0], file=sys.stderr)
-        return 2
+        return 2  # the input or the command line is wrong
+    except OSError as error:  # the machine failed (a full disk, an I/O error): not bad input, but still one line
+        print(f"diffusers-robust {args.command}: failed: {error}".splitlines()[0], file=sys.stderr)
+        return 1
     shown = written if len(written) <= 5 else [*written[:2], f"... ({len(written) - 4} more)", *written[-2:]]
     if written:
         print(f"wrote {', '.join(shown)}")

@@ -158,6 +158,25 @@ def test_a_device_this_machine_lacks_is_one_line_and_exit_2(tmp_path, capsys):
     assert code == 2 and "--device cuda:7" in error and "Traceback" not in error
 
 
+def test_a_full_disk_in_a_command_is_one_line_with_exit_1_not_bad_input(tmp_path, capsys):
+    disk = tmp_path / "disk"
+    if not can_mount_tmpfs(disk):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    pipe = RobustDDPMPipeline(unet=make_tiny_unet(sample_size=8, channels=1), scheduler=RobustDDPMScheduler(100))
+    pipe.save_pretrained(tmp_path / "pipe")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], check=True)
+    try:
+        subprocess.run(["dd", "if=/dev/zero", f"of={disk / 'filler'}", "bs=4k"], capture_output=True)  # fills it
+        code = cli_main(["sample", str(tmp_path / "pipe"), "--num_images", "2", "--num_inference_steps", "2",
+                         "--output_dir", str(disk / "samples")])
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+    error = capsys.readouterr().err
+    last = error.strip().splitlines()[-1]  # after the progress bars
+    assert code == 1 and last.startswith("diffusers-robust sample: failed:") and "No space left on device" in last
+    assert "Traceback" not in error
+
+
 # ------------------------------------------------------------------------------------------------- whole runs
 def _run(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, SCRIPT, *args], env=training_env(), capture_output=True, text=True, timeout=300)
