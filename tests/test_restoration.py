@@ -207,3 +207,17 @@ def test_gaussian_noise_helper_and_matched_timestep_agree_on_units():
     assert abs(float(noise_to_signal(RobustDDPMScheduler().alphas_cumprod)[t]) - 0.2) < 0.005
     noisy = gaussian_noise(torch.zeros(1, 1, 64, 64), 0.1, generator=torch.Generator().manual_seed(0))
     assert abs(float(noisy.std()) - 0.2) < 0.02
+
+
+def test_a_linear_corruption_above_the_operator_size_is_restored_as_noise_said_and_labelled_so(caplog):
+    from conftest import make_tiny_unet
+
+    from diffusers_robust.evaluation.restoration import evaluate_restoration
+
+    pipe = RobustDDPMPipeline(unet=make_tiny_unet(sample_size=72, channels=1), scheduler=RobustDDPMScheduler(100))
+    pipe.set_progress_bar_config(disable=True)
+    images = torch.rand(2, 1, 72, 72, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with caplog.at_level("WARNING"):
+        rows = evaluate_restoration(pipe, images, cases=[("gaussian_blur", 3)], progress=False)
+    assert rows[0]["method"] == "noise" and rows[0]["caveat"] is None  # not labelled "linear" with its caveat
+    assert "72x72 pixels exceed the 4096 pixels" in caplog.text

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..data.corruptions import apply_corruption, gaussian_blur, gaussian_noise
-from ..pipelines.restoration import plan_restoration
+from ..pipelines.restoration import plan_restoration, restoration_method
 from .defaults import DEFAULT_RESTORATION_CASES
 from .metrics import Metric, Reference, mean_psnr, median_filter, restoration_metrics
 
@@ -124,7 +124,7 @@ def evaluate_restoration(
             restored.append(out.cpu() * 2 - 1)
         baseline = classical_baseline(corruption, level, fit_images, seed)
         outputs = {"input": corrupted, "": torch.cat(restored), "baseline": baseline[1](corrupted) if baseline else None}
-        method = "learned" if learned else plan.method
+        method = "learned" if learned else restoration_method(plan, *images.shape[-2:])
         row: dict[str, Any] = {"case": case_name(corruption, level), "method": method,
                                "baseline": baseline[0] if baseline else None,
                                "caveat": CAVEATS.get(corruption) if method == "linear" else None,

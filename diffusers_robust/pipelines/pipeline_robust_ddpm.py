@@ -2,6 +2,7 @@
 
 import inspect
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from .restoration import (
     operator_matrix,
     plan_restoration,
     pseudo_inverse,
+    restoration_method,
 )
 
 ImageInput = PIL.Image.Image | list[PIL.Image.Image] | np.ndarray | torch.Tensor
@@ -54,6 +56,8 @@ def installed_class(name: str) -> type:
     if name not in diffusers_robust.__all__:
         raise ValueError(f"model_index.json names {name!r} from diffusers_robust, which exports no such class")
     return getattr(diffusers_robust, name)
+
+logger = logging.getLogger(__name__)
 
 
 def _is_own_component(name: str, entry) -> bool:
@@ -523,7 +527,12 @@ class RobustDDPMPipeline(DiffusionPipeline):
         if plan.method == "inpaint":
             missing = self._missing_pixels(corrupted, plan, alphas)
             return self._inpaint(corrupted, missing, generator, steps or 50)
-        if plan.method == "linear" and corrupted.shape[-1] * corrupted.shape[-2] <= MAX_OPERATOR_PIXELS:
+        method = restoration_method(plan, *corrupted.shape[-2:])
+        if method != plan.method:
+            logger.warning(f"{plan.corruption}: images of {corrupted.shape[-2]}x{corrupted.shape[-1]} pixels exceed the "
+                           f"{MAX_OPERATOR_PIXELS} pixels for which its operator is built; restoring it as noise instead "
+                           "(noise-matched start), which undoes blur far less well")
+        if method == "linear":
             matrix = operator_matrix(plan.corruption, plan.severity, *corrupted.shape[-2:])
             projection = data_consistency(corrupted, matrix, pseudo_inverse(matrix))
             noise = randn_tensor(corrupted.shape, generator=generator, device=corrupted.device, dtype=corrupted.dtype)

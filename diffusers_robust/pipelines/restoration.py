@@ -212,6 +212,14 @@ class RestorationPlan:
     strength: float | None = None
 
 
+def restoration_method(plan: "RestorationPlan", height: int, width: int) -> str:
+    """The method that runs for `plan` on `height x width` images: a linear corruption above `MAX_OPERATOR_PIXELS`
+    gets the noise-matched start (`"noise"`), since its `(H*W, H*W)` operator matrix is not built."""
+    if plan.method == "linear" and height * width > MAX_OPERATOR_PIXELS:
+        return "noise"
+    return plan.method
+
+
 def plan_restoration(
     corruption: str | None = None,
     severity: int | None = None,
