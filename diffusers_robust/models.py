@@ -125,6 +125,8 @@ class ConditionEmbedding(ModelMixin, ConfigMixin):
 
     def labels_for(self, corruption: str, severity: int, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """Labels `(batch_size, L)` meaning "corrupted by `corruption` at `severity` (1..5)", as in training."""
+        if isinstance(severity, bool) or severity not in (1, 2, 3, 4, 5):
+            raise ValueError(f"severity must be an integer from 1 to 5 (the training labels), got {severity!r}")
         slot = f"corruption/{corruption}"
         if slot not in self.config.label_names:
             raise ValueError(f"this model was trained to undo {self.corruptions}, not '{corruption}'")

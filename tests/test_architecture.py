@@ -74,6 +74,9 @@ def test_restoration_objective_asks_for_the_corruptions_it_was_trained_on_only()
     embedding = ConditionEmbedding(objective.label_names, embedding_dim=4)
     assert torch.equal(labels, embedding.labels_for("impulse_noise", 5, 3))
     assert objective.restoration_labels("gaussian_blur", 3, 3, torch.device("cpu")) is None
+    for severity in (0, 7, True):  # labels the model never saw in training
+        with pytest.raises(ValueError, match="severity must be an integer from 1 to 5"):
+            embedding.labels_for("impulse_noise", severity, 3)
 
 
 def test_run_summary_round_trips_through_metrics_json_and_refuses_unknown_keys(tmp_path):

@@ -58,6 +58,8 @@ def installed_class(name: str) -> type:
     return getattr(diffusers_robust, name)
 
 logger = logging.getLogger(__name__)
+# The severity label of learned restoration when the caller names none: the middle of the trained range 1-5.
+LEARNED_DEFAULT_SEVERITY = 3
 
 
 def _is_own_component(name: str, entry) -> bool:
@@ -376,7 +378,8 @@ class RobustDDPMPipeline(DiffusionPipeline):
                 data consistency.
             learned_restoration (`bool`, *optional*, defaults to `False`):
                 Restore with the `condition_embedding` of a restoration-trained pipeline (see above); `ValueError` if
-                the pipeline has none or was not trained on `corruption`.
+                the pipeline has none or was not trained on `corruption`. Without `severity`, the labels say severity
+                3 (`LEARNED_DEFAULT_SEVERITY`, the middle of the 1-5 range it was trained on).
 
         Returns:
             [`RestorationPipelineOutput`] (an `ImagePipelineOutput`) or `tuple`: the images in the format of
@@ -522,7 +525,8 @@ class RobustDDPMPipeline(DiffusionPipeline):
             sample = self.scheduler.add_noise(corrupted, noise, timesteps[:1].repeat(batch))
             return self._sample(sample, timesteps, generator, eta)
         if learned:
-            labels = self.condition_embedding.labels_for(plan.corruption, plan.severity or 3, batch, corrupted.device)
+            severity = plan.severity if plan.severity is not None else LEARNED_DEFAULT_SEVERITY
+            labels = self.condition_embedding.labels_for(plan.corruption, severity, batch, corrupted.device)
             return self._restore_learned(corrupted, labels, generator, steps or 1)
         if plan.method == "inpaint":
             missing = self._missing_pixels(corrupted, plan, alphas)
