@@ -91,3 +91,15 @@ def test_unknown_recipe_keys_raise_naming_the_key(tmp_path, mutate, message):
 def test_missing_recipe_file_is_named():
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         AugmentPipeline.from_file("nope.yaml")
+
+
+def test_a_recipe_that_fails_on_the_images_stops_with_its_error_instead_of_skipping_every_record(tmp_path):
+    from diffusers_robust.data.datasets import AugmentRecipeError, load_image_dataset
+
+    recipe = tmp_path / "rgb-only.yaml"  # PlanckianJitter needs RGB images; digits are grey
+    recipe.write_text(yaml.safe_dump({"__version__": A.__version__, "transform": A.to_dict(
+        A.Compose([A.PlanckianJitter(p=1.0)]))["transform"]}))
+    loaded = load_image_dataset("digits", "train", channels=1, resolution=8, augment=str(recipe))
+    with pytest.raises(AugmentRecipeError, match=r"the augment recipe fails on digits/train\[0\] \(1-channel images\)"):
+        loaded.dataset[0]
+    assert load_image_dataset("digits", "train", channels=3, resolution=8, augment=str(recipe)).dataset[0]["valid"]

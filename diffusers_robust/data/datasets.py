@@ -156,6 +156,11 @@ def resize_and_crop(
     return image.crop((left, top, left + resolution, top + resolution))
 
 
+class AugmentRecipeError(ValueError):
+    """The augment recipe failed on a decoded image: a bug of the recipe (say an RGB-only transform on grey images),
+    which would fail on every record, so it stops the run instead of counting each record as bad."""
+
+
 def _stable_message(error: Exception) -> str:
     """The error text without object addresses (Pillow names in-memory files `<_io.BytesIO object at 0x...>`), so a bad
     record has the same id every epoch and is counted once."""
@@ -227,20 +232,28 @@ class ImageRecordTransform:
         mask = annotation.pop(MASK_COLUMN, None)
         noise_sigma, sigma_min = annotation.get("noise_sigma", 0.0), annotation.get("sigma_min", 0.0)
         self.records_decoded += 1
-        try:
+        try:  # the record's own content: anything wrong with it makes a bad record, skipped and counted
             check_annotation(record_id, noise_sigma, sigma_min, annotation.get("sigma_max", math.inf))  # Hub streams
-            labels = np.zeros(self.label_dim, dtype=np.float32)
             if self.array_images:
-                pixels = self.float_pixels(value)
+                pixels, array = self.float_pixels(value), None
             else:
                 image = resize_and_crop(to_mode(decode_image(value), self.channels), self.resolution, self.center_crop, rng)
                 array = np.asarray(image, dtype=np.uint8)
                 array = array[..., None] if array.ndim == 2 else array
-                if self.augment is not None:
-                    self.augment.set_random_seed(int(rng.integers(2**31)))
+        except Exception as error:  # noqa: BLE001 - any decoding failure makes a bad record, reported by id
+            return self._bad_record(record_id, error)
+        labels = np.zeros(self.label_dim, dtype=np.float32)
+        if array is not None:
+            if self.augment is not None:  # a failure here is the recipe's, not the record's: it stops the run
+                self.augment.set_random_seed(int(rng.integers(2**31)))
+                try:
                     array, labels = self.augment(array)
-                    array = array[..., None] if array.ndim == 2 else array
-                pixels = (array.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
+                except Exception as error:  # noqa: BLE001 - named and re-raised
+                    raise AugmentRecipeError(f"the augment recipe fails on {record_id} ({self.channels}-channel "
+                                             f"images): {type(error).__name__}: {_stable_message(error)}") from error
+                array = array[..., None] if array.ndim == 2 else array
+            pixels = (array.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
+        try:
             if sigma_min > noise_sigma:  # one fixed draw per record (never per epoch), so its noise is not averaged away
                 fixed = np.random.default_rng([self.seed, index, 0x5EED]).standard_normal(pixels.shape, dtype=np.float32)
                 pixels = pixels + np.float32(2 * (sigma_min**2 - noise_sigma**2) ** 0.5) * fixed
@@ -248,17 +261,21 @@ class ImageRecordTransform:
             if mask is not None:
                 observed[0] = decode_mask(mask, record_id, pixels.shape[1:])
                 pixels = pixels * observed  # a missing pixel holds no value (0, mid-grey)
-            return {"pixel_values": pixels, "augment_labels": labels, "record_id": record_id, "valid": True,
-                    "noise_sigma": max(noise_sigma, sigma_min), "sigma_max": annotation.get("sigma_max", math.inf),
-                    "observed": observed}
-        except Exception as error:  # noqa: BLE001 - any decoding failure makes a bad record, reported by id
-            empty = np.zeros((self.channels, self.resolution, self.resolution), dtype=np.float32)
-            return {
-                "pixel_values": empty, "augment_labels": np.zeros(self.label_dim, dtype=np.float32),
-                "record_id": f"{record_id} ({type(error).__name__}: {_stable_message(error)})", "valid": False,
-                "noise_sigma": 0.0, "sigma_max": math.inf,
-                "observed": np.ones((1, self.resolution, self.resolution), dtype=np.float32),
-            }
+        except Exception as error:  # noqa: BLE001 - a bad mask makes a bad record
+            return self._bad_record(record_id, error)
+        return {"pixel_values": pixels, "augment_labels": labels, "record_id": record_id, "valid": True,
+                "noise_sigma": max(noise_sigma, sigma_min), "sigma_max": annotation.get("sigma_max", math.inf),
+                "observed": observed}
+
+    def _bad_record(self, record_id: str, error: Exception) -> dict[str, Any]:
+        """The placeholder of a record that could not be used: invalid, its id naming the error."""
+        return {
+            "pixel_values": np.zeros((self.channels, self.resolution, self.resolution), dtype=np.float32),
+            "augment_labels": np.zeros(self.label_dim, dtype=np.float32),
+            "record_id": f"{record_id} ({type(error).__name__}: {_stable_message(error)})", "valid": False,
+            "noise_sigma": 0.0, "sigma_max": math.inf,
+            "observed": np.ones((1, self.resolution, self.resolution), dtype=np.float32),
+        }
 
     def float_pixels(self, value: Any) -> np.ndarray:
         """A float array record (`(H, W)` or `(H, W, C)`, `[0, 1]` units) as `(C, H, W)` in model units, unclipped."""

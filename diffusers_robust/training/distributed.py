@@ -54,7 +54,7 @@ def shutdown_distributed(accelerator: Accelerator) -> int:
     if survivors:
         warnings.warn(f"{survivors} DistributedDataParallel model(s) still referenced at shutdown; the process "
                       "group is released with them, which can hang at exit", RuntimeWarning, stacklevel=2)
-    group = torch.distributed.group.WORLD if torch.distributed.is_initialized() else None
+    group = torch.distributed.group.WORLD
     accelerator.end_training()  # destroys the process group; `group` keeps it alive until the line below
     del group
     return survivors
