@@ -110,9 +110,9 @@ class AugmentPipeline:
     ```py
     >>> import numpy as np
     >>> from diffusers_robust.data.augment import AugmentPipeline
-    >>> pipe = AugmentPipeline.from_file("training/configs/augment/edm.yaml", seed=0)  # doctest: +SKIP
-    >>> image, labels = pipe(np.zeros((32, 32, 3), np.uint8))  # doctest: +SKIP
-    >>> labels.shape == (pipe.label_dim,)  # doctest: +SKIP
+    >>> pipe = AugmentPipeline.from_file("training/configs/augment/edm.yaml", seed=0)  # from the repository root
+    >>> image, labels = pipe(np.zeros((32, 32, 3), np.uint8))
+    >>> labels.shape == (pipe.label_dim,)
     True
     ```
     """

@@ -389,12 +389,19 @@ class RobustDDPMPipeline(DiffusionPipeline):
 
         ```py
         >>> import numpy as np
-        >>> from diffusers_robust import RobustDDPMPipeline
-        >>> pipe = RobustDDPMPipeline.from_pretrained("path/to/output_dir")  # doctest: +SKIP
-        >>> noisy = np.clip(clean + 0.1 * np.random.randn(*clean.shape), 0, 1)  # doctest: +SKIP
-        >>> restored = pipe(image=noisy, noise_sigma=0.1, output_type="np").images  # doctest: +SKIP
-        >>> restored = pipe(image=noisy, corruption="auto", output_type="np").images  # doctest: +SKIP
-        >>> inpainted = pipe(image=damaged, corruption="salt_and_pepper", output_type="np").images  # doctest: +SKIP
+        >>> from diffusers_robust import build_pipeline_from_preset
+        >>> pipe = build_pipeline_from_preset("ddpm-digits", seed=0)  # untrained; yours: RobustDDPMPipeline.from_pretrained(...)
+        >>> pipe.set_progress_bar_config(disable=True)
+        >>> rng = np.random.default_rng(0)
+        >>> clean = rng.random((2, 8, 8, 1))  # (B, H, W, C) in [0, 1]
+        >>> noisy = np.clip(clean + 0.1 * rng.standard_normal(clean.shape), 0, 1)
+        >>> pipe(image=noisy, noise_sigma=0.1, output_type="np").images.shape
+        (2, 8, 8, 1)
+        >>> restored = pipe(image=noisy, corruption="auto", output_type="np")
+        >>> len(restored.detections)
+        2
+        >>> damaged = np.where(rng.random(clean.shape) < 0.1, 1.0, clean)  # salt: 10% of the pixels white
+        >>> inpainted = pipe(image=damaged, corruption="salt_and_pepper", output_type="np").images
         ```
         """
         if output_type not in ("pil", "np", "pt"):
