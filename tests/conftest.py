@@ -108,3 +108,16 @@ def can_mount_tmpfs(path) -> bool:
     if result.returncode == 0:
         subprocess.run(["umount", str(path)], check=True)
     return result.returncode == 0
+
+
+def run_training_script(args: list[str], check: bool = False, timeout: int = 300, env: dict | None = None):
+    """Run `training/train_robust_ddpm.py` with `args` in a fresh process (one thread, offline); with `check`, an
+    `AssertionError` carrying the end of stderr unless it exits 0. Returns the `CompletedProcess` (text output)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, SCRIPT, *args], env=env or training_env(), capture_output=True, text=True,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"training failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result

@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 from conftest import SCRIPT, can_mount_tmpfs, tiny_training_args, training_env, wait_for
+from conftest import run_training_script as run
 from safetensors.torch import load_file
 
 from diffusers_robust.data.datasets import ImageRecordTransform
@@ -27,10 +28,6 @@ from diffusers_robust.training.run_guard import check_resume_config
 
 pytestmark = pytest.mark.slow
 
-
-def run(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, SCRIPT, *args], env=env or training_env(), capture_output=True, text=True,
-                          timeout=300)
 
 
 def weights_are_finite_and_sane(checkpoint: str) -> bool:

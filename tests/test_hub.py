@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, SCRIPT, tiny_training_args, training_env
+from conftest import REPO_ROOT, run_training_script, tiny_training_args, training_env
 from hub_server import start_hub_server
 
 TOKEN = "hf_test_token_must_never_leak_0123456789"
@@ -41,7 +41,7 @@ def test_push_to_hub_uploads_pipeline_and_card_only_and_loads_back_identical(tin
     output_dir = tmp_path / "robust-tiny"
     args = tiny_training_args(tiny_preset, output_dir, push_to_hub="true", hub_model_id="alice/robust-tiny",
                               hub_private_repo="true", logger="tensorboard")
-    result = subprocess.run([sys.executable, SCRIPT, *args], env=env, capture_output=True, text=True, timeout=300)
+    result = run_training_script(args, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
 
     repo = state.repos["alice/robust-tiny"]
@@ -105,7 +105,7 @@ def test_push_command_uploads_a_restoration_trained_folder_that_loads_back_whole
     output_dir = tmp_path / "run"
     args = tiny_training_args(tiny_preset, output_dir, max_train_steps=2, corruptions=["gaussian_noise"], corruption_p=0.5,
                               restoration_training="true", restoration_max_timestep=20, snr_gamma=5.0)
-    trained = subprocess.run([sys.executable, SCRIPT, *args], env=training_env(), capture_output=True, text=True, timeout=300)
+    trained = run_training_script(args)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "# run" in (output_dir / "README.md").read_text()  # training named the card after its folder
     state.valid_tokens = {TOKEN}

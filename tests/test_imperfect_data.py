@@ -1,6 +1,7 @@
 """Learning from imperfect data: noisy-data noising and target, annotations, time-first record choice, sampling stop,
 imperfect-data recipes, and training end to end from annotated folders and streams."""
 
+import functools
 import json
 import math
 import os
@@ -10,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import SCRIPT, make_tiny_unet, tiny_training_args, training_env
+from conftest import make_tiny_unet, run_training_script, tiny_training_args, training_env
 from torch.utils.data import DataLoader
 
 from diffusers_robust import RobustDDIMScheduler, RobustDDPMPipeline, RobustDDPMScheduler, RobustDiffusionObjective
@@ -309,11 +310,7 @@ def test_copying_share_finds_copies_and_not_new_images():
 
 # --- training end to end ---
 
-def _run(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, SCRIPT, *args], env=training_env(), capture_output=True, text=True, timeout=300)
-    if check and result.returncode != 0:
-        raise AssertionError(f"training failed ({result.returncode}):\n{result.stderr[-4000:]}")
-    return result
+_run = functools.partial(run_training_script, check=True)  # a failed run raises, naming its stderr
 
 
 @pytest.fixture(scope="module")

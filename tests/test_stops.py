@@ -19,7 +19,18 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import SCRIPT, can_mount_tmpfs, make_tiny_unet, process_alive, tiny_training_args, training_env, wait_for
+from conftest import (
+    SCRIPT,
+    can_mount_tmpfs,
+    make_tiny_unet,
+    process_alive,
+    tiny_training_args,
+    training_env,
+    wait_for,
+)
+from conftest import (
+    run_training_script as _run,
+)
 
 from diffusers_robust import RobustDDPMPipeline, RobustDDPMScheduler
 from diffusers_robust.cli import main as cli_main
@@ -178,8 +189,6 @@ def test_a_full_disk_in_a_command_is_one_line_with_exit_1_not_bad_input(tmp_path
 
 
 # ------------------------------------------------------------------------------------------------- whole runs
-def _run(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, SCRIPT, *args], env=training_env(), capture_output=True, text=True, timeout=300)
 
 
 class _Output:

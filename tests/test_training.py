@@ -1,5 +1,6 @@
 """The training script end to end: outputs, exact resume after SIGKILL, LR schedule, bad input."""
 
+import functools
 import json
 import math
 import os
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import SCRIPT, tiny_training_args, training_env
+from conftest import SCRIPT, run_training_script, tiny_training_args, training_env
 from safetensors.torch import load_file
 
 from diffusers_robust import RobustDDPMPipeline, RobustDDPMScheduler
@@ -22,12 +23,7 @@ from diffusers_robust.training.checkpoints import complete_checkpoints, resolve_
 EDM = os.path.join(os.path.dirname(SCRIPT), "configs", "augment", "edm.yaml")
 
 
-def run_training(args: list[str], check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, SCRIPT, *args], env=training_env(), capture_output=True, text=True,
-                            timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"training failed ({result.returncode}):\n{result.stderr[-4000:]}")
-    return result
+run_training = functools.partial(run_training_script, check=True)  # a failed run raises, naming its stderr
 
 
 def cosine_lr(step: int, base: float, warmup: int, total: int) -> float:

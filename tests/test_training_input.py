@@ -2,18 +2,13 @@
 
 import os
 import re
-import subprocess
-import sys
 
 import datasets
 import pytest
-from conftest import REPO_ROOT, SCRIPT, tiny_training_args, training_env
+from conftest import REPO_ROOT, tiny_training_args
+from conftest import run_training_script as run
 
 from diffusers_robust.training.config import TrainingConfig, parse_training_config
-
-
-def run(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, SCRIPT, *args], env=training_env(), capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
