@@ -16,6 +16,7 @@ Bad input exits with code 2 and a one-line message.
 """
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -410,6 +411,10 @@ def run_push(args: argparse.Namespace) -> list[str]:
     return [push_pipeline_to_hub(args.folder, args.repo_id, private=args.private)]
 
 
+# OSErrors that are a failure of the machine, not of the input: a full disk or quota, an I/O error, a read-only file system.
+MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -428,12 +433,10 @@ def main(argv: list[str] | None = None) -> int:
                 "annotate": run_annotate, "make-imperfect": run_make_imperfect, "presets": run_presets}
     try:
         written = commands[args.command](args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as error:
-        print(f"diffusers-robust {args.command}: error: {error}".splitlines()[0], file=sys.stderr)
-        return 2  # the input or the command line is wrong
-    except OSError as error:  # the machine failed (a full disk, an I/O error): not bad input, but still one line
-        print(f"diffusers-robust {args.command}: failed: {error}".splitlines()[0], file=sys.stderr)
-        return 1
+    except (ValueError, OSError) as error:  # one line either way; the exit code says whose fault it is
+        machine = isinstance(error, OSError) and error.errno in MACHINE_ERRNOS
+        print(f"diffusers-robust {args.command}: {'failed' if machine else 'error'}: {error}".splitlines()[0], file=sys.stderr)
+        return 1 if machine else 2  # 2: the input or the command line is wrong (a missing or corrupt file, a bad option)
     shown = written if len(written) <= 5 else [*written[:2], f"... ({len(written) - 4} more)", *written[-2:]]
     if written:
         print(f"wrote {', '.join(shown)}")
