@@ -267,7 +267,8 @@ def test_a_trainer_that_is_pid_1_of_a_container_stops_on_sigterm_with_a_checkpoi
         container.kill()
     text = output.finish()
     assert container.returncode == 128 + signal.SIGTERM, text[-2000:]
-    assert "stopped by SIGTERM at step" in text and len(complete_checkpoints(str(out))) == 1
+    saved = complete_checkpoints(str(out))  # a periodic checkpoint may come first on a loaded machine
+    assert f"stopped by SIGTERM at step {saved[-1].rsplit('-', 1)[1]}; saved {saved[-1]}" in text
 
 
 @pytest.mark.slow
