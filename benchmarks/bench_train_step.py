@@ -1,12 +1,14 @@
 """Training-step throughput: our robust step versus the Diffusers example's loop, same UNet, data and run.
 
-Usage: python benchmarks/bench_train_step.py [--preset pipelines/ddpm-digits] [--batch-size 64] [--steps 30]
-           [--device cuda] [--mixed-precision bf16] [--peak-tflops 989]
+Usage: python benchmarks/bench_train_step.py [--preset pipelines/ddpm-digits] [--recipe RECIPE.yaml] [--batch-size 64]
+           [--steps 30] [--device cuda] [--mixed-precision bf16] [--peak-tflops 989]
 
 The reference is the inner loop of Diffusers' `examples/unconditional_image_generation/train_unconditional.py`
-(random noise and timesteps, `add_noise`, UNet forward, MSE, backward, clip, AdamW, LR scheduler, EMA). Ours adds
-the training script's objective (`RobustDiffusionObjective`: a RandomCorruption with p = 0.5 and corruption labels,
-input perturbation, augment-label conditioning, min-SNR weights), fused AdamW and a foreach EMA. The two alternate
+(random noise and timesteps, `add_noise`, UNet forward, MSE, backward, clip, AdamW, LR scheduler, EMA). Ours is the
+training loop's step, its parts built by the same factories (`diffusers_robust/training/setup.py`) from a recipe:
+`--recipe`, else `ROBUST_STEP` (a RandomCorruption with p = 0.5 and corruption labels, input perturbation, augment-label
+conditioning, min-SNR weights; fused AdamW and a foreach EMA as every recipe has). `tests/test_benchmarks.py` checks
+that this step and the training script's give the same weights. The two alternate
 in blocks of steps so machine noise hits both; images/s and the ratio are printed.
 Batches are decoded before a block's timer starts (the data pipeline has its own benchmark); moving them to the
 device is timed. The model FLOPs of one step (forward and backward, counted by `torch.utils.flop_counter`) give
@@ -14,6 +16,7 @@ the achieved TFLOP/s and, with `--peak-tflops` (the device's dense peak at the c
 """
 
 import argparse
+import dataclasses
 import os
 import platform
 import time
@@ -27,62 +30,85 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusers_robust import build_pipeline_from_preset
-from diffusers_robust.data.corruptions import RandomCorruption
 from diffusers_robust.data.datasets import collate_image_batch, load_image_dataset
 from diffusers_robust.models import LabelConditionedUNet
 from diffusers_robust.training.config import TrainingConfig
-from diffusers_robust.training.objective import RobustDiffusionObjective
-from diffusers_robust.training.setup import build_optimizer, configure_scheduler
+from diffusers_robust.training.setup import (
+    build_ema,
+    build_lr_scheduler,
+    build_model,
+    build_objective,
+    build_optimizer,
+    build_scheduler,
+)
 
-RECIPE = os.path.join(os.path.dirname(__file__), "..", "training", "configs", "augment", "edm.yaml")
+AUGMENT = os.path.join(os.path.dirname(__file__), "..", "training", "configs", "augment", "edm.yaml")
+# Our step's recipe unless --recipe names one: every robust training option the step can pay for.
+ROBUST_STEP = {"input_perturbation": 0.1, "snr_gamma": 5.0, "corruptions": ["gaussian_noise", "impulse_noise"],
+               "corruption_p": 0.5, "corruption_severity": [1, 3], "augment": AUGMENT, "learning_rate": 1e-4,
+               "lr_scheduler": "cosine", "lr_warmup_steps": 10, "max_train_steps": 10_000}
 
 
-def batches(preset_unet, batch_size: int):
+def batches(preset_unet, batch_size: int, augment: str | None):
     size = preset_unet.config.sample_size
     loaded = load_image_dataset("digits", split="all", channels=preset_unet.config.in_channels, resolution=size,
-                                augment=RECIPE)
+                                augment=augment)
     while True:
         yield from DataLoader(loaded.dataset, batch_size=batch_size, shuffle=True, drop_last=True,
                               collate_fn=collate_image_batch)
 
 
-def make_trainer(preset: str, robust: bool, label_dim: int, device: torch.device, amp_dtype: torch.dtype | None,
-                 channels_last: bool = False, compile_model: bool = False):
-    """One training step of either loop. Ours is the training script's: `RobustDiffusionObjective` (corruption with
-    labels, input perturbation, min-SNR) with the recipe's optimizer (fused AdamW) and a foreach EMA."""
-    pipeline = build_pipeline_from_preset(preset, seed=0)
-    config = TrainingConfig(input_perturbation=0.1 if robust else 0.0, learning_rate=1e-4, snr_gamma=5.0)
-    scheduler = configure_scheduler(pipeline.scheduler, config)
-    corruption = RandomCorruption(["gaussian_noise", "impulse_noise"], (1, 3), p=0.5)
-    objective = RobustDiffusionObjective(scheduler, snr_gamma=config.snr_gamma, corruption=corruption,
-                                         augment_dim=label_dim)
-    model = LabelConditionedUNet(pipeline.unet, objective.label_dim if robust else 0).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+def make_trainer(preset: str, config: TrainingConfig, label_dim: int, device: torch.device,
+                 amp_dtype: torch.dtype | None = None, compile_model: bool = False):
+    """Our training step, `step(batch, generator)`, and its model: the parts built by the training loop's own factories
+    from `config` (scheduler, objective, model, fused AdamW, LR schedule, foreach EMA), then the loop's order of
+    objective, backward, clipping at `max_grad_norm`, optimizer, LR and EMA steps."""
+    pipeline = build_pipeline_from_preset(preset, seed=config.seed)
+    scheduler = build_scheduler(pipeline.scheduler, config)
+    objective = build_objective(scheduler, config, label_dim)
+    model = build_model(pipeline.unet, objective, config, device)
+    optimizer = build_optimizer(model, config, device)
+    lr_scheduler = build_lr_scheduler(config, optimizer, config.max_train_steps)
+    ema = build_ema(model, config, device)
     forward = torch.compile(model) if compile_model else model
-    if robust:
-        optimizer = build_optimizer(model, config, device)
-    else:  # the example's optimizer: PyTorch's default AdamW implementation for the device
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=10, num_training_steps=10_000)
-    ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, power=0.75, foreach=robust)
-    ema.to(device)
+    parameters = list(model.parameters())
 
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    def step(batch, generator):
+        images = batch["pixel_values"].to(device, non_blocking=True)
+        labels = batch["augment_labels"].to(device, non_blocking=True)
+        extras = (batch["noise_sigmas"], batch["sigma_max"], batch["observed"].to(device, non_blocking=True))
+        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext():
+            loss = objective(forward, images, labels, generator, *extras).loss.mean()
+        loss.backward()
+        if config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr_scheduler.step()
+        if ema is not None:
+            ema.step(parameters)
+
+    return step, model
+
+
+def make_example_trainer(preset: str, device: torch.device, amp_dtype: torch.dtype | None):
+    """The inner loop of Diffusers' `train_unconditional.py`: random noise and timesteps, `add_noise`, UNet forward, MSE,
+    backward, clipping at 1.0, PyTorch's default AdamW, cosine LR, EMA."""
+    pipeline = build_pipeline_from_preset(preset, seed=0)
+    scheduler = pipeline.scheduler
+    model = LabelConditionedUNet(pipeline.unet, 0).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=10, num_training_steps=10_000)
+    ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, power=0.75)
+    ema.to(device)
 
     def step(batch, generator):
         clean = batch["pixel_values"].to(device, non_blocking=True)
-        labels = batch["augment_labels"].to(device, non_blocking=True)
-        if robust:
-            with autocast():
-                loss = objective(forward, clean, labels, generator).loss.mean()
-        else:  # the Diffusers example
-            noise = torch.randn(clean.shape, device=device)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), device=device)
-            with autocast():
-                prediction = forward(scheduler.add_noise(clean, noise, t), t)
-            loss = F.mse_loss(prediction.float(), noise)
+        noise = torch.randn(clean.shape, device=device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), device=device)
+        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext():
+            prediction = model(scheduler.add_noise(clean, noise, t), t)
+        loss = F.mse_loss(prediction.float(), noise)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -90,7 +116,7 @@ def make_trainer(preset: str, robust: bool, label_dim: int, device: torch.device
         optimizer.zero_grad(set_to_none=True)
         ema.step(model.parameters())
 
-    return step
+    return step, model
 
 
 def synchronize(device: torch.device) -> None:
@@ -108,6 +134,7 @@ def step_flops(step, batch, generator) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="pipelines/ddpm-digits")
+    parser.add_argument("--recipe", default=None, help="our step's training recipe (YAML); default: every robust option")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per trainer")
     parser.add_argument("--block", type=int, default=5, help="steps per alternation block")
@@ -123,14 +150,15 @@ def main() -> None:
     device = torch.device(args.device)
     amp_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else None
     torch.manual_seed(0)
+    config = TrainingConfig.from_yaml(args.recipe) if args.recipe else TrainingConfig(**ROBUST_STEP)
+    config = dataclasses.replace(config, channels_last=args.channels_last or config.channels_last)
     unet = build_pipeline_from_preset(args.preset).unet
-    data = batches(unet, args.batch_size)
+    data = batches(unet, args.batch_size, config.augment)
     label_dim = next(data)["augment_labels"].shape[1]
-    options = {"channels_last": args.channels_last, "compile_model": args.compile}
     peer_precision = args.peer_mixed_precision or args.mixed_precision
     peer_dtype = torch.bfloat16 if peer_precision == "bf16" else None
-    trainers = {"diffusers example": make_trainer(args.preset, False, label_dim, device, peer_dtype),
-                "diffusers-robust": make_trainer(args.preset, True, label_dim, device, amp_dtype, **options)}
+    trainers = {"diffusers example": make_example_trainer(args.preset, device, peer_dtype)[0],
+                "diffusers-robust": make_trainer(args.preset, config, label_dim, device, amp_dtype, args.compile)[0]}
     generator = torch.Generator().manual_seed(0)
     for step in trainers.values():  # warm-up
         step(next(data), generator)

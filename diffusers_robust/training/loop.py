@@ -21,13 +21,12 @@ from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
 
 from ..data.annotations import lowest_usable_sigma
-from ..data.corruptions import RandomCorruption
 from ..data.datasets import ImageDataset, SkippedRecords, collate_image_batch, load_image_dataset, require_decodable
 from ..data.splits import DatasetLike, HeldOutPlan, describe_source, plan_held_out
 from ..evaluation.images import make_grid, stack_images, upscale_for_display
 from ..evaluation.losses import validation_losses
 from ..hub import prepare_hub_repo, push_pipeline_to_hub, write_model_card
-from ..models import LabelConditionedUNet, export_condition_embedding, export_unet
+from ..models import export_condition_embedding, export_unet
 from ..pipelines.pipeline_robust_ddpm import RobustDDPMPipeline
 from ..pipelines.presets import build_pipeline_from_preset, resolve_preset
 from ..schedulers import RobustDDIMScheduler, RobustDDPMScheduler
@@ -54,10 +53,13 @@ from .run_guard import (
 )
 from .setup import (
     build_dataloader,
+    build_ema,
     build_lr_scheduler,
+    build_model,
+    build_objective,
     build_optimizer,
+    build_scheduler,
     check_image_shape,
-    configure_scheduler,
     fit_unet,
     resolve_image_shape,
     training_length,
@@ -121,21 +123,9 @@ def set_up(config: TrainingConfig, accelerator: Accelerator, dataset: DatasetLik
     is checked before the first step, so bad input loses nothing. `dataset` / `validation_dataset`: Datasets objects
     that replace `config.dataset` / `config.validation_data`."""
     set_seed(config.seed)
-    rank, world_size = accelerator.process_index, accelerator.num_processes
-    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise ValueError("mixed_precision fp16 needs a GPU (PyTorch has no fp16 autocast for CPU training); use bf16 or no")
-    if config.resume_from_checkpoint == "latest" and not complete_checkpoints(config.output_dir):
-        logger.info(f"resume_from_checkpoint=latest: {config.output_dir} holds no checkpoint yet, so a fresh run starts")
-        config.resume_from_checkpoint = None  # as Diffusers' examples do: one command for the first run and restarts
-    if config.resume_from_checkpoint:  # what the checkpoint depends on must not change; the rest is logged
-        for name, (first, now) in check_resume_config(config.output_dir, config).items():
-            logger.info(f"resuming with {name} = {now!r} (the first run had {first!r})")
-    elif accelerator.is_main_process:
-        prepare_fresh_output_dir(config.output_dir, config.overwrite_output_dir)
-    accelerator.wait_for_everyone()
-
+    check_output_dir(config, accelerator)
     pipeline = build_pipeline_from_preset(config.pipeline, seed=config.seed)
-    scheduler = configure_scheduler(pipeline.scheduler, config)
+    scheduler = build_scheduler(pipeline.scheduler, config)
     if config.num_inference_steps > scheduler.config.num_train_timesteps:  # else the first validation would crash
         raise ValueError(f"num_inference_steps {config.num_inference_steps} exceeds the preset's "
                          f"{scheduler.config.num_train_timesteps} training timesteps: pass at most that")
@@ -145,50 +135,20 @@ def set_up(config: TrainingConfig, accelerator: Accelerator, dataset: DatasetLik
                                   config.validation_data if validation_dataset is None else validation_dataset,
                                   config.validation_share, config.validation_holdout_seed)
     logger.info(held_out_plan.description)
-    train_data = load_image_dataset(
-        source, config.dataset_split, hold_out=held_out_plan.train_hold_out, streaming=config.streaming,
-        image_column=config.image_column,
-        channels=channels, resolution=resolution, center_crop=config.center_crop, augment=config.augment,
-        seed=config.seed, shuffle_buffer=config.shuffle_buffer, rank=rank, world_size=world_size,
-        num_shards=max(8, world_size * max(1, config.dataloader_num_workers)), annotations=config.annotations,
-        noise_sigma=config.noise_sigma, annotations_required=config.annotations_required,
-    )
-    check_image_shape(config, train_data.source_shape, channels, resolution)
+    train_data = load_training_data(config, source, held_out_plan, channels, resolution, accelerator)
     annotations = check_annotated_data(config, train_data, scheduler)
     unet = fit_unet(pipeline.unet, channels, resolution, config.seed)
     unet, scheduler = prepare_missing_pixel_model(config, train_data, unet, scheduler, channels)
-    masked_model = unet.config.in_channels == 2 * channels
     if train_data.masked:
         annotations = {**(annotations or {}), "masked": sum(share < 1 for share in train_data.observed_shares),
                        "observed_share": sum(train_data.observed_shares) / len(train_data.observed_shares)}
-    validation_images = None
-    if held_out_plan.source is not None:
-        held_out = load_image_dataset(held_out_plan.source, held_out_plan.split, hold_out=held_out_plan.hold_out,
-                                      image_column=config.image_column, channels=channels, resolution=resolution,
-                                      seed=config.seed, annotations="ignore")
-        loader = DataLoader(held_out.dataset, batch_size=256, collate_fn=collate_image_batch)
-        validation_images = stack_images((b["pixel_values"] for b in loader), config.validation_images).to(accelerator.device)
-        if validation_images.shape[0] == 0:
-            raise ValueError(f"{describe_source(held_out_plan.source)} split '{held_out_plan.split}' holds no decodable "
-                             "image (the held-out images); fix it or set validation_split: null")
+    validation_images = load_validation_images(config, held_out_plan, channels, resolution, accelerator.device)
     require_decodable(train_data, f"{describe_source(source)} split '{config.dataset_split}'")
     if config.push_to_hub and accelerator.is_main_process:  # a bad token or endpoint fails now, not after training
         prepare_hub_repo(hub_repo_id(config), config.hub_private_repo)
 
-    corruption = None
-    if config.corruptions:
-        corruption = RandomCorruption(config.corruptions, config.corruption_severity, config.corruption_p)
-    objective = RobustDiffusionObjective(
-        scheduler, snr_gamma=config.snr_gamma, corruption=corruption,
-        augment_dim=train_data.label_dim if config.augment_conditioning else 0,
-        condition_on_corruption=config.corruption_conditioning, restoration_training=config.restoration_training,
-        restoration_max_timestep=config.restoration_max_timestep, max_weight=config.noisy_data_max_weight,
-        further_mask_p=config.further_mask_p if masked_model else None,
-    )
-    # The label vector (augment, then corruption labels) is all zeros at sampling time (non-leaking).
-    model = LabelConditionedUNet(unet, objective.label_dim).to(accelerator.device)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    objective = build_objective(scheduler, config, train_data.label_dim, masked=unet.config.in_channels == 2 * channels)
+    model = build_model(unet, objective, config, accelerator.device)
     optimizer = build_optimizer(model, config, accelerator.device)
     dataloader = build_dataloader(config, train_data, config.seed)
     if train_data.streaming:  # already split by rank; Accelerate must not shard it again
@@ -196,22 +156,76 @@ def set_up(config: TrainingConfig, accelerator: Accelerator, dataset: DatasetLik
     else:
         model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
     batches_per_epoch = None if train_data.streaming else len(dataloader)
-    effective_batch = config.train_batch_size
-    if not train_data.streaming and len(train_data.dataset) < config.train_batch_size * world_size:
-        effective_batch = math.ceil(len(train_data.dataset) / world_size)
-        logger.warning(f"train_batch_size {config.train_batch_size} x {world_size} process(es) exceeds the "
-                       f"{len(train_data.dataset)} training images: batches hold {effective_batch} images per process")
     max_train_steps, num_epochs = training_length(config, batches_per_epoch)
-    ema = None
-    if config.use_ema:
-        ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=config.ema_max_decay, use_ema_warmup=True,
-                       inv_gamma=config.ema_inv_gamma, power=config.ema_power, foreach=True)
-        ema.to(accelerator.device)
+    ema = build_ema(accelerator.unwrap_model(model), config, accelerator.device)
+    if ema is not None:
         accelerator.register_for_checkpointing(ema)
     return TrainingRun(config, accelerator, scheduler, model, optimizer, ema, objective, train_data, dataloader,
                        validation_images, channels, resolution, max_train_steps, num_epochs, batches_per_epoch,
-                       effective_batch, annotations=annotations, held_out_plan=held_out_plan,
-                       train_source=source)
+                       effective_batch_size(config, train_data, accelerator.num_processes), annotations=annotations,
+                       held_out_plan=held_out_plan, train_source=source)
+
+
+def check_output_dir(config: TrainingConfig, accelerator: Accelerator) -> None:
+    """Before anything is built: a resume must find the configuration the checkpoints depend on unchanged (changes of
+    the rest are logged); a fresh run needs an empty (or `overwrite_output_dir`) folder. `latest` with no checkpoint
+    yet starts a fresh run, as Diffusers' examples do, so one command serves the first run and every restart."""
+    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ValueError("mixed_precision fp16 needs a GPU (PyTorch has no fp16 autocast for CPU training); use bf16 or no")
+    if config.resume_from_checkpoint == "latest" and not complete_checkpoints(config.output_dir):
+        logger.info(f"resume_from_checkpoint=latest: {config.output_dir} holds no checkpoint yet, so a fresh run starts")
+        config.resume_from_checkpoint = None
+    if config.resume_from_checkpoint:
+        for name, (first, now) in check_resume_config(config.output_dir, config).items():
+            logger.info(f"resuming with {name} = {now!r} (the first run had {first!r})")
+    elif accelerator.is_main_process:
+        prepare_fresh_output_dir(config.output_dir, config.overwrite_output_dir)
+    accelerator.wait_for_everyone()
+
+
+def load_training_data(config: TrainingConfig, source: DatasetLike, held_out_plan: HeldOutPlan, channels: int,
+                       resolution: int, accelerator: Accelerator) -> ImageDataset:
+    """This rank's training records of `source` as `channels` x `resolution` images, less the held-out ones; a shape
+    the preset does not take is refused unless the recipe set it."""
+    world_size = accelerator.num_processes
+    train_data = load_image_dataset(
+        source, config.dataset_split, hold_out=held_out_plan.train_hold_out, streaming=config.streaming,
+        image_column=config.image_column,
+        channels=channels, resolution=resolution, center_crop=config.center_crop, augment=config.augment,
+        seed=config.seed, shuffle_buffer=config.shuffle_buffer, rank=accelerator.process_index, world_size=world_size,
+        num_shards=max(8, world_size * max(1, config.dataloader_num_workers)), annotations=config.annotations,
+        noise_sigma=config.noise_sigma, annotations_required=config.annotations_required,
+    )
+    check_image_shape(config, train_data.source_shape, channels, resolution)
+    return train_data
+
+
+def load_validation_images(config: TrainingConfig, held_out_plan: HeldOutPlan, channels: int, resolution: int,
+                           device: torch.device) -> torch.Tensor | None:
+    """The first `validation_images` held-out images, `(N, C, H, W)` in [-1, 1] on `device`; None without a held-out
+    source; `ValueError` when it holds no decodable image."""
+    if held_out_plan.source is None:
+        return None
+    held_out = load_image_dataset(held_out_plan.source, held_out_plan.split, hold_out=held_out_plan.hold_out,
+                                  image_column=config.image_column, channels=channels, resolution=resolution,
+                                  seed=config.seed, annotations="ignore")
+    loader = DataLoader(held_out.dataset, batch_size=256, collate_fn=collate_image_batch)
+    images = stack_images((batch["pixel_values"] for batch in loader), config.validation_images).to(device)
+    if images.shape[0] == 0:
+        raise ValueError(f"{describe_source(held_out_plan.source)} split '{held_out_plan.split}' holds no decodable "
+                         "image (the held-out images); fix it or set validation_split: null")
+    return images
+
+
+def effective_batch_size(config: TrainingConfig, train_data: ImageDataset, world_size: int) -> int:
+    """Images per process per batch: `train_batch_size`, or fewer when the split is smaller than one batch per process
+    (logged, since the recipe's LR was tuned for its batch)."""
+    if train_data.streaming or len(train_data.dataset) >= config.train_batch_size * world_size:
+        return config.train_batch_size
+    effective = math.ceil(len(train_data.dataset) / world_size)
+    logger.warning(f"train_batch_size {config.train_batch_size} x {world_size} process(es) exceeds the "
+                   f"{len(train_data.dataset)} training images: batches hold {effective} images per process")
+    return effective
 
 
 # Options that assume clean training images (or change their noise), refused with noisy or restricted records.
@@ -367,13 +381,12 @@ def run_steps(
 ) -> TrainingPosition:
     """The step loop, from `start` to `max_train_steps`: one objective call, backward and optimizer step per micro-batch,
     LR and EMA per optimizer step, periodic checkpoints and validation. Returns where it ended."""
-    config, accelerator, model = run.config, run.accelerator, run.model
-    rank, world_size = accelerator.process_index, accelerator.num_processes
+    config, accelerator = run.config, run.accelerator
     step, epoch, batches_consumed = start.step, start.epoch, start.batches_consumed
     batches_to_skip = 0 if run.train_data.streaming else batches_consumed - epoch * run.batches_per_epoch
     progress = StepProgress(run.max_train_steps, step, enabled=accelerator.is_local_main_process)
-    parameters = list(model.parameters())  # one list for clipping and EMA, not a module walk per step
-    model.train()
+    parameters = list(run.model.parameters())  # one list for clipping and EMA, not a module walk per step
+    run.model.train()
     loop_started, last_validation = time.perf_counter(), -1
     while step < run.max_train_steps and epoch < run.num_epochs:
         run.train_data.set_epoch(epoch)
@@ -384,61 +397,22 @@ def run_steps(
                 batches = accelerator.skip_first_batches(run.dataloader, batches_to_skip)
                 batches_to_skip = 0
         for batch in batches:
-            stats.skipped.update(batch)
-            generator = torch.Generator().manual_seed(step_seed(config.seed, rank, batches_consumed))
-            torch.manual_seed(step_seed(config.seed + 1, rank, batches_consumed))  # dropout
-            images = batch["pixel_values"].to(accelerator.device, non_blocking=True)
-            labels = batch["augment_labels"].to(accelerator.device, non_blocking=True)
-            valid = images.shape[0] > 0
-            if not valid:  # every record of this batch was bad: keep ranks in step with a zero-weight dummy
-                images = torch.zeros(1, run.channels, run.resolution, run.resolution, device=accelerator.device)
-                labels = torch.zeros(1, labels.shape[1], device=accelerator.device)
-            noise_sigmas, sigma_max = (batch["noise_sigmas"], batch["sigma_max"]) if valid else (None, None)
-            observed = batch["observed"].to(accelerator.device, non_blocking=True) if valid else None
-            stats.last_batch = (images, labels, noise_sigmas, sigma_max, observed)
-            with accelerator.accumulate(model):
-                loss = run.objective(model, images, labels, generator, noise_sigmas, sigma_max, observed).loss.mean()
-                loss = loss * float(valid)
-                # One collective per micro-batch carries each rank's loss and whether it was asked to stop.
-                stop_here = float(signals is not None and signals.requested is not None)
-                gathered = accelerator.gather(torch.stack([loss.detach().float(), loss.new_tensor(stop_here)]).reshape(1, 2))
-                gathered_loss, stop_requested = gathered[:, 0], bool(gathered[:, 1].any())
-                if not torch.isfinite(gathered_loss).all():  # nothing is saved: these weights have diverged
-                    raise NonFiniteLossError(f"the training loss became {gathered_loss.tolist()} at step {step + 1}. "
-                                             f"{checkpointer.resume_hint()}")
-                checkpointer.confirm()  # the deferred checkpoint's weights just gave a finite loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
-                run.optimizer.step()
-                run.optimizer.zero_grad(set_to_none=True)
+            gathered_loss, stop_requested = train_micro_batch(run, batch, batches_consumed, step, parameters, stats,
+                                                              checkpointer, signals)
             batches_consumed += 1
-            stats.images_seen_here += int(valid) * batch["pixel_values"].shape[0]
             if not accelerator.sync_gradients:
                 continue
-
             stats.lr[step + 1] = run.lr_scheduler.get_last_lr()[0]
             run.lr_scheduler.step()
             if run.ema is not None:
                 run.ema.step(parameters)
             step += 1
-            stats.first_step_at = stats.first_step_at or time.time()
-            mean_loss = gathered_loss.mean().item()
-            stats.loss[step] = mean_loss
-            throughput = stats.images_seen_here * world_size / (time.perf_counter() - loop_started)
-            accelerator.log({"train/loss": mean_loss, "train/lr": stats.lr[step], "train/images_per_second": throughput,
-                             "train/skipped_records": stats.skipped.count}, step=step)
-            progress.update(step, mean_loss, throughput)
+            log_step(run, stats, step, gathered_loss.mean().item(), loop_started, progress)
             if stop_requested or step == run.max_train_steps:  # no next loss will vouch for these weights: a probe does
                 require_finite_outputs(run, stats.last_batch, f"at step {step}", checkpointer.resume_hint)
-            if stop_requested:  # no next step will come: save now
                 saved = checkpointer.save(checkpointer.position(step, epoch, batches_consumed))
-                here = signals is not None and signals.requested is not None  # else another rank was signalled
-                name, code = (signals.requested, signals.exit_code) if here else ("SIGTERM", 128 + signal.SIGTERM)
-                raise TrainingStopped(f"stopped by {name} at step {step}; saved {saved}. Resume with "
-                                      "--resume_from_checkpoint latest", code)
-            if step == run.max_train_steps:
-                checkpointer.save(checkpointer.position(step, epoch, batches_consumed))
+                if stop_requested:  # no next step will come
+                    stop_with_checkpoint(saved, step, signals)
             elif step % config.checkpointing_steps == 0:  # written once the next loss, on these weights, is finite
                 checkpointer.defer(checkpointer.position(step, epoch, batches_consumed))
             if step % config.validation_steps == 0 or step == run.max_train_steps:
@@ -456,6 +430,66 @@ def run_steps(
     if last_validation != step:
         validate(step)
     return end
+
+
+def train_micro_batch(run: TrainingRun, batch: dict, batches_consumed: int, step: int, parameters: list,
+                      stats: StepStats, checkpointer: Checkpointer, signals: StopSignals | None) -> tuple[torch.Tensor, bool]:
+    """One micro-batch: the objective's loss on it (noise and dropout seeded by rank and position), backward, clipping
+    and the optimizer step (Accelerate applies them once per accumulation window). A batch whose records were all bad
+    trains a zero-weight dummy so ranks stay in step. One collective carries every rank's loss and whether it was asked
+    to stop. Returns `(gathered losses (world_size,), stop requested on any rank)`; `NonFiniteLossError` on a
+    non-finite loss (nothing is saved: the weights have diverged)."""
+    config, accelerator = run.config, run.accelerator
+    stats.skipped.update(batch)
+    rank = accelerator.process_index
+    generator = torch.Generator().manual_seed(step_seed(config.seed, rank, batches_consumed))
+    torch.manual_seed(step_seed(config.seed + 1, rank, batches_consumed))  # dropout
+    images = batch["pixel_values"].to(accelerator.device, non_blocking=True)
+    labels = batch["augment_labels"].to(accelerator.device, non_blocking=True)
+    valid = images.shape[0] > 0
+    if valid:
+        extras = (batch["noise_sigmas"], batch["sigma_max"], batch["observed"].to(accelerator.device, non_blocking=True))
+    else:
+        images = torch.zeros(1, run.channels, run.resolution, run.resolution, device=accelerator.device)
+        labels = torch.zeros(1, labels.shape[1], device=accelerator.device)
+        extras = (None, None, None)
+    stats.last_batch = (images, labels, *extras)
+    with accelerator.accumulate(run.model):
+        loss = run.objective(run.model, images, labels, generator, *extras).loss.mean() * float(valid)
+        stop_here = float(signals is not None and signals.requested is not None)
+        gathered = accelerator.gather(torch.stack([loss.detach().float(), loss.new_tensor(stop_here)]).reshape(1, 2))
+        if not torch.isfinite(gathered[:, 0]).all():
+            raise NonFiniteLossError(f"the training loss became {gathered[:, 0].tolist()} at step {step + 1}. "
+                                     f"{checkpointer.resume_hint()}")
+        checkpointer.confirm()  # the deferred checkpoint's weights just gave a finite loss
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and config.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    stats.images_seen_here += int(valid) * batch["pixel_values"].shape[0]
+    return gathered[:, 0], bool(gathered[:, 1].any())
+
+
+def log_step(run: TrainingRun, stats: StepStats, step: int, mean_loss: float, loop_started: float,
+             progress: StepProgress) -> None:
+    """Record optimizer step `step`'s mean loss (over ranks) and log it with the LR, throughput (images/s over all
+    ranks since the loop started) and skipped records."""
+    stats.first_step_at = stats.first_step_at or time.time()
+    stats.loss[step] = mean_loss
+    throughput = stats.images_seen_here * run.accelerator.num_processes / (time.perf_counter() - loop_started)
+    run.accelerator.log({"train/loss": mean_loss, "train/lr": stats.lr[step], "train/images_per_second": throughput,
+                         "train/skipped_records": stats.skipped.count}, step=step)
+    progress.update(step, mean_loss, throughput)
+
+
+def stop_with_checkpoint(saved: str, step: int, signals: StopSignals | None) -> None:
+    """Raise `TrainingStopped` after the stopping save: with this rank's signal and exit code, or SIGTERM's when
+    another rank was signalled."""
+    here = signals is not None and signals.requested is not None
+    name, code = (signals.requested, signals.exit_code) if here else ("SIGTERM", 128 + signal.SIGTERM)
+    raise TrainingStopped(f"stopped by {name} at step {step}; saved {saved}. Resume with --resume_from_checkpoint latest",
+                          code)
 
 
 def outputs_are_finite(run: TrainingRun, batch: tuple, everywhere: bool = True) -> bool:

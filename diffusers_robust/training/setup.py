@@ -1,5 +1,7 @@
-"""Set-up of a training run: the scheduler with the recipe's robust options, the image shape, the run length, the data
-loader and the learning-rate schedule. Small pure functions, each tested through the training script."""
+"""The parts of a training run, each built from the recipe by one factory: `build_scheduler`, `build_objective`,
+`build_model`, `build_optimizer`, `build_ema`, `build_lr_scheduler`, `build_dataloader`; and the image shape and run
+length. The training loop's `set_up` and every benchmark build their parts with these calls, so a benchmark times what
+training runs (`tests/test_benchmarks.py` checks one step of each gives the same weights)."""
 
 import logging
 import math
@@ -7,17 +9,21 @@ import math
 import torch
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
 
+from ..data.corruptions import RandomCorruption
 from ..data.datasets import ImageDataset, collate_image_batch
+from ..models import LabelConditionedUNet
 from ..schedulers import RobustDDPMScheduler
 from ..schedulers.robust_options import ROBUST_OPTIONS
 from .config import TrainingConfig
+from .objective import RobustDiffusionObjective
 
 logger = logging.getLogger(__name__)
 
 
-def configure_scheduler(scheduler, config: TrainingConfig) -> RobustDDPMScheduler:
+def build_scheduler(scheduler, config: TrainingConfig) -> RobustDDPMScheduler:
     """The preset's noise schedule as a [`RobustDDPMScheduler`] with the recipe's robust options (a preset holds the
     architecture and schedule; the recipe decides every robust option) and, when set, its `prediction_type`."""
     overrides = {option.name: getattr(config, option.name) for option in ROBUST_OPTIONS}
@@ -28,6 +34,42 @@ def configure_scheduler(scheduler, config: TrainingConfig) -> RobustDDPMSchedule
     if config.prediction_type is not None:
         overrides["prediction_type"] = config.prediction_type
     return RobustDDPMScheduler.from_config(scheduler.config, **overrides)
+
+
+def build_objective(scheduler: RobustDDPMScheduler, config: TrainingConfig, augment_dim: int = 0,
+                    masked: bool = False) -> RobustDiffusionObjective:
+    """The training loss of the recipe: its corruptions (when listed), min-SNR weights, restoration and noisy-data
+    options. `augment_dim`: the augment-label width the data gives (0 without augment conditioning); `masked`: the
+    UNet takes `(seen pixels, mask)`, so `further_mask_p` applies."""
+    corruption = None
+    if config.corruptions:
+        corruption = RandomCorruption(config.corruptions, config.corruption_severity, config.corruption_p)
+    return RobustDiffusionObjective(
+        scheduler, snr_gamma=config.snr_gamma, corruption=corruption,
+        augment_dim=augment_dim if config.augment_conditioning else 0,
+        condition_on_corruption=config.corruption_conditioning, restoration_training=config.restoration_training,
+        restoration_max_timestep=config.restoration_max_timestep, max_weight=config.noisy_data_max_weight,
+        further_mask_p=config.further_mask_p if masked else None,
+    )
+
+
+def build_model(unet: UNet2DModel, objective: RobustDiffusionObjective, config: TrainingConfig,
+                device: torch.device) -> LabelConditionedUNet:
+    """The UNet the step trains: `unet` with the objective's label vector (augment, then corruption labels) added to
+    its time embedding (all zeros at sampling: non-leaking), on `device`, channels_last if the recipe asks."""
+    model = LabelConditionedUNet(unet, objective.label_dim).to(device)
+    return model.to(memory_format=torch.channels_last) if config.channels_last else model
+
+
+def build_ema(model: torch.nn.Module, config: TrainingConfig, device: torch.device) -> EMAModel | None:
+    """The exponential moving average of `model`'s weights (Diffusers' `EMAModel` with warm-up, foreach updates), on
+    `device`; None when the recipe sets `use_ema: false`. `model`: the unwrapped module."""
+    if not config.use_ema:
+        return None
+    ema = EMAModel(model.parameters(), decay=config.ema_max_decay, use_ema_warmup=True, inv_gamma=config.ema_inv_gamma,
+                   power=config.ema_power, foreach=True)
+    ema.to(device)
+    return ema
 
 
 def resolve_image_shape(unet: UNet2DModel, config: TrainingConfig) -> tuple[int, int]:
