@@ -22,22 +22,12 @@ import yaml
 
 from ..data.splits import looks_like_path
 from .checkpoints import checkpoints_dir, complete_checkpoints
-from .config import TrainingConfig
+from .config import TrainingConfig, resumable_options
 
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
 CONFIG_FILE = "training_config.yaml"
-# Options a resumed run may change (logged); every other option must equal the first run's.
-MUTABLE_ON_RESUME = frozenset({
-    "output_dir", "resume_from_checkpoint", "learning_rate", "max_train_steps", "num_epochs", "max_grad_norm",
-    "mixed_precision", "dataloader_num_workers", "checkpointing_steps", "checkpoints_total_limit", "validation_steps",
-    "validation_images", "validation_corruptions", "validation_severities", "num_grid_images", "num_inference_steps",
-    "quality_samples", "report", "report_images", "report_samples", "logger", "push_to_hub", "hub_model_id",
-    "hub_private_repo", "license", "overwrite_output_dir", "epsilon_scale_base", "epsilon_scale_slope", "num_threads",
-})
-
-
 class OutputDirBusy(RuntimeError):
     """Another live run holds `output_dir`'s lock."""
 
@@ -167,8 +157,9 @@ def check_resume_config(output_dir: str, config: TrainingConfig) -> dict[str, tu
     """
     Compare a resumed run's options with the first run's (`output_dir/training_config.yaml`).
 
-    Returns the changed options that may change (`{name: (first, now)}`, for the log); raises `ValueError` naming
-    any other changed option, since the checkpoint's weights, optimizer, data order or noise depend on it.
+    Returns the changed options that may change (those marked `resumable`, `{name: (first, now)}`, for the log); raises
+    `ValueError` naming any other changed option, since the checkpoint's weights, optimizer, data order or noise depend
+    on it.
     """
     path = os.path.join(output_dir, CONFIG_FILE)
     if not os.path.isfile(path):
@@ -177,12 +168,13 @@ def check_resume_config(output_dir: str, config: TrainingConfig) -> dict[str, tu
         first = yaml.safe_load(handle) or {}
     current = dataclasses.asdict(config)
     changed = {name: (first.get(name), value) for name, value in current.items() if name in first and first[name] != value}
-    refused = sorted(name for name in changed if name not in MUTABLE_ON_RESUME)
+    resumable = resumable_options(type(config))
+    refused = sorted(name for name in changed if name not in resumable)
     if refused:
         details = "; ".join(f"{name}: {changed[name][0]!r} -> {changed[name][1]!r}" for name in refused)
         raise ValueError(f"cannot resume {output_dir} with changed option(s) the checkpoint depends on ({details}); "
                          "start a new run in another output_dir instead")
-    return {name: values for name, values in changed.items() if name in MUTABLE_ON_RESUME}
+    return {name: values for name, values in changed.items() if name in resumable}
 
 
 class TrainingStopped(BaseException):
