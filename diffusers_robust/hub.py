@@ -67,9 +67,9 @@ def write_model_card(
     validation = summary.validation_losses
     robust_lines = "\n".join(f"- `{key}`: {value}" for key, value in training_options.items())
     scheduler_lines = "\n".join(f"- `{key}`: {value}" for key, value in sampling_options.items())
-    quality = summary.digits_quality
+    quality = summary.sample_quality
     quality_text = (
-        f"\nSample quality (classifier trained on the real digits, {quality['samples']} samples): "
+        f"\nSample quality ({quality['scorer']}, {quality['samples']} samples): "
         f"{quality['confident_fraction']:.1%} classified with probability >= 0.8; "
         f"{quality['classes_present']} of {len(quality['class_counts'])} classes present.\n" if quality else ""
     )

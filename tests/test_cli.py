@@ -12,7 +12,7 @@ from conftest import make_tiny_unet, training_env
 from diffusers_robust import RobustDDPMPipeline, RobustDDPMScheduler
 
 REPORT_KEYS = {"report_version", "dataset", "split", "held_out_share", "train_split", "num_images", "seed", "sampler",
-               "restoration", "generation", "losses"}
+               "train_images", "restoration", "generation", "losses"}
 ROW_KEYS = {"case", "method", "baseline", "caveat", "psnr_input", "psnr", "psnr_baseline", "ssim_input", "ssim",
             "ssim_baseline", "accuracy_input", "accuracy", "accuracy_baseline"}
 

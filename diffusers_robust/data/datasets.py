@@ -33,11 +33,12 @@ from .annotations import (
     summarise,
 )
 from .augment import AugmentPipeline
+from .embedded import DIGITS, embedded_dataset
+from .embedded import SPLITS as EMBEDDED_SPLITS
 from .splits import DatasetLike, HoldOut, describe_source, load_local, looks_like_path, select_split
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_DATASETS = ("digits",)
 _INDEX_COLUMN = "__record_index__"
 # What a decoded record holds (see `load_image_dataset`).
 RECORD_KEYS = ("pixel_values", "augment_labels", "record_id", "valid", "noise_sigma", "sigma_max", "observed")
@@ -47,26 +48,11 @@ STREAM_MAP_BATCH_SIZE = 16
 
 
 def load_digits_dataset() -> datasets.DatasetDict:
-    """scikit-learn's `load_digits` (1797 grey 8x8 images of digits 0..9) as a `DatasetDict`.
-
-    Splits: `test` holds every sixth image (300), `train` the rest (1497). Columns: `image` (PIL "L",
-    values 0..255) and `label` (`ClassLabel` 0..9).
+    """scikit-learn's `load_digits` (1797 grey 8x8 images of digits 0..9) as a `DatasetDict`: the embedded `digits`
+    entry ([`~data.embedded.DIGITS`]). Splits: `test` holds every sixth image (300), `train` the rest (1497). Columns:
+    `image` (PIL "L", values 0..255) and `label` (`ClassLabel` 0..9).
     """
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    features = datasets.Features(
-        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])}
-    )
-    splits = {}
-    for name, keep in (("train", lambda i: i % 6 != 0), ("test", lambda i: i % 6 == 0)):
-        index = [i for i in range(len(pixels)) if keep(i)]
-        splits[name] = datasets.Dataset.from_dict(
-            {"image": [PIL.Image.fromarray(pixels[i], mode="L") for i in index], "label": digits.target[index].tolist()},
-            features=features,
-        )
-    return datasets.DatasetDict(splits)
+    return DIGITS.load()
 
 
 def _load_source(
@@ -76,13 +62,12 @@ def _load_source(
     `streaming=True`)."""
     if not isinstance(source, str):
         return select_split(source, split, describe_source(source))
-    if source in EMBEDDED_DATASETS:
-        splits = load_digits_dataset()
-        if split == "all":
-            return datasets.concatenate_datasets([splits["train"], splits["test"]])
-        if split not in splits:
-            raise ValueError(f"dataset 'digits' has splits ['train', 'test', 'all'], got '{split}'")
-        return splits[split]
+    entry = embedded_dataset(source)
+    if entry is not None:
+        if split not in EMBEDDED_SPLITS:
+            raise ValueError(f"dataset {entry.name!r} has splits {list(EMBEDDED_SPLITS)}, got '{split}'")
+        splits = entry.load()
+        return datasets.concatenate_datasets([splits["train"], splits["test"]]) if split == "all" else splits[split]
     if looks_like_path(source):
         return select_split(load_local(source, cache_dir), split, source)
     try:
@@ -406,7 +391,7 @@ def load_image_dataset(
         raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
     if isinstance(augment, (str, os.PathLike)):
         augment = AugmentPipeline.from_file(augment, seed=seed)
-    local = not isinstance(source, str) or source in EMBEDDED_DATASETS or looks_like_path(source)
+    local = not isinstance(source, str) or embedded_dataset(source) is not None or looks_like_path(source)
     dataset = _load_source(source, split, streaming and not local, cache_dir)
     from_hub_stream = isinstance(dataset, datasets.IterableDataset)  # a Hub stream, or a stream passed from Python
     if hold_out is not None:

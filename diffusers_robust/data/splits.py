@@ -152,14 +152,14 @@ def select_split(loaded: DatasetLike, split: str, name: str) -> datasets.Dataset
 
 def split_names(source: Any, cache_dir: str | None = None) -> list[str] | None:
     """The splits `source` has; None when it cannot be told without loading it (a Hub dataset offline)."""
-    from .datasets import EMBEDDED_DATASETS
+    from .embedded import SPLITS, embedded_dataset
 
     if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
         return ["train"]
     if isinstance(source, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         return list(source)
-    if source in EMBEDDED_DATASETS:
-        return ["train", "test", "all"]
+    if embedded_dataset(source) is not None:
+        return list(SPLITS)
     if looks_like_path(source):
         return list(load_local(source, cache_dir))
     try:

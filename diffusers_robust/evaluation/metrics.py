@@ -5,6 +5,8 @@ extractor, memorisation (nearest-neighbour distances), and the digits classifier
 Every metric takes image tensors `(B, C, H, W)` in `[-1, 1]` and reports on the `[0, 1]` scale.
 """
 
+import importlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -149,8 +151,10 @@ def digits_classifier(seed: int = 0):
     from sklearn.datasets import load_digits
     from sklearn.svm import SVC
 
+    from ..data.embedded import DIGITS
+
     digits = load_digits()
-    train = np.arange(len(digits.target)) % 6 != 0  # the split of `data.load_digits_dataset`
+    train = DIGITS.split_indices("train", len(digits.target))
     with warnings.catch_warnings():
         # SVC's built-in Platt scaling is deprecated in favour of CalibratedClassifierCV, but the latter is
         # confident on 96% of uniform-noise images here; Platt scaling is the calibration we want.
@@ -351,10 +355,48 @@ class CleanSampleFigures:
         return {"clean_samples": clean_sample_figures(images, reference.train_images, reference.images, self.classifier)}
 
 
-def generation_metrics(features: "PixelFeatures | InceptionFeatures", digits: bool, seed: int) -> list[Metric]:
-    """The report's generation metrics: FID/KID, memorisation, and on digits the classifier's figures."""
-    return [DistributionDistance(features, seed), Memorisation(seed),
-            *([DigitsScore(), CleanSampleFigures()] if digits else [])]
+def generation_metrics(features: "PixelFeatures | InceptionFeatures", seed: int, extra: Sequence[Metric] = ()) -> list[Metric]:
+    """The report's generation metrics: FID/KID, memorisation, and `extra` (a labelled dataset's, [`DatasetExtras`])."""
+    return [DistributionDistance(features, seed), Memorisation(seed), *extra]
+
+
+@dataclass(frozen=True)
+class DatasetExtras:
+    """
+    What a labelled embedded dataset adds to the evaluation; its [`~data.embedded.EmbeddedDataset`] entry names it.
+
+    Args:
+        classifier (`Callable[[], Any]`): a classifier fitted on the dataset's train split only (so held-out images are
+            never scored by one that saw them), with `predict_proba` on the inputs `restoration_metrics` gives it.
+        generation_metrics (`Callable[[Any], list[Metric]]`): figures of generated samples, given that classifier.
+        sample_quality (`Callable[[np.ndarray, Any], dict]`): the score of samples `(N, H, W, C)` in `[0, 1]` that the
+            run summary and the model card show (`quality_samples`).
+        scorer (`str`): what scores the samples, for the card ("a classifier trained on the real digits").
+    """
+
+    classifier: Callable[[], Any]
+    generation_metrics: Callable[[Any], list[Metric]]
+    sample_quality: Callable[[np.ndarray, Any], dict[str, Any]]
+    scorer: str
+
+
+DIGITS_EXTRAS = DatasetExtras(
+    classifier=digits_classifier,
+    generation_metrics=lambda classifier: [DigitsScore(classifier), CleanSampleFigures(classifier)],
+    sample_quality=lambda images, classifier: digits_quality(images, classifier=classifier),
+    scorer="a classifier trained on the real digits",
+)
+
+
+def dataset_extras(source: Any) -> DatasetExtras | None:
+    """The evaluation extras of the embedded dataset `source` names; None for any other source or an unlabelled one."""
+    from ..data.embedded import embedded_dataset
+
+    entry = embedded_dataset(source)
+    if entry is None or entry.evaluation is None:
+        return None
+    module, attribute = entry.evaluation.split(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
 def restoration_metrics(classifier=None) -> list[Metric]:

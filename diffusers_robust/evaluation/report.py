@@ -16,11 +16,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..data.embedded import embedded_dataset
 from ..data.splits import HoldOut, describe_source
 from .defaults import DEFAULT_RESTORATION_CASES, EVALUATION_SEED
 from .images import stack_images
 from .losses import validation_losses
-from .metrics import InceptionFeatures, Metric, PixelFeatures, Reference, digits_classifier, generation_metrics
+from .metrics import InceptionFeatures, Metric, PixelFeatures, Reference, dataset_extras, generation_metrics
 from .restoration import case_cost, evaluate_restoration
 
 REPORT_VERSION = 1
@@ -41,10 +42,8 @@ def load_evaluation_images(dataset: Any, split: str, channels: int, resolution: 
     return images
 
 
-def _digits_labels(split: str, count: int) -> np.ndarray:
-    from ..data.datasets import load_digits_dataset
-
-    return np.asarray(load_digits_dataset()[split]["label"][:count])
+# Training images the report compares samples with: 5,000 images of 3x256x256 are 3.9 GB of float32.
+TRAIN_REFERENCE_IMAGES = 5_000
 
 
 @torch.no_grad()
@@ -106,6 +105,7 @@ def evaluate_pipeline(
     learned_restoration: bool = False,
     hold_out: HoldOut | None = None,
     train_dataset: Any = None,
+    train_images: int = TRAIN_REFERENCE_IMAGES,
 ) -> dict[str, Any]:
     """
     Evaluate a [`RobustDDPMPipeline`] on held-out data: restoration per corruption case, generation (FID/KID and on
@@ -119,15 +119,17 @@ def evaluate_pipeline(
             hold-out of the training split; [`~data.splits.plan_held_out`]); the memorisation check then compares with
             the other part.
         train_dataset (*optional*): the training images' source when it is not `dataset` (held-out `validation_data`).
+        train_images (`int`): how many training images (the first, in order) the memorisation and copying figures and
+            the classical baselines compare with; a bound on memory, since they are held as one tensor.
     """
     config = pipeline.unet.config
     size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
     held_out = load_evaluation_images(dataset, split, pipeline.image_channels, size, num_images, hold_out)
     train = load_evaluation_images(dataset if train_dataset is None else train_dataset, train_split,
-                                   pipeline.image_channels, size, 100_000, hold_out.other() if hold_out else None)
-    digits = isinstance(dataset, str) and dataset == "digits"
-    labels = _digits_labels(split, held_out.shape[0]) if digits else None
-    classifier = digits_classifier() if digits else None
+                                   pipeline.image_channels, size, train_images, hold_out.other() if hold_out else None)
+    extras, entry = dataset_extras(dataset), embedded_dataset(dataset)
+    labels = entry.labels(split)[:held_out.shape[0]] if extras is not None and hold_out is None else None
+    classifier = extras.classifier() if extras is not None else None
     features = InceptionFeatures(inception_weights, pipeline.device) if inception_weights else PixelFeatures()
 
     # One bar in denoiser calls x images, so its ETA weighs a RePaint case (about 100 calls) against a one-call one.
@@ -140,7 +142,8 @@ def evaluate_pipeline(
                                        on_case_done=lambda case: steps.update(costs[case]))
     examples = {row["case"]: row.pop("_examples") for row in restoration}
     samples = generate(pipeline, num_samples, sampling_steps, seed)
-    generation = generation_figures(samples, Reference(held_out, labels, train), generation_metrics(features, digits, seed))
+    metrics = generation_metrics(features, seed, extras.generation_metrics(classifier) if extras else ())
+    generation = generation_figures(samples, Reference(held_out, labels, train), metrics)
     steps.update(generation_cost)
     denoise, labels_for = pipeline_denoiser(pipeline)
     losses = validation_losses(denoise, pipeline.scheduler, held_out.to(pipeline.device), LOSS_CORRUPTIONS, (1, 3, 5),
@@ -151,6 +154,7 @@ def evaluate_pipeline(
         "report_version": REPORT_VERSION,
         "dataset": describe_source(dataset), "split": split,
         "held_out_share": hold_out.share if hold_out else None, "train_split": train_split, "num_images": int(held_out.shape[0]),
+        "train_images": int(train.shape[0]),
         "seed": seed, "sampler": f"DDIM-{sampling_steps}",
         "restoration": restoration, "generation": generation, "losses": losses,
         "_samples": samples,  # for the sample grid; not written to report.json
@@ -191,7 +195,9 @@ def report_markdown(report: dict[str, Any], title: str = "Evaluation") -> str:
     lines = [
         f"# {title}", "",
         f"Held-out data: `{report['dataset']}` split `{report['split']}` ({report['num_images']} images); "
-        f"evaluation seed {report['seed']}; sampler {report['sampler']}.", "",
+        f"evaluation seed {report['seed']}; sampler {report['sampler']}"
+        + (f"; training images compared with: the first {report['train_images']}." if "train_images" in report else "."),
+        "",
         "## Restoration", "",
         "PSNR of the set's mean squared error (dB, [0, 1] scale) and mean SSIM, against the clean images. "
         "Corrupted inputs are rounded to 8 bits.", "",

@@ -184,8 +184,8 @@ class TrainingConfig:
                                                   bounds=Bounds(1, 5), resumable=True)
     num_grid_images: int = VALIDATION(16, "images in the sample grid", bounds=at_least(1), resumable=True)
     num_inference_steps: int = VALIDATION(50, "DDIM steps for sample grids", bounds=at_least(1), resumable=True)
-    quality_samples: int = VALIDATION(0, "digits only: score N samples with a classifier of the real digits; 0 = off",
-                                      bounds=at_least(0), resumable=True)
+    quality_samples: int = VALIDATION(0, "labelled embedded datasets (digits): score N samples with a classifier of "
+                                         "the real images; 0 = off", bounds=at_least(0), resumable=True)
     report: bool = VALIDATION(True, "at the end, write the held-out report of diffusers-robust evaluate to output_dir/evaluation",
                               resumable=True)
     report_images: int = VALIDATION(300, "held-out images restored per corruption case in the report",
@@ -238,9 +238,15 @@ class TrainingConfig:
         if not str(self.output_dir).strip():
             raise ValueError("output_dir is empty: name the folder the run writes to (it would train into the current "
                              "directory)")
-        if self.quality_samples > 0 and self.dataset != "digits":
-            raise ValueError("quality_samples scores samples with a classifier of the embedded digits: it needs "
-                             f"dataset: digits, got {self.dataset!r} (the report's FID/KID works for any dataset)")
+        if self.quality_samples > 0:
+            from ..data.embedded import EMBEDDED_DATASETS
+            from ..evaluation.metrics import dataset_extras
+
+            if dataset_extras(self.dataset) is None:
+                scored = [name for name in EMBEDDED_DATASETS if dataset_extras(name) is not None]
+                raise ValueError(f"quality_samples scores samples with the classifier of a labelled embedded dataset "
+                                 f"({', '.join(scored)}), got dataset {self.dataset!r} (the report's FID/KID works for "
+                                 "any dataset)")
         if self.push_to_hub and not (self.hub_model_id or os.path.basename(os.path.normpath(self.output_dir))):
             raise ValueError("push_to_hub needs hub_model_id")
 

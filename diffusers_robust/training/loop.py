@@ -25,6 +25,7 @@ from ..data.datasets import ImageDataset, SkippedRecords, collate_image_batch, l
 from ..data.splits import DatasetLike, HeldOutPlan, describe_source, plan_held_out
 from ..evaluation.images import make_grid, stack_images, upscale_for_display
 from ..evaluation.losses import validation_losses
+from ..evaluation.metrics import dataset_extras
 from ..hub import prepare_hub_repo, push_pipeline_to_hub, write_model_card
 from ..models import export_condition_embedding, export_unet
 from ..pipelines.pipeline_robust_ddpm import RobustDDPMPipeline
@@ -604,12 +605,12 @@ def write_export(run: TrainingRun, end: TrainingPosition, stats: StepStats, vali
         held_out={**run.held_out_plan.summary(), "images": int(run.validation_images.shape[0])}
         if run.validation_images is not None else None,
     )
-    if config.quality_samples > 0:
-        from ..evaluation.metrics import digits_quality
-
+    extras = dataset_extras(config.dataset)
+    if config.quality_samples > 0 and extras is not None:  # the config refuses quality_samples without extras
         samples = sampler(batch_size=config.quality_samples, generator=torch.Generator().manual_seed(config.seed + 1),
                           num_inference_steps=config.num_inference_steps, output_type="np").images
-        summary.digits_quality = {"samples": config.quality_samples, **digits_quality(samples)}
+        summary.sample_quality = {"samples": config.quality_samples, "scorer": extras.scorer,
+                                  **extras.sample_quality(samples, extras.classifier())}
     repo_id = hub_repo_id(config)
     if config.report and run.validation_images is not None:  # the held-out report of `diffusers-robust evaluate`
         from ..evaluation.report import evaluate_pipeline, write_report

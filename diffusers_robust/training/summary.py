@@ -49,7 +49,7 @@ class RunSummary:
     scheduler_robust_options: dict[str, Any]  # prediction_type and every robust scheduler option, as saved
     training_wall_time_seconds: float
     seconds_to_first_step: float | None = None  # start-up: process start to the end of this run's first optimizer step
-    digits_quality: dict[str, Any] | None = None  # digits only: samples scored by the digits classifier
+    sample_quality: dict[str, Any] | None = None  # labelled embedded data: samples scored by its classifier (`scorer`)
     report: dict[str, Any] | None = field(default=None)  # the held-out report (diffusers-robust evaluate), if written
     annotations: dict[str, Any] | None = None  # imperfect data: counts of clean / noisy / restricted records, trusted level
     held_out: dict[str, Any] | None = None  # where the held-out images came from: source, split, held-out share and seed
@@ -58,7 +58,7 @@ class RunSummary:
         """The JSON form. `lr_history` and `loss_history` keep at most `HISTORY_POINTS` evenly spaced steps (the last
         included), so `metrics.json` stays small on long runs; TensorBoard logs keep every step."""
         values = {key: value for key, value in dataclasses.asdict(self).items()
-                  if value is not None or key not in ("digits_quality", "report", "annotations", "held_out")}
+                  if value is not None or key not in ("sample_quality", "report", "annotations", "held_out")}
         for key in ("lr_history", "loss_history"):
             values[key] = thin_history(values[key], HISTORY_POINTS)
         return values
@@ -73,10 +73,12 @@ class RunSummary:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RunSummary":
         names = {item.name for item in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
+        unknown = sorted(set(values) - names - {"digits_quality"})
         if unknown:
             raise ValueError(f"{SUMMARY_FILE}: unknown key(s) {unknown}")
         values = dict(values)
+        if "digits_quality" in values:  # its name in 0.1.0's metrics.json
+            values["sample_quality"] = {"scorer": "a classifier trained on the real digits", **values.pop("digits_quality")}
         for key in ("lr_history", "loss_history", "validation_history"):  # JSON object keys are strings
             values[key] = {int(step): value for step, value in values.get(key, {}).items()}
         return cls(**values)
