@@ -38,28 +38,10 @@ def digits_train_split():
     return datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="pipelines/ddpm-digits")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--train_batch_size", type=int, default=16)
-    parser.add_argument("--max_train_steps", type=int, default=200)
-    parser.add_argument("--learning_rate", type=float, default=1e-4)
-    args = parser.parse_args()
+def train_dataloader_of(dataset, channels: int, resolution: int, batch_size: int):
+    """The example's data pipeline: Resize, (Center|Random)Crop, ToTensor, Normalize([0.5], [0.5]); shuffled batches."""
 
-    accelerator = Accelerator()
-    unet_config = UNet2DModel.load_config(os.path.join(args.preset, "unet"))
-    model = UNet2DModel.from_config(unet_config)
-    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.95, 0.999), weight_decay=1e-6,
-                                  eps=1e-08)
-    ema_model = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4,
-                         model_cls=UNet2DModel, model_config=model.config)
-
-    resolution, channels = unet_config["sample_size"], unet_config["in_channels"]
-    dataset = digits_train_split()
-
-    def transform_images(examples):  # the example: Resize, (Center|Random)Crop, ToTensor, Normalize([0.5], [0.5])
+    def transform_images(examples):
         images = []
         for image in examples["image"]:
             image = image.convert("RGB" if channels == 3 else "L").resize((resolution, resolution))
@@ -69,13 +51,12 @@ def main() -> None:
         return {"input": images}
 
     dataset.set_transform(transform_images)
-    train_dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, num_workers=0)
-    num_epochs = math.ceil(args.max_train_steps / len(train_dataloader))
-    lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=500,
-                                 num_training_steps=len(train_dataloader) * num_epochs)
-    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(model, optimizer, train_dataloader, lr_scheduler)
-    ema_model.to(accelerator.device)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0)
 
+
+def train(accelerator, model, noise_scheduler, optimizer, lr_scheduler, ema_model, train_dataloader, num_epochs: int,
+          max_train_steps: int) -> tuple[int, float | None]:
+    """The example's epoch loop; returns `(optimizer steps, time.time() at the end of the first)`."""
     global_step, first_step_at = 0, None
     for _ in range(num_epochs):
         model.train()
@@ -98,10 +79,37 @@ def main() -> None:
                 ema_model.step(model.parameters())
                 global_step += 1
                 first_step_at = first_step_at or time.time()
-            if global_step >= args.max_train_steps:
-                break
-        if global_step >= args.max_train_steps:
-            break
+            if global_step >= max_train_steps:
+                return global_step, first_step_at
+    return global_step, first_step_at
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="pipelines/ddpm-digits")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--train_batch_size", type=int, default=16)
+    parser.add_argument("--max_train_steps", type=int, default=200)
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    args = parser.parse_args()
+
+    accelerator = Accelerator()
+    unet_config = UNet2DModel.load_config(os.path.join(args.preset, "unet"))
+    model = UNet2DModel.from_config(unet_config)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.95, 0.999), weight_decay=1e-6,
+                                  eps=1e-08)
+    ema_model = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4,
+                         model_cls=UNet2DModel, model_config=model.config)
+    train_dataloader = train_dataloader_of(digits_train_split(), unet_config["in_channels"], unet_config["sample_size"],
+                                           args.train_batch_size)
+    num_epochs = math.ceil(args.max_train_steps / len(train_dataloader))
+    lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=500,
+                                 num_training_steps=len(train_dataloader) * num_epochs)
+    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(model, optimizer, train_dataloader, lr_scheduler)
+    ema_model.to(accelerator.device)
+    global_step, first_step_at = train(accelerator, model, noise_scheduler, optimizer, lr_scheduler, ema_model,
+                                       train_dataloader, num_epochs, args.max_train_steps)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unet = accelerator.unwrap_model(model)

@@ -56,20 +56,34 @@ def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `diffusers-robust` parser: one subcommand per `_add_<command>_command`."""
     from importlib.metadata import version
-
-    from .training.config import build_argument_parser
 
     parser = argparse.ArgumentParser(prog="diffusers-robust", description="Robust DDPMs on top of Diffusers.")
     parser.add_argument("--version", action="version", version=f"diffusers-robust {version('diffusers-robust')}")
     commands = parser.add_subparsers(dest="command", required=True)
-    defaults = argparse.ArgumentDefaultsHelpFormatter
+    _add_train_command(commands)
+    _add_sample_command(commands)
+    _add_restore_command(commands)
+    _add_evaluate_command(commands)
+    _add_push_command(commands)
+    _add_annotate_command(commands)
+    _add_imperfect_command(commands)
+    _add_presets_command(commands)
+    return parser
 
-    train = commands.add_parser("train", help="train a robust DDPM", formatter_class=defaults,
+
+def _add_train_command(commands) -> None:
+    from .training.config import build_argument_parser
+
+    train = commands.add_parser("train", help="train a robust DDPM", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="Train a robust DDPM. Options come from --config, then the command line; "
                                             "several processes: accelerate launch -m diffusers_robust train ...")
     build_argument_parser(train)
 
+
+def _add_sample_command(commands) -> None:
+    defaults = argparse.ArgumentDefaultsHelpFormatter
     sample = commands.add_parser("sample", help="generate images with a pipeline", formatter_class=defaults,
                                  description="Generate images: a PNG grid and/or one PNG per image.")
     _add_pipeline_arguments(sample)
@@ -80,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--output", choices=("grid", "images", "both"), default="both",
                         help="grid.png, image-<i>.png per image, or both")
 
+
+def _add_restore_command(commands) -> None:
+    defaults = argparse.ArgumentDefaultsHelpFormatter
     restore = commands.add_parser("restore", help="restore corrupted image files", formatter_class=defaults,
                                   description="Restore image files (or every image in the folders given) with the "
                                               "pipeline's restoration; the restored images keep their file names. With no "
@@ -100,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--learned_restoration", action="store_true",
                          help="restore with a restoration-trained pipeline's conditioned denoiser")
 
+
+def _add_evaluate_command(commands) -> None:
+    defaults = argparse.ArgumentDefaultsHelpFormatter
     evaluate = commands.add_parser(
         "evaluate", formatter_class=defaults, help="held-out evaluation report of a pipeline",
         description="Restoration (PSNR, SSIM, classifier accuracy), generation (FID/KID, digits figures), memorisation "
@@ -133,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="restore with a restoration-trained pipeline's conditioned denoiser where it can")
     evaluate.add_argument("--device", default="cpu", help="torch device")
 
+
+def _add_push_command(commands) -> None:
+    defaults = argparse.ArgumentDefaultsHelpFormatter
     push = commands.add_parser("push", help="upload a trained pipeline folder to the Hub", formatter_class=defaults,
                                description="Upload the pipeline, model card, metrics, config, sample grid and report of "
                                            "a training output folder (never checkpoints or logs). The token comes from "
@@ -141,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("repo_id", help="'user/name' on the Hub")
     push.add_argument("--private", action="store_true", help="create the repository as private")
 
+
+def _add_annotate_command(commands) -> None:
+    defaults = argparse.ArgumentDefaultsHelpFormatter
     annotate = commands.add_parser(
         "annotate", formatter_class=defaults, help="estimate each image's noise std and write the annotation sidecar",
         description="Estimate each training image's Gaussian noise std ([0, 1] units, from its flat regions), write "
@@ -154,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument("--output", default=None, help="sidecar path; default: DATASET/annotations.csv for a folder")
     annotate.add_argument("--overwrite", action="store_true", help="replace an existing sidecar")
 
+
+def _add_imperfect_command(commands) -> None:
+    defaults = argparse.ArgumentDefaultsHelpFormatter
     imperfect = commands.add_parser(
         "make-imperfect", formatter_class=defaults, help="make a seeded imperfect copy of a dataset, with annotations",
         description="Damage a share of a dataset's records (Gaussian noise of a known std, blur or JPEG at a severity) "
@@ -168,10 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     imperfect.add_argument("--seed", type=int, default=0, help="seeds which record gets what and the noise")
     imperfect.add_argument("--output_dir", required=True, help="where float/, png/ and recipe.json go")
 
+
+def _add_presets_command(commands) -> None:
     commands.add_parser("presets", help="list the named presets that train --pipeline starts from",
                         description="The presets installed with the package (configs, no weights): train --pipeline NAME "
                                     "starts from one from any directory; a folder path or a Hub id works too.")
-    return parser
 
 
 def run_presets(args: argparse.Namespace) -> list[str]:

@@ -48,53 +48,11 @@ def write_model_card(
     `training_config`, the recipe as a dict, and `summary`, the run's [`RunSummary`]), its robust options, validation
     figures, the sample grid and a usage snippet. Returns the path.
     """
-    from .schedulers.robust_options import options_acting_at
-
     dataset = str(training_config.get("dataset"))
-    scheduler_options = summary.scheduler_robust_options
-    training_options = {key: scheduler_options.get(key) for key in ("prediction_type", *options_acting_at("training"))}
-    training_options.update({key: training_config.get(key) for key in (
-        "snr_gamma", "corruptions", "corruption_p", "corruption_severity", "corruption_conditioning",
-        "restoration_training", "augment", "augment_conditioning")})
-    sampling_options = {key: scheduler_options.get(key) for key in options_acting_at("sampling")}
-    card_data = ModelCardData(
-        library_name="diffusers",
-        license=license,
-        tags=["diffusers-robust", "unconditional-image-generation", "diffusers", "ddpm", "robust"],
-        datasets=[dataset] if "/" in dataset and not os.path.exists(dataset) else None,
-        pipeline_tag="unconditional-image-generation",
-    )
+    robust_lines, scheduler_lines = _robust_option_lines(training_config, summary.scheduler_robust_options)
     validation = summary.validation_losses
-    robust_lines = "\n".join(f"- `{key}`: {value}" for key, value in training_options.items())
-    scheduler_lines = "\n".join(f"- `{key}`: {value}" for key, value in sampling_options.items())
-    quality = summary.sample_quality
-    quality_text = (
-        f"\nSample quality ({quality['scorer']}, {quality['samples']} samples): "
-        f"{quality['confident_fraction']:.1%} classified with probability >= 0.8; "
-        f"{quality['classes_present']} of {len(quality['class_counts'])} classes present.\n" if quality else ""
-    )
-    report = summary.report
-    report_text = ""
-    if report:
-        from .evaluation.report import restoration_markdown
-
-        generation = report["generation"]
-        report_text = f"""
-## Held-out evaluation
-
-Restoration of {report["num_images"]} held-out images (`{report["split"]}`) per corruption, beside the corrupted input and
-a classical baseline (PSNR in dB of the set's mean squared error; evaluation seed {report["seed"]}). Restore with
-`pipe(image=..., corruption=..., severity=...)`.
-
-{restoration_markdown(report["restoration"])}
-
-![restoration](evaluation/restoration.png)
-
-Generation ({generation["samples"]} samples, {report["sampler"]}): FID {generation["fid"]:.3f} and KID {generation["kid"]:.5f}
-against the held-out images with {generation["feature_extractor"]} features. Full report: `evaluation/report.md`.
-
-![evaluation samples](evaluation/samples.png)
-"""
+    quality_text = _quality_text(summary.sample_quality)
+    report_text = _report_text(summary.report)
     body = f"""
 # {repo_id}
 
@@ -139,10 +97,70 @@ trust_remote_code=True)` (the repository's `pipeline.py` is one import line of t
 
 Training configuration: `training_config.yaml`; all figures: `metrics.json`.
 """
-    card = ModelCard.from_template(card_data, template_str="---\n{{ card_data }}\n---\n" + body)
+    card = ModelCard.from_template(_card_data(dataset, license), template_str="---\n{{ card_data }}\n---\n" + body)
     path = os.path.join(output_dir, "README.md")
     card.save(path)
     return path
+
+
+def _card_data(dataset: str, license: str) -> ModelCardData:
+    """The card's Hub metadata: `library_name: diffusers`, the tags the Hub lists it under, the license, and the dataset
+    when it is a Hub id (`user/name` that is no local path)."""
+    return ModelCardData(
+        library_name="diffusers",
+        license=license,
+        tags=["diffusers-robust", "unconditional-image-generation", "diffusers", "ddpm", "robust"],
+        datasets=[dataset] if "/" in dataset and not os.path.exists(dataset) else None,
+        pipeline_tag="unconditional-image-generation",
+    )
+
+
+def _robust_option_lines(training_config: Mapping[str, Any], scheduler_options: Mapping[str, Any]) -> tuple[str, str]:
+    """Markdown lists of the options that shaped training (the scheduler's training-time options and the recipe's
+    corruption, restoration and augmentation options) and of the sampling-time options stored in the scheduler."""
+    from .schedulers.robust_options import options_acting_at
+
+    training_options = {key: scheduler_options.get(key) for key in ("prediction_type", *options_acting_at("training"))}
+    training_options.update({key: training_config.get(key) for key in (
+        "snr_gamma", "corruptions", "corruption_p", "corruption_severity", "corruption_conditioning",
+        "restoration_training", "augment", "augment_conditioning")})
+    sampling_options = {key: scheduler_options.get(key) for key in options_acting_at("sampling")}
+    return ("\n".join(f"- `{key}`: {value}" for key, value in training_options.items()),
+            "\n".join(f"- `{key}`: {value}" for key, value in sampling_options.items()))
+
+
+def _quality_text(quality: dict | None) -> str:
+    """The card's line on sample quality (labelled embedded data with `quality_samples`; empty otherwise)."""
+    if not quality:
+        return ""
+    return (f"\nSample quality ({quality['scorer']}, {quality['samples']} samples): "
+            f"{quality['confident_fraction']:.1%} classified with probability >= 0.8; "
+            f"{quality['classes_present']} of {len(quality['class_counts'])} classes present.\n")
+
+
+def _report_text(report: dict | None) -> str:
+    """The card's held-out evaluation section (empty without a report)."""
+    if not report:
+        return ""
+    from .evaluation.report import restoration_markdown
+
+    generation = report["generation"]
+    return f"""
+## Held-out evaluation
+
+Restoration of {report["num_images"]} held-out images (`{report["split"]}`) per corruption, beside the corrupted input and
+a classical baseline (PSNR in dB of the set's mean squared error; evaluation seed {report["seed"]}). Restore with
+`pipe(image=..., corruption=..., severity=...)`.
+
+{restoration_markdown(report["restoration"])}
+
+![restoration](evaluation/restoration.png)
+
+Generation ({generation["samples"]} samples, {report["sampler"]}): FID {generation["fid"]:.3f} and KID {generation["kid"]:.5f}
+against the held-out images with {generation["feature_extractor"]} features. Full report: `evaluation/report.md`.
+
+![evaluation samples](evaluation/samples.png)
+"""
 
 
 def _annotation_text(annotations: dict | None) -> str:

@@ -121,3 +121,12 @@ def run_training_script(args: list[str], check: bool = False, timeout: int = 300
     if check and result.returncode != 0:
         raise AssertionError(f"training failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
+
+
+def weighted_mse(prediction, target, weights=None):
+    """The tests' reference loss, written out independently of the objective: mean squared error per sample (mean over
+    C, H, W), times `weights` `(B,)` when given, then averaged over the batch."""
+    per_sample = ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, prediction.ndim)))
+    if weights is not None:
+        per_sample = per_sample * weights.to(per_sample.device)
+    return per_sample.mean()

@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from conftest import REPO_ROOT, make_tiny_unet
+from conftest import REPO_ROOT, make_tiny_unet, weighted_mse
 from diffusers import DDIMScheduler, DDPMScheduler
 
 import diffusers_robust
@@ -18,7 +18,7 @@ from diffusers_robust.data.corruptions import RandomCorruption
 from diffusers_robust.models import ConditionEmbedding, LabelConditionedUNet
 from diffusers_robust.schedulers.robust_options import ROBUST_OPTION_NAMES, ROBUST_OPTIONS
 from diffusers_robust.training.config import TrainingConfig
-from diffusers_robust.training.objective import RobustDiffusionObjective, min_snr_weights, weighted_mse
+from diffusers_robust.training.objective import RobustDiffusionObjective, min_snr_weights
 from diffusers_robust.training.summary import RunSummary
 
 
@@ -192,3 +192,32 @@ def test_no_module_imports_a_higher_layer():
                 if _layer(target) > _layer(module):
                     upward.append(f"{os.path.relpath(path, REPO_ROOT)}:{line} imports {target}")
     assert upward == []
+
+
+# The longest function body (docstring excluded) the package, the training script and the benchmarks may have.
+MAX_FUNCTION_LINES = 60
+
+
+def _long_functions(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as handle:
+        tree = ast.parse(handle.read())
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        lines = node.end_lineno - node.lineno + 1
+        first = node.body[0]
+        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+            lines -= first.end_lineno - first.lineno + 1
+        if lines > MAX_FUNCTION_LINES:
+            found.append(f"{os.path.relpath(path, REPO_ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    return found
+
+
+def test_no_function_is_longer_than_the_limit():
+    long = []
+    for top in ("diffusers_robust", "training", "benchmarks"):
+        for folder, _, files in os.walk(os.path.join(REPO_ROOT, top)):
+            long += [entry for name in sorted(files) if name.endswith(".py")
+                     for entry in _long_functions(os.path.join(folder, name))]
+    assert long == []

@@ -7,12 +7,12 @@ convention: random draws are made on the CPU and moved, so a seed gives the same
 
 import pytest
 import torch
-from conftest import make_tiny_unet
+from conftest import make_tiny_unet, weighted_mse
 
 from diffusers_robust import RobustDDIMScheduler, RobustDDPMPipeline, RobustDDPMScheduler
 from diffusers_robust.data.corruptions import CORRUPTIONS, RandomCorruption, apply_corruption
 from diffusers_robust.models import LabelConditionedUNet, export_unet
-from diffusers_robust.training.objective import min_snr_weights, weighted_mse
+from diffusers_robust.training.objective import min_snr_weights
 
 DEVICES = [
     "cpu",

@@ -2,7 +2,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from diffusers_robust.training.objective import min_snr_weights, weighted_mse
+from diffusers_robust.training.objective import min_snr_weights
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
@@ -35,9 +35,3 @@ def test_min_snr_rejects_bad_gamma_and_prediction_type():
     with pytest.raises(ValueError, match="prediction_type"):
         min_snr_weights(alphas, torch.tensor([1]), 5.0, "noise")
 
-
-def test_weighted_mse_weights_each_sample():
-    prediction = torch.zeros(2, 1, 2, 2)
-    target = torch.stack([torch.ones(1, 2, 2), 2 * torch.ones(1, 2, 2)])
-    assert weighted_mse(prediction, target).item() == pytest.approx(2.5)
-    assert weighted_mse(prediction, target, torch.tensor([1.0, 0.0])).item() == pytest.approx(0.5)

@@ -107,11 +107,10 @@ def estimate_noise_std(images: torch.Tensor) -> torch.Tensor:
 
     The image is cut into 2x2 Haar blocks; in flat blocks all three details are noise. Blocks are ranked by their
     horizontal and vertical detail energy, and the noise std is the median absolute diagonal detail of the quieter
-    half over 0.6745 (for Gaussian noise the three details are independent, so ranking by two does not bias the third).
-    On the 8x8 digits (median over images, float noise kept unclipped) it reads 0.0 / 0.068 / 0.116 / 0.212 / 0.302 at
-    a true std of 0 / 0.05 / 0.1 / 0.2 / 0.3, where the plain median over all blocks reads 0.093 / 0.131 / 0.171 / 0.244
-    / 0.325 (a clean digit's edges). Noise clipped to `[0, 1]` reads about half (0.069 at 0.1): clipping at a black
-    background removes half of it.
+    half over 0.6745 (for Gaussian noise the three details are independent, so ranking by two does not bias the third),
+    so a clean digit's edges do not read as noise as they do for the plain median over all blocks. Noise clipped to
+    `[0, 1]` reads about half: clipping at a black background removes half of it. Its readings on the digits:
+    `benchmarks/RESULTS.md`, "Figures behind the code".
 
     Args:
         images (`torch.Tensor` of shape `(B, C, H, W)`): values in `[-1, 1]` (noise may push them beyond); H, W >= 4.

@@ -147,7 +147,7 @@ def pixelate(images: torch.Tensor, scale: float, generator: torch.Generator | No
     CIFAR-10-C does with Pillow's box filter.
 
     Note: at 32x32 the table's scales .95/.9/.85 mostly shift content by whole pixels, so the error is not
-    monotone in severity (PSNR 23.0, 23.2, 24.0, 23.7, 23.5 dB measured on smooth 32x32 images with edges)."""
+    monotone in severity (figures: `benchmarks/RESULTS.md`, "Figures behind the code")."""
     _check_images(images)
     height, width = images.shape[-2:]
     small = (max(1, int(height * scale)), max(1, int(width * scale)))

@@ -406,6 +406,31 @@ def load_image_dataset(
     name += f" ({hold_out.part.replace('_', '-')})" if hold_out is not None else ""
     source_shape = None if from_hub_stream else first_image_shape(dataset, column, arrays)
     transform = ImageRecordTransform(column, channels, resolution, center_crop, augment, seed, name, array_images=arrays)
+    dataset, keep, annotation_columns = _with_annotations(dataset, source, column, name, transform, from_hub_stream,
+                                                          annotations, noise_sigma, annotations_required)
+    observed_shares = None
+    if MASK_COLUMN in keep and not from_hub_stream:
+        observed_shares = check_masks(dataset[MASK_COLUMN], name, resolution)
+    if from_hub_stream:
+        dataset = dataset.select_columns(keep)
+    else:
+        dataset = dataset.select_columns(keep).add_column(_INDEX_COLUMN, list(range(len(dataset))))
+        if not streaming:
+            dataset.set_transform(transform)
+            return ImageDataset(dataset, transform, column, streaming=False, annotations=annotation_columns,
+                                observed_shares=observed_shares, source_shape=source_shape)
+        dataset = dataset.to_iterable_dataset(num_shards=min(num_shards, len(dataset)))
+    dataset = _decoded_stream(dataset, transform, keep, from_hub_stream, seed, shuffle_buffer, rank, world_size)
+    return ImageDataset(dataset, transform, column, streaming=True, annotations=annotation_columns,
+                        observed_shares=observed_shares, source_shape=source_shape)
+
+
+def _with_annotations(dataset, source: Any, column: str, name: str, transform: "ImageRecordTransform",
+                      from_hub_stream: bool, annotations: str | None, noise_sigma: float | None,
+                      annotations_required: bool) -> tuple[Any, list[str], dict | None]:
+    """`(dataset, columns to keep, annotation columns or None)`: the records with their quality annotations attached
+    when any are wanted (the dataset's columns, a sidecar, `auto` estimates, one `noise_sigma`); see
+    [`load_image_dataset`]. A Hub stream keeps its own columns and refuses sidecars, estimates and masks."""
     present = [c for c in (*ANNOTATION_COLUMNS, MASK_COLUMN) if c in (dataset.features or {})]
     keep = [column, *present]
     sidecar = (find_sidecar(os.path.expanduser(source)) if isinstance(source, str) else None) if annotations is None \
@@ -420,42 +445,28 @@ def load_image_dataset(
         if sidecar or annotations == "auto":
             raise ValueError("a streamed Hub dataset carries annotations only as its own columns (noise_sigma, sigma_min, "
                              "sigma_max): write them into the dataset, or load it without streaming")
-        wanted = False  # its columns go through the transform as they are
-    annotation_columns = None
-    if wanted:
-        if sidecar is not None:
-            logger.info(f"annotations of {name} from {sidecar}")
-        estimate = _noise_estimator(transform) if annotations == "auto" else None
-        dataset = attach_annotations(dataset.select_columns(keep), column, name, sidecar, noise_sigma, estimate,
-                                     annotations_required)
-        keep = [column, *ANNOTATION_COLUMNS, *([MASK_COLUMN] if MASK_COLUMN in dataset.column_names else [])]
-        annotation_columns = {c: dataset[c] for c in ANNOTATION_COLUMNS}
-    elif annotations == "ignore":
-        keep = [column]
+        return dataset, keep, None  # its columns go through the transform as they are
+    if not wanted:
+        return dataset, [column] if annotations == "ignore" else keep, None
+    if sidecar is not None:
+        logger.info(f"annotations of {name} from {sidecar}")
+    estimate = _noise_estimator(transform) if annotations == "auto" else None
+    dataset = attach_annotations(dataset.select_columns(keep), column, name, sidecar, noise_sigma, estimate,
+                                 annotations_required)
+    keep = [column, *ANNOTATION_COLUMNS, *([MASK_COLUMN] if MASK_COLUMN in dataset.column_names else [])]
+    return dataset, keep, {c: dataset[c] for c in ANNOTATION_COLUMNS}
 
-    observed_shares = None
-    if MASK_COLUMN in keep and not from_hub_stream:
-        observed_shares = check_masks(dataset[MASK_COLUMN], name, resolution)
-    if from_hub_stream:
-        dataset = dataset.select_columns(keep)
-    else:
-        dataset = dataset.select_columns(keep).add_column(_INDEX_COLUMN, list(range(len(dataset))))
-        if not streaming:
-            dataset.set_transform(transform)
-            return ImageDataset(dataset, transform, column, streaming=False, annotations=annotation_columns,
-                                observed_shares=observed_shares, source_shape=source_shape)
-        dataset = dataset.to_iterable_dataset(num_shards=min(num_shards, len(dataset)))
 
+def _decoded_stream(dataset, transform: "ImageRecordTransform", keep: list[str], from_hub_stream: bool, seed: int,
+                    shuffle_buffer: int, rank: int, world_size: int):
+    """A stream's records shuffled (`shuffle_buffer`), split by rank, and decoded by `transform` in map batches."""
     dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer)
     if world_size > 1:
         dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
     if from_hub_stream:
-        dataset = dataset.map(lambda batch, idx: transform(batch, idx), with_indices=True, batched=True,
-                              batch_size=STREAM_MAP_BATCH_SIZE, remove_columns=keep)
-    else:
-        dataset = dataset.map(transform, batched=True, batch_size=STREAM_MAP_BATCH_SIZE, remove_columns=[*keep, _INDEX_COLUMN])
-    return ImageDataset(dataset, transform, column, streaming=True, annotations=annotation_columns,
-                        observed_shares=observed_shares, source_shape=source_shape)
+        return dataset.map(lambda batch, idx: transform(batch, idx), with_indices=True, batched=True,
+                           batch_size=STREAM_MAP_BATCH_SIZE, remove_columns=keep)
+    return dataset.map(transform, batched=True, batch_size=STREAM_MAP_BATCH_SIZE, remove_columns=[*keep, _INDEX_COLUMN])
 
 
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")

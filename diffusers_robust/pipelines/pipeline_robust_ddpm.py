@@ -340,7 +340,7 @@ class RobustDDPMPipeline(DiffusionPipeline):
           with the estimated noise std.
         - `learned_restoration=True`, on a pipeline trained with `restoration_training` (it has a `condition_embedding`):
           the corruptions it was trained on are restored by its corruption-conditioned denoiser instead (off by default:
-          in the ablation it restored 0.6-2.4 dB below the methods above).
+          in the robustness ablation it restored below the methods above; README, "Robustness ablation").
         - `strength=s` alone: SDEdit. Fresh noise to `t = s * T`, then `s * num_inference_steps` steps; the input is then
           under noise of std `sqrt((1 - abar_t) / abar_t) / 2` in `[0, 1]` units (0.14 at s = 0.1, 0.32 at 0.2, 0.56 at
           0.3 for the linear schedule and 50 steps), so it suits heavy damage, not mild noise. It is the default (0.3)

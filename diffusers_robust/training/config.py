@@ -222,7 +222,7 @@ class TrainingConfig:
             raise ValueError("restoration_training needs corruptions, corruption_p > 0 and corruption_conditioning: true "
                              "(the labels tell the model which images to restore; zeros keep generation clean)")
         if self.restoration_training and self.snr_gamma is None:
-            # Measured: without it, samples fell from 86% to 5% confident digits in the ablation.
+            # Without it, the ablation's samples stopped reading as digits (benchmarks/RESULTS.md, "Figures behind the code").
             raise ValueError("restoration_training needs snr_gamma (e.g. 5): at low timesteps its noise targets are up to "
                              "100x the noise, and min-SNR weighting keeps them from swamping the loss")
         for name in [*self.corruptions, *(self.validation_corruptions or [])]:

@@ -65,8 +65,9 @@ def set_thread_count(num_threads: int | None, processes: int) -> int:
 
     `num_threads` when given; else `OMP_NUM_THREADS` when set (as `accelerate launch --num_cpu_threads_per_process`
     does); else the usable cores divided among the `processes` training on this machine, at least 1. Two threads per
-    process on cores that another process keeps busy made a step 9-50x slower on a 2-core machine, so the default never
-    oversubscribes, and a warning is logged when the machine's load says other work already holds those cores."""
+    process on cores that another process keeps busy make a step many times slower (`benchmarks/RESULTS.md`, "Figures
+    behind the code"), so the default never oversubscribes, and a warning is logged when the machine's load says other
+    work already holds those cores."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", processes))
     if num_threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():

@@ -11,8 +11,7 @@ from ..models import prediction_error
 from ..schedulers.robust_noise import PREDICTION_TYPES
 
 # Missing-pixel training weights its x0 error by min-SNR with this gamma when `snr_gamma` is not set: unweighted, the
-# high-noise times dominate (a scratch run on the digits, half their pixels missing: 40.6% confident samples, against
-# 69.5% with this weighting; README, "Missing pixels").
+# high-noise times dominate (README, "Missing pixels"; benchmarks/RESULTS.md, "Figures behind the code").
 MASKED_SNR_GAMMA = 5.0
 
 
@@ -66,14 +65,6 @@ def min_snr_weights(
     else:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got '{prediction_type}'")
     return weights.float()
-
-
-def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean squared error per sample `(B,)` (mean over C, H, W), times `weights` `(B,)` when given, then averaged."""
-    per_sample = ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, prediction.ndim)))
-    if weights is not None:
-        per_sample = per_sample * weights.to(per_sample.device)
-    return per_sample.mean()
 
 
 @dataclass
