@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from diffusers_robust import build_pipeline_from_preset
 from diffusers_robust.data.datasets import collate_image_batch, load_image_dataset
-from diffusers_robust.models import LabelConditionedUNet
+from diffusers_robust.models import LabelConditionedUNet, image_size
 from diffusers_robust.training.config import TrainingConfig
 from diffusers_robust.training.setup import (
     build_ema,
@@ -50,7 +50,7 @@ ROBUST_STEP = {"input_perturbation": 0.1, "snr_gamma": 5.0, "corruptions": ["gau
 
 
 def batches(preset_unet, batch_size: int, augment: str | None):
-    size = preset_unet.config.sample_size
+    size = image_size(preset_unet.config.sample_size)[0]
     loaded = load_image_dataset("digits", split="all", channels=preset_unet.config.in_channels, resolution=size,
                                 augment=augment)
     while True:

@@ -324,8 +324,9 @@ def _image_files(inputs: list[str]) -> list[str]:
     return files
 
 
-def _read_images(files: list[str], channels: int, size: int, what: str):
-    """Decoded images `(N, H, W, C)` in `[0, 1]`; `ValueError` naming a file that is broken or the wrong size."""
+def _read_images(files: list[str], channels: int, size: tuple[int, int], what: str):
+    """Decoded images `(N, H, W, C)` in `[0, 1]` of `size` `(H, W)`; `ValueError` naming a file that is broken or the
+    wrong size."""
     import numpy as np
 
     from .data.datasets import decode_image, to_mode
@@ -336,9 +337,9 @@ def _read_images(files: list[str], channels: int, size: int, what: str):
             image = to_mode(decode_image(path), channels)
         except Exception as error:  # noqa: BLE001 - any decoding failure names the file
             raise ValueError(f"cannot read {what} {path}: {error}") from None
-        if image.size != (size, size):
+        if image.size != (size[1], size[0]):  # PIL's size is (width, height)
             raise ValueError(f"{what} {path} is {image.size[0]}x{image.size[1]} pixels; the pipeline restores "
-                             f"{size}x{size} images (restoration must not resample the damage)")
+                             f"{size[1]}x{size[0]} images (restoration must not resample the damage)")
         array = np.asarray(image, dtype=np.float32) / 255.0
         arrays.append(array[..., None] if array.ndim == 2 else array)
     return np.stack(arrays)
@@ -348,6 +349,7 @@ def run_restore(args: argparse.Namespace) -> list[str]:
     import numpy as np
     from tqdm.auto import tqdm
 
+    from .models import image_size
     from .pipelines.restoration import plan_restoration
 
     # Bad option combinations fail before any file is read (`mask` only needs to be present or absent here).
@@ -355,8 +357,7 @@ def run_restore(args: argparse.Namespace) -> list[str]:
                      strength=args.strength, mask=args.masks)
     files = _image_files(args.inputs)
     pipeline = _load_pipeline(args)
-    channels, size = pipeline.image_channels, pipeline.unet.config.sample_size
-    size = size if isinstance(size, int) else size[0]
+    channels, size = pipeline.image_channels, image_size(pipeline.unet.config.sample_size)
     images = _read_images(files, channels, size, "input")
     masks = None
     if args.masks is not None:

@@ -1,10 +1,17 @@
 """UNet conditioning on a label vector (augment labels for non-leaking augmentation, Karras et al. 2022, and corruption
 labels), and the label embedding a restoration-trained pipeline keeps."""
 
+from collections.abc import Sequence
+
 import torch
 from diffusers import ConfigMixin, ModelMixin, UNet2DModel
 from diffusers.configuration_utils import register_to_config
 from torch import nn
+
+
+def image_size(sample_size: int | Sequence[int]) -> tuple[int, int]:
+    """`(height, width)` in pixels of a UNet's `sample_size`, which Diffusers gives as an int (square) or a pair."""
+    return (sample_size, sample_size) if isinstance(sample_size, int) else (int(sample_size[0]), int(sample_size[1]))
 
 
 def _public_config(unet: UNet2DModel) -> dict:
@@ -29,7 +36,9 @@ class LabelConditionedUNet(nn.Module):
     Example:
 
     ```py
-    >>> import torch
+    >>> from collections.abc import Sequence
+
+import torch
     >>> from diffusers import UNet2DModel
     >>> from diffusers_robust.models import LabelConditionedUNet
     >>> unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 32),

@@ -6,6 +6,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -221,3 +222,21 @@ def test_no_function_is_longer_than_the_limit():
             long += [entry for name in sorted(files) if name.endswith(".py")
                      for entry in _long_functions(os.path.join(folder, name))]
     assert long == []
+
+
+def test_image_units_are_converted_by_the_one_helper_each_way():
+    from diffusers_robust.data.units import to_model_range, to_unit_range
+
+    images = torch.linspace(-1, 1, 9).reshape(1, 1, 3, 3)
+    assert torch.equal(to_model_range(to_unit_range(images)), images)
+    assert to_unit_range(images).min() == 0 and to_unit_range(images).max() == 1
+    retyped = []
+    for folder, _, files in os.walk(os.path.join(REPO_ROOT, "diffusers_robust")):
+        for name in sorted(files):
+            if not name.endswith(".py") or name == "units.py":
+                continue
+            path = os.path.join(folder, name)
+            with open(path, encoding="utf-8") as handle:
+                retyped += [f"{os.path.relpath(path, REPO_ROOT)}:{number}" for number, line in enumerate(handle, 1)
+                            if ">>>" not in line and re.search(r"\+ 1\) / 2|\* 2(\.0)? - 1(\.0)?\b", line)]
+    assert retyped == []

@@ -11,6 +11,8 @@ from conftest import make_tiny_unet, training_env
 
 from diffusers_robust import RobustDDPMPipeline, RobustDDPMScheduler
 
+pytestmark = pytest.mark.slow  # every test here runs the `diffusers-robust` command in a fresh process
+
 REPORT_KEYS = {"report_version", "dataset", "split", "held_out_share", "train_split", "num_images", "seed", "sampler",
                "train_images", "restoration", "generation", "losses"}
 ROW_KEYS = {"case", "method", "baseline", "caveat", "psnr_input", "psnr", "psnr_baseline", "ssim_input", "ssim",

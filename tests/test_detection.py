@@ -84,6 +84,7 @@ def test_auto_restoration_reports_what_it_found_and_keeps_images_it_finds_clean(
     assert pipe(image=images.transpose(0, 2, 3, 1), noise_sigma=0.1, output_type="np").detections is None
 
 
+@pytest.mark.slow
 def test_restore_with_no_option_detects_per_image_and_writes_its_choices(tmp_path, digit):
     folder = tmp_path / "pipe"
     RobustDDPMPipeline(unet=make_tiny_unet(), scheduler=RobustDDPMScheduler(num_train_timesteps=100)).save_pretrained(folder)

@@ -399,6 +399,7 @@ def test_annotations_travel_with_a_stream_split_over_processes(noisy_parquet):
     assert all(sigma == pytest.approx(0.1) for shard in seen for _, sigma in shard)
 
 
+@pytest.mark.slow
 def test_annotate_command_writes_the_sidecar_prints_a_histogram_and_keeps_an_existing_one(tmp_path):
     names = _folder_of_digits(tmp_path / "data", 12)
     command = [sys.executable, "-m", "diffusers_robust", "annotate", str(tmp_path / "data"), "--channels", "1"]
@@ -411,6 +412,7 @@ def test_annotate_command_writes_the_sidecar_prints_a_histogram_and_keeps_an_exi
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
+@pytest.mark.slow
 def test_make_imperfect_command_writes_floats_pngs_and_the_recipe(tmp_path):
     command = [sys.executable, "-m", "diffusers_robust", "make-imperfect", "--recipe", "gaussian_blur:3=0.5,clean=0.5",
                "--output_dir", str(tmp_path / "blurred")]

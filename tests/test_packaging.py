@@ -6,9 +6,11 @@ import sys
 import sysconfig
 import zipfile
 
+import pytest
 from conftest import REPO_ROOT
 
 
+@pytest.mark.slow
 def test_wheel_installs_into_a_fresh_venv_and_imports_public_classes(tmp_path):
     wheel_dir = tmp_path / "wheels"
     subprocess.run(

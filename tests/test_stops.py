@@ -66,6 +66,7 @@ def _try_lock(folder: str, start: multiprocessing.Event, results) -> None:
     lock.release()
 
 
+@pytest.mark.slow
 def test_racing_runs_get_one_holder_and_the_others_are_told_who_holds_it(tmp_path):
     context = multiprocessing.get_context("fork")
     start, results = context.Event(), context.Queue()
@@ -83,6 +84,7 @@ def test_racing_runs_get_one_holder_and_the_others_are_told_who_holds_it(tmp_pat
     assert not (tmp_path / ".lock").exists()  # released by its only holder
 
 
+@pytest.mark.slow
 def test_the_kernel_releases_the_lock_of_a_killed_run(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from diffusers_robust.training.run_guard import OutputDirLock; "

@@ -20,6 +20,8 @@ from diffusers_robust import RobustDDPMPipeline, RobustDDPMScheduler
 from diffusers_robust.data.datasets import STREAM_MAP_BATCH_SIZE
 from diffusers_robust.training.checkpoints import complete_checkpoints, resolve_checkpoint
 
+pytestmark = pytest.mark.slow  # every test here reads a real training run (the training script in a fresh process)
+
 EDM = os.path.join(os.path.dirname(SCRIPT), "configs", "augment", "edm.yaml")
 
 

@@ -26,6 +26,7 @@ def text_parquet(tmp_path_factory) -> str:
     (dict(lr_scheduler="step"), "lr_scheduler must be one of"),
     (dict(corruptions=["fog"], corruption_p=0.5), "unknown corruption 'fog'"),
 ])
+@pytest.mark.slow
 def test_bad_input_stops_before_training_with_a_message(tiny_preset, tmp_path, overrides, message):
     result = run(tiny_training_args(tiny_preset, tmp_path / "out", **overrides))
     assert result.returncode != 0
@@ -33,6 +34,7 @@ def test_bad_input_stops_before_training_with_a_message(tiny_preset, tmp_path, o
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_dataset_without_image_column_is_named(tiny_preset, tmp_path, text_parquet):
     result = run(tiny_training_args(tiny_preset, tmp_path / "out", dataset=text_parquet, validation_split="null"))
     assert result.returncode != 0 and "no image column found" in result.stderr and "caption" in result.stderr

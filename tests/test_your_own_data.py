@@ -67,6 +67,7 @@ def _train_args(folder, out, *extra: str) -> list[str]:
          "--channels 1 to convert them"),
     (("--channels", "3"), "are 16x16 pixels but the preset ddpm-digits takes 8x8: pass --resolution 16"),
 ])
+@pytest.mark.slow
 def test_images_of_another_size_or_colour_stop_with_the_flag_to_pass(tmp_path, rgb_folder, extra, message):
     result = cli(tmp_path, *_train_args(rgb_folder, tmp_path / "out", *extra))
     assert result.returncode == 2, result.stderr[-2000:]
@@ -83,6 +84,7 @@ def test_rgb_images_at_their_own_size_train_from_another_directory(tmp_path, rgb
     assert pipe(batch_size=1, num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 3)
 
 
+@pytest.mark.slow
 def test_version_and_a_fresh_start_from_resume_latest(tmp_path, rgb_folder):
     version = cli(tmp_path, "--version")
     assert version.returncode == 0 and version.stdout.startswith("diffusers-robust 0.")
@@ -99,6 +101,7 @@ def test_version_and_a_fresh_start_from_resume_latest(tmp_path, rgb_folder):
     assert held_out == {"source": rgb_folder, "split": "train", "held_out_share": 0.1, "held_out_seed": 0, "images": 3}
 
 
+@pytest.mark.slow
 def test_a_malformed_recipe_or_missing_dataset_is_one_line_exit_2_and_leaves_no_folder(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("seed: 0\nlearning_rate: [0.001\n")
@@ -162,6 +165,7 @@ def test_the_hold_out_is_seeded_apart_from_training_and_validation_data_is_used_
         plan_held_out(str(root / "flat"), validation_split="val")
 
 
+@pytest.mark.slow
 def test_a_datasets_object_trains_from_python(tmp_path):
     """`run_training(config, dataset=...)` with a `datasets.Dataset` (no test split: a tenth is held out)."""
     script = (
@@ -181,6 +185,7 @@ def test_a_datasets_object_trains_from_python(tmp_path):
     assert metrics["images_seen"] == 16
 
 
+@pytest.mark.slow
 def test_a_launcher_that_drops_processes_on_cpu_says_so_with_the_command_that_runs_them(tmp_path):
     assert requested_processes(["accelerate", "launch", "--num_processes", "4", "x.py"]) == 4
     assert requested_processes(["accelerate", "launch", "--num-processes=3", "x.py"]) == 3

@@ -23,6 +23,8 @@ import datasets
 import numpy as np
 import torch
 
+from .units import to_unit_range
+
 ANNOTATION_COLUMNS = ("noise_sigma", "sigma_min", "sigma_max")
 MASK_COLUMN = "mask"  # observed pixels: an array or image column, or in a sidecar the mask image's file name
 DEFAULTS = {"noise_sigma": 0.0, "sigma_min": 0.0, "sigma_max": math.inf}
@@ -118,7 +120,7 @@ def estimate_noise_std(images: torch.Tensor) -> torch.Tensor:
     Returns:
         `torch.Tensor` of shape `(B,)`, float32.
     """
-    unit = (images.float() + 1) / 2
+    unit = to_unit_range(images.float())
     height, width = unit.shape[-2] // 2 * 2, unit.shape[-1] // 2 * 2
     if height < 4 or width < 4:
         raise ValueError(f"noise estimation needs images of at least 4x4 pixels, got {tuple(images.shape[-2:])}")

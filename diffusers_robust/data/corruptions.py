@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from .units import to_model_range, to_unit_range
+
 # Parameter per severity 1..5. Units: see each op's docstring.
 SEVERITY_TABLE: dict[str, tuple[float, ...]] = {
     "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),
@@ -41,12 +43,8 @@ def _check_images(images: torch.Tensor) -> None:
         raise ValueError(f"images must be a float tensor of shape (B, C, H, W) in [-1, 1], got {shape}")
 
 
-def _to_unit(images: torch.Tensor) -> torch.Tensor:
-    return (images + 1) / 2
-
-
 def _from_unit(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (images.clamp(0, 1) * 2 - 1).to(dtype)
+    return to_model_range(images.clamp(0, 1)).to(dtype)
 
 
 def _random(kind: str, shape: Sequence[int], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -59,14 +57,14 @@ def _random(kind: str, shape: Sequence[int], like: torch.Tensor, generator: torc
 def gaussian_noise(images: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Add white noise `N(0, sigma^2)`; `sigma` in `[0, 1]` units (0.04..0.10 for severities 1..5)."""
     _check_images(images)
-    unit = _to_unit(images.float())
+    unit = to_unit_range(images.float())
     return _from_unit(unit + sigma * _random("normal", unit.shape, unit, generator), images.dtype)
 
 
 def shot_noise(images: torch.Tensor, photons: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Poisson noise `Poisson(x * photons) / photons`; fewer photons is noisier (500..50)."""
     _check_images(images)
-    unit = _to_unit(images.float()).clamp(0, 1)
+    unit = to_unit_range(images.float()).clamp(0, 1)
     device = generator.device if generator is not None else unit.device
     counts = torch.poisson((unit * photons).to(device), generator=generator).to(unit.device)
     return _from_unit(counts / photons, images.dtype)
@@ -75,7 +73,7 @@ def shot_noise(images: torch.Tensor, photons: float, generator: torch.Generator 
 def impulse_noise(images: torch.Tensor, amount: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Salt and pepper: a fraction `amount` of the values is set to 0 or 1 (half each), per channel."""
     _check_images(images)
-    unit = _to_unit(images.float())
+    unit = to_unit_range(images.float())
     hit = _random("uniform", unit.shape, unit, generator) < amount
     salt = _random("uniform", unit.shape, unit, generator) < 0.5
     unit = torch.where(hit, salt.to(unit.dtype), unit)
@@ -85,7 +83,7 @@ def impulse_noise(images: torch.Tensor, amount: float, generator: torch.Generato
 def speckle_noise(images: torch.Tensor, scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Multiplicative noise `x + x * N(0, scale^2)`."""
     _check_images(images)
-    unit = _to_unit(images.float())
+    unit = to_unit_range(images.float())
     return _from_unit(unit + unit * scale * _random("normal", unit.shape, unit, generator), images.dtype)
 
 
@@ -99,7 +97,7 @@ def gaussian_blur(images: torch.Tensor, sigma: float, generator: torch.Generator
     kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()
     batch, channels, height, width = images.shape
-    flat = _to_unit(images.float()).reshape(batch * channels, 1, height, width)
+    flat = to_unit_range(images.float()).reshape(batch * channels, 1, height, width)
     pad = min(radius, height - 1, width - 1)
     kernel = kernel[radius - pad : radius + pad + 1]
     flat = F.conv2d(F.pad(flat, (pad, pad, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
@@ -110,7 +108,7 @@ def gaussian_blur(images: torch.Tensor, sigma: float, generator: torch.Generator
 def jpeg_compression(images: torch.Tensor, quality: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Encode and decode each image as JPEG at `quality` (1..95) with Pillow. Deterministic; runs on the CPU."""
     _check_images(images)
-    unit = _to_unit(images.float()).clamp(0, 1)
+    unit = to_unit_range(images.float()).clamp(0, 1)
     arrays = (unit.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
     decoded = []
     for array in arrays:
@@ -126,7 +124,7 @@ def jpeg_compression(images: torch.Tensor, quality: int, generator: torch.Genera
 def contrast(images: torch.Tensor, factor: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Scale each channel's deviation from its mean by `factor` (< 1 lowers contrast)."""
     _check_images(images)
-    unit = _to_unit(images.float())
+    unit = to_unit_range(images.float())
     means = unit.mean(dim=(2, 3), keepdim=True)
     return _from_unit((unit - means) * factor + means, images.dtype)
 
@@ -134,7 +132,7 @@ def contrast(images: torch.Tensor, factor: float, generator: torch.Generator | N
 def brightness(images: torch.Tensor, delta: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Add `delta` to the HSV value channel (hue and saturation kept); for one channel, add it to the pixel."""
     _check_images(images)
-    unit = _to_unit(images.float()).clamp(0, 1)
+    unit = to_unit_range(images.float()).clamp(0, 1)
     value = unit.amax(dim=1, keepdim=True)
     new_value = (value + delta).clamp(0, 1)
     # RGB = V * f(H, S): scaling by new_value / value moves V alone; black pixels (S = 0) become grey.
@@ -151,7 +149,7 @@ def pixelate(images: torch.Tensor, scale: float, generator: torch.Generator | No
     _check_images(images)
     height, width = images.shape[-2:]
     small = (max(1, int(height * scale)), max(1, int(width * scale)))
-    unit = F.interpolate(_to_unit(images.float()), size=small, mode="area")
+    unit = F.interpolate(to_unit_range(images.float()), size=small, mode="area")
     return _from_unit(F.interpolate(unit, size=(height, width), mode="nearest-exact"), images.dtype)
 
 

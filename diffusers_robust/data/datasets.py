@@ -36,6 +36,7 @@ from .augment import AugmentPipeline
 from .embedded import DIGITS, embedded_dataset
 from .embedded import SPLITS as EMBEDDED_SPLITS
 from .splits import DatasetLike, HoldOut, describe_source, load_local, looks_like_path, select_split
+from .units import to_model_range
 
 logger = logging.getLogger(__name__)
 
@@ -271,7 +272,7 @@ class ImageRecordTransform:
             raise ValueError(f"float image of shape {array.shape}, expected (H, W, C) = {expected} (arrays are not resized)")
         if not np.isfinite(array).all():
             raise ValueError("float image holds NaN or infinite values")
-        return (array * 2.0 - 1.0).transpose(2, 0, 1)
+        return to_model_range(array).transpose(2, 0, 1)
 
     def __call__(self, batch: dict[str, list], indices: Sequence[int] | None = None) -> dict[str, list]:
         indices = batch[_INDEX_COLUMN] if indices is None else indices

@@ -14,6 +14,7 @@ import torch
 
 from .annotations import severity_sigma_min, write_sidecar
 from .corruptions import apply_corruption
+from .units import to_unit_range
 
 RECIPE_CORRUPTIONS = ("clean", "gaussian_noise", "gaussian_blur", "jpeg_compression", "missing_pixels")
 
@@ -91,7 +92,7 @@ def make_imperfect(images: torch.Tensor, recipe: list[ImperfectionGroup], seed: 
         end = count if index == len(recipe) - 1 else start + round(group.share * count)
         groups[order[start:end]] = index
         start = end
-    unit = ((images.double() + 1) / 2).cpu()
+    unit = (to_unit_range(images.double())).cpu()
     out, annotations = unit.clone(), []
     masks = None
     if any(group.corruption == "missing_pixels" for group in recipe):
@@ -109,7 +110,7 @@ def make_imperfect(images: torch.Tensor, recipe: list[ImperfectionGroup], seed: 
         elif group.corruption != "clean":
             damaged = apply_corruption(images[record:record + 1].float(), group.corruption, int(group.level),
                                        generator=torch.Generator().manual_seed(seed * 1_000_003 + record))
-            out[record] = ((damaged[0].double() + 1) / 2).cpu()
+            out[record] = (to_unit_range(damaged[0].double())).cpu()
             annotation = {"sigma_min": severity_sigma_min(group.corruption, int(group.level))}
         annotations.append(annotation)
     return ImperfectData(out.permute(0, 2, 3, 1).float().numpy(), annotations, groups, masks)

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.units import to_model_range, to_unit_range
+
 
 def psnr(restored: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB of `(B, C, H, W)` images in `[-1, 1]`, on the `[0, 1]` scale (peak 1)."""
@@ -32,7 +34,7 @@ def ssim(restored: torch.Tensor, clean: torch.Tensor, window: int = 7, sigma: fl
     Per-image SSIM (Wang et al. 2004) of `(B, C, H, W)` images in `[-1, 1]`, on the `[0, 1]` scale: Gaussian window of
     `sigma` pixels and `min(window, H, W)` taps (odd), reflect padding, averaged over pixels and channels.
     """
-    x, y = (restored.float() + 1) / 2, (clean.float() + 1) / 2
+    x, y = to_unit_range(restored.float()), to_unit_range(clean.float())
     taps = min(window, x.shape[-2], x.shape[-1])
     taps -= 1 - taps % 2
     offsets = torch.arange(taps, dtype=torch.float32, device=x.device) - taps // 2
@@ -69,7 +71,7 @@ class PixelFeatures:
         self.name = f"pixels-{size}x{size} (offline; not comparable with Inception FID)"
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        grey = ((images.float() + 1) / 2).mean(dim=1, keepdim=True)
+        grey = (to_unit_range(images.float())).mean(dim=1, keepdim=True)
         return F.interpolate(grey, size=(self.size, self.size), mode="area").flatten(1)
 
 
@@ -130,10 +132,10 @@ def kernel_inception_distance(features_a: torch.Tensor, features_b: torch.Tensor
 
 def nearest_neighbour_distance(queries: torch.Tensor, references: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Per query image, the RMS pixel distance (`[0, 1]` units) to its nearest reference image; `(N,)`."""
-    refs = ((references.float() + 1) / 2).flatten(1)
+    refs = (to_unit_range(references.float())).flatten(1)
     out = []
     for start in range(0, queries.shape[0], batch_size):
-        q = ((queries[start:start + batch_size].float() + 1) / 2).flatten(1)
+        q = (to_unit_range(queries[start:start + batch_size].float())).flatten(1)
         out.append((torch.cdist(q, refs) / refs.shape[1] ** 0.5).min(dim=1).values)
     return torch.cat(out)
 
@@ -166,7 +168,7 @@ def digits_classifier(seed: int = 0):
 
 def digits_probabilities(images: torch.Tensor, classifier) -> np.ndarray:
     """Class probabilities `(N, 10)` of grey images `(N, 1, H, W)` in `[-1, 1]`, area-resized to 8x8 like the digits."""
-    unit = (images.float().cpu() + 1) / 2
+    unit = to_unit_range(images.float().cpu())
     small = F.interpolate(unit[:, :1], size=(8, 8), mode="area").reshape(len(unit), 64).numpy() * 16.0
     return classifier.predict_proba(small)
 
@@ -174,7 +176,7 @@ def digits_probabilities(images: torch.Tensor, classifier) -> np.ndarray:
 def digits_features(images: torch.Tensor, classifier) -> torch.Tensor:
     """The digits classifier's feature space: its 10 one-vs-rest decision values `(N, 10)` for grey images `(N, 1, H, W)`
     in `[-1, 1]` (area-resized to 8x8), the space in which [`frechet_distance`] compares digits."""
-    unit = (images.float().cpu() + 1) / 2
+    unit = to_unit_range(images.float().cpu())
     small = F.interpolate(unit[:, :1], size=(8, 8), mode="area").reshape(len(unit), 64).numpy() * 16.0
     return torch.from_numpy(classifier.decision_function(small)).double()
 
@@ -185,10 +187,10 @@ def copying_share(images: torch.Tensor, train_images: torch.Tensor, ratio: float
     `[-1, 1]`; `train_images` needs at least 2 images. Compare with the same figure for held-out images."""
     if train_images.shape[0] < 2:
         raise ValueError("copying_share needs at least 2 train images")
-    refs = ((train_images.float() + 1) / 2).flatten(1)
+    refs = (to_unit_range(train_images.float())).flatten(1)
     copies = 0
     for start in range(0, images.shape[0], batch_size):
-        queries = ((images[start:start + batch_size].float() + 1) / 2).flatten(1)
+        queries = (to_unit_range(images[start:start + batch_size].float())).flatten(1)
         nearest = torch.cdist(queries, refs).topk(2, dim=1, largest=False).values
         copies += int((nearest[:, 0] < ratio * nearest[:, 1]).sum())
     return copies / images.shape[0]
@@ -208,7 +210,7 @@ def digits_quality(images: np.ndarray, confidence: float = 0.8, classifier=None)
         predicted classes; log2(10) = 3.32 when every class is equally common).
     """
     classifier = classifier or digits_classifier()
-    tensor = torch.from_numpy(np.asarray(images, dtype=np.float32)).permute(0, 3, 1, 2) * 2 - 1
+    tensor = to_model_range(torch.from_numpy(np.asarray(images, dtype=np.float32)).permute(0, 3, 1, 2))
     probabilities = digits_probabilities(tensor, classifier)
     predicted = probabilities.argmax(axis=1)
     counts = np.bincount(predicted, minlength=10)
@@ -294,7 +296,7 @@ class DigitsScore:
         self.classifier = classifier
 
     def compute(self, images: torch.Tensor, reference: Reference) -> dict[str, Any]:
-        return {"digits": digits_quality(((images + 1) / 2).permute(0, 2, 3, 1).numpy(), classifier=self.classifier)}
+        return {"digits": digits_quality((to_unit_range(images)).permute(0, 2, 3, 1).numpy(), classifier=self.classifier)}
 
 
 class PSNR:

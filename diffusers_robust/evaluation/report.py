@@ -18,6 +18,8 @@ from tqdm.auto import tqdm
 
 from ..data.embedded import embedded_dataset
 from ..data.splits import HoldOut, describe_source
+from ..data.units import to_model_range, to_unit_range
+from ..models import image_size
 from .defaults import DEFAULT_RESTORATION_CASES, EVALUATION_SEED
 from .images import stack_images
 from .losses import validation_losses
@@ -57,7 +59,7 @@ def generate(pipeline, count: int, steps: int, seed: int, batch_size: int = 256)
     for start in range(0, count, batch_size):
         generators = [torch.Generator().manual_seed(seed + i) for i in range(start, min(count, start + batch_size))]
         images = sampler(batch_size=len(generators), generator=generators, num_inference_steps=steps, output_type="pt").images
-        out.append(images.cpu() * 2 - 1)
+        out.append(to_model_range(images.cpu()))
     return torch.cat(out)
 
 
@@ -122,8 +124,7 @@ def evaluate_pipeline(
         train_images (`int`): how many training images (the first, in order) the memorisation and copying figures and
             the classical baselines compare with; a bound on memory, since they are held as one tensor.
     """
-    config = pipeline.unet.config
-    size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
+    size = image_size(pipeline.unet.config.sample_size)[0]
     held_out = load_evaluation_images(dataset, split, pipeline.image_channels, size, num_images, hold_out)
     train = load_evaluation_images(dataset if train_dataset is None else train_dataset, train_split,
                                    pipeline.image_channels, size, train_images, hold_out.other() if hold_out else None)
@@ -260,7 +261,7 @@ def plot_restoration(rows: list[dict[str, Any]], path: str, examples: dict[str, 
     axes.set_ylabel("PSNR (dB, capped at 60)")
     axes.legend(fontsize=8)
     for line, case in enumerate(cases, start=1):
-        clean, corrupted, restored = ((examples[case] + 1) / 2).clamp(0, 1)
+        clean, corrupted, restored = (to_unit_range(examples[case])).clamp(0, 1)
         thin = torch.full((*clean.shape[1:3], 1), 0.5)  # grey between the three views, wider between images
         strip = torch.cat([torch.cat([c, thin, d, thin, r, thin.repeat(1, 1, 3)], dim=-1)
                            for c, d, r in zip(clean, corrupted, restored, strict=True)], dim=-1)[..., :-3]
@@ -286,7 +287,7 @@ def write_report(report: dict[str, Any], output_dir: str, title: str = "Evaluati
         handle.write(report_markdown(report, title))
     plot_restoration(report["restoration"], paths["restoration.png"], report.get("_examples"), title)
     if samples is not None:
-        grid = ((samples[:64] + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        grid = (to_unit_range(samples[:64])).clamp(0, 1).permute(0, 2, 3, 1).numpy()
         picture = make_grid(grid, gap=2, min_scale=4)  # >= 4 screen pixels per pixel, grey gaps
         caption = f"{len(grid)} of {len(samples)} samples, {report['sampler']}, seed {report['seed']}"
         add_caption(picture, caption).save(paths["samples.png"])

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..data.corruptions import apply_corruption, gaussian_blur, gaussian_noise
+from ..data.units import to_model_range, to_unit_range
 from ..pipelines.restoration import plan_restoration, restoration_method
 from .defaults import DEFAULT_RESTORATION_CASES
 from .metrics import Metric, Reference, mean_psnr, median_filter, restoration_metrics
@@ -118,10 +119,10 @@ def evaluate_restoration(
             kwargs["learned_restoration"] = True
         restored = []
         for start in range(0, images.shape[0], batch_size):
-            chunk = (corrupted[start:start + batch_size] + 1) / 2
+            chunk = to_unit_range(corrupted[start:start + batch_size])
             generators = [torch.Generator().manual_seed(seed + start + i) for i in range(chunk.shape[0])]
             out = pipeline(image=chunk.to(pipeline.device), generator=generators, output_type="pt", **kwargs).images
-            restored.append(out.cpu() * 2 - 1)
+            restored.append(to_model_range(out.cpu()))
         baseline = classical_baseline(corruption, level, fit_images, seed)
         outputs = {"input": corrupted, "": torch.cat(restored), "baseline": baseline[1](corrupted) if baseline else None}
         method = "learned" if learned else restoration_method(plan, *images.shape[-2:])

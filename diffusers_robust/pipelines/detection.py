@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from ..data.units import to_model_range, to_unit_range
 from .restoration import (
     DETECTION_SIGMA,
     MAX_OPERATOR_PIXELS,
@@ -76,7 +77,7 @@ class Detection:
 def relative_detail(images: torch.Tensor) -> torch.Tensor:
     """Mean `|x - median3x3(x)|` over the image's range per image, `(B,)`: low for blurred images, whatever their
     contrast. `images` `(B, C, H, W)` in `[-1, 1]`."""
-    unit = (images.float() + 1) / 2
+    unit = to_unit_range(images.float())
     batch, channels, height, width = unit.shape
     padded = F.pad(unit.reshape(batch * channels, 1, height, width), (1, 1, 1, 1), mode="replicate")
     median = F.unfold(padded, 3).median(dim=1).values.view(batch, channels, height, width)
@@ -127,8 +128,8 @@ def blur_severity(denoiser: Denoiser, alphas_cumprod: torch.Tensor, images: torc
     for severity in range(1, 6):
         inverse = pseudo_inverse(operator_matrix("gaussian_blur", severity, height, width), SEVERITY_TEST_CUTOFF)
         inverse = inverse.to(images.device)
-        unit = ((images + 1) / 2).reshape(batch * channels, height * width) @ inverse.T
-        deblurred = (unit.reshape(batch, channels, height, width) * 2 - 1).clamp(-1, 1)
+        unit = (to_unit_range(images)).reshape(batch * channels, height * width) @ inverse.T
+        deblurred = to_model_range(unit.reshape(batch, channels, height, width)).clamp(-1, 1)
         scores.append(sum(prior_change(denoiser, alphas, deblurred, level) for level in (0.05, 0.1)))
     return torch.stack(scores, dim=1).argmin(dim=1) + 1
 

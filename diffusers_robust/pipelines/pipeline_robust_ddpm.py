@@ -14,7 +14,8 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, RePaintScheduler, 
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import hf_hub_download, snapshot_download
 
-from ..models import ConditionEmbedding
+from ..data.units import to_model_range
+from ..models import ConditionEmbedding, image_size
 from .detection import Detection, detect_corruption
 from .restoration import (
     DETECTION_SIGMA,
@@ -235,13 +236,12 @@ class RobustDDPMPipeline(DiffusionPipeline):
                 f"image values must lie in [0, 1] (as output_type 'np' and 'pt' return them), "
                 f"got [{image.min().item():.3f}, {image.max().item():.3f}]"
             )
-        size = self.unet.config.sample_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
+        size = self._sample_size()
         if image.shape[1] != channels:
             raise ValueError(f"image has {image.shape[1]} channels but the UNet takes {channels}")
         if tuple(image.shape[2:]) != size:
             raise ValueError(f"image is {tuple(image.shape[2:])} pixels but the UNet takes {size}")
-        return (image * 2 - 1).to(device=self._execution_device, dtype=self.unet.dtype)
+        return to_model_range(image).to(device=self._execution_device, dtype=self.unet.dtype)
 
     def _step_kwargs(self, generator, eta: float) -> dict:
         accepted = set(inspect.signature(self.scheduler.step).parameters)
@@ -417,7 +417,7 @@ class RobustDDPMPipeline(DiffusionPipeline):
                                                severity, noise_sigma, mask, restoration_steps, learned_restoration)
         finally:
             self._observed = None
-        images = (sample / 2 + 0.5).clamp(0, 1)
+        images = (sample / 2 + 0.5).clamp(0, 1)  # not to_unit_range: Diffusers' formula, so images equal DDPMPipeline's
         if output_type != "pt":
             images = images.cpu().permute(0, 2, 3, 1).float().numpy()
             if output_type == "pil":
@@ -492,8 +492,7 @@ class RobustDDPMPipeline(DiffusionPipeline):
         return restored
 
     def _sample_size(self) -> tuple[int, int]:
-        size = self.unet.config.sample_size
-        return (size, size) if isinstance(size, int) else tuple(size)
+        return image_size(self.unet.config.sample_size)
 
     def _timesteps(self, num_inference_steps: int) -> torch.Tensor:
         self.scheduler.set_timesteps(num_inference_steps)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..data.corruptions import CORRUPTION_OPS, canonical_name, corruption_parameter
+from ..data.units import to_model_range, to_unit_range
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -66,7 +67,7 @@ def estimate_noise_sigma(images: torch.Tensor) -> torch.Tensor:
         `torch.Tensor` of shape `(B,)`: `median(|HH|) / 0.6745`. Image edges bias it upwards a little; noise clipped at
         black or white biases it downwards, as it also lowers the noise actually left in the image.
     """
-    unit = (images.float() + 1) / 2
+    unit = to_unit_range(images.float())
     height, width = unit.shape[-2] // 2 * 2, unit.shape[-1] // 2 * 2
     if height == 0 or width == 0:
         raise ValueError(f"noise estimation needs images of at least 2x2 pixels, got {tuple(images.shape[-2:])}")
@@ -129,7 +130,7 @@ def denoise_from_timestep(
 def candidate_missing_pixels(images: torch.Tensor, corruption: str) -> torch.Tensor:
     """Pixels holding a value that `corruption` writes (black, or black and white): `(B, 1, H, W)` bool, a pixel is a
     candidate when any channel holds such a value."""
-    unit = (images + 1) / 2
+    unit = to_unit_range(images)
     hit = torch.zeros_like(unit, dtype=torch.bool)
     for value in MISSING_PIXEL_CORRUPTIONS[corruption]:
         hit |= (unit - value).abs() < 0.5 / 255
@@ -159,8 +160,8 @@ def operator_matrix(corruption: str, severity: int, height: int, width: int) -> 
     if corruption not in LINEAR_CORRUPTIONS:
         raise ValueError(f"{corruption} is not a linear corruption; linear ones: {LINEAR_CORRUPTIONS}")
     pixels = height * width
-    basis = torch.eye(pixels, dtype=torch.float32).view(pixels, 1, height, width) * 2 - 1  # e_i in model units
-    columns = (CORRUPTION_OPS[corruption](basis, corruption_parameter(corruption, severity)) + 1) / 2
+    basis = to_model_range(torch.eye(pixels, dtype=torch.float32).view(pixels, 1, height, width))  # e_i in model units
+    columns = to_unit_range(CORRUPTION_OPS[corruption](basis, corruption_parameter(corruption, severity)))
     return columns.view(pixels, pixels).T.contiguous()
 
 
@@ -174,12 +175,12 @@ def data_consistency(corrupted: torch.Tensor, matrix: torch.Tensor, inverse: tor
     """A projection `x -> x + A^+ (y - A x)` for `denoise_from_timestep`, with `A` acting per channel in `[0, 1]` units."""
     batch, channels, height, width = corrupted.shape
     matrix, inverse = matrix.to(corrupted.device), inverse.to(corrupted.device)
-    observed = ((corrupted + 1) / 2).reshape(batch * channels, height * width)
+    observed = (to_unit_range(corrupted)).reshape(batch * channels, height * width)
 
     def project(clean: torch.Tensor) -> torch.Tensor:
-        flat = ((clean + 1) / 2).reshape(batch * channels, height * width)
+        flat = (to_unit_range(clean)).reshape(batch * channels, height * width)
         flat = flat + (observed - flat @ matrix.T) @ inverse.T
-        return flat.reshape(batch, channels, height, width) * 2 - 1
+        return to_model_range(flat.reshape(batch, channels, height, width))
 
     return project
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from ..data.corruptions import RandomCorruption
 from ..data.datasets import ImageDataset, collate_image_batch
-from ..models import LabelConditionedUNet
+from ..models import LabelConditionedUNet, image_size
 from ..schedulers import RobustDDPMScheduler
 from ..schedulers.robust_options import ROBUST_OPTIONS
 from .config import TrainingConfig
@@ -78,8 +78,7 @@ def resolve_image_shape(unet: UNet2DModel, config: TrainingConfig) -> tuple[int,
     cannot halve as often as it downsamples."""
     takes = unet.config.out_channels if unet.config.in_channels == 2 * unet.config.out_channels else unet.config.in_channels
     channels = config.channels if config.channels is not None else takes
-    size = unet.config.sample_size
-    resolution = config.resolution if config.resolution is not None else (size if isinstance(size, int) else size[0])
+    resolution = config.resolution if config.resolution is not None else image_size(unet.config.sample_size)[0]
     factor = 2 ** (len(unet.config.block_out_channels) - 1)
     if resolution % factor != 0:
         raise ValueError(
