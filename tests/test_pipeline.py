@@ -104,6 +104,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(1.0 / np.mean((a - b) ** 2)))
 
 
+@pytest.mark.xdist_group("overfit-pipeline")  # one worker builds the module's overfit_pipeline once
 def test_restoration_removes_noise_from_a_corrupted_image(overfit_pipeline):
     pipe, target = overfit_pipeline
     clean = ((target + 1) / 2)[0].permute(1, 2, 0).numpy()  # (H, W, C) in [0, 1]
@@ -113,6 +114,7 @@ def test_restoration_removes_noise_from_a_corrupted_image(overfit_pipeline):
     assert _psnr(restored, clean) > _psnr(noisy, clean) + 6
 
 
+@pytest.mark.xdist_group("overfit-pipeline")  # one worker builds the module's overfit_pipeline once
 def test_restoration_runs_strength_share_of_steps_from_t_near_strength_times_T(overfit_pipeline):
     pipe, _ = overfit_pipeline
     seen = []
@@ -125,6 +127,7 @@ def test_restoration_runs_strength_share_of_steps_from_t_near_strength_times_T(o
     assert abs(seen[0] - 0.3 * 1000) <= 20
 
 
+@pytest.mark.xdist_group("overfit-pipeline")  # one worker builds the module's overfit_pipeline once
 def test_restoration_with_small_strength_stays_close_to_the_input(overfit_pipeline):
     pipe, _ = overfit_pipeline
     image = np.random.default_rng(1).uniform(0, 1, (2, 8, 8, 1)).astype(np.float32)
@@ -132,6 +135,7 @@ def test_restoration_with_small_strength_stays_close_to_the_input(overfit_pipeli
     assert _psnr(out, image) > 25
 
 
+@pytest.mark.xdist_group("overfit-pipeline")  # one worker builds the module's overfit_pipeline once
 def test_restoration_accepts_pil_numpy_and_tensor_alike(overfit_pipeline):
     pipe, _ = overfit_pipeline
     array = np.random.default_rng(2).integers(0, 256, (8, 8), dtype=np.uint8)

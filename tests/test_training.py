@@ -47,6 +47,7 @@ def trained(tiny_preset, tmp_path_factory):
     return output_dir, result
 
 
+@pytest.mark.xdist_group("trained-run")  # one worker builds the module's trained once
 def test_output_dir_holds_a_loadable_safetensors_pipeline(trained):
     output_dir, _ = trained
     pipe = RobustDDPMPipeline.from_pretrained(output_dir)
@@ -59,6 +60,7 @@ def test_output_dir_holds_a_loadable_safetensors_pipeline(trained):
     assert images.shape == (2, 8, 8, 1)
 
 
+@pytest.mark.xdist_group("trained-run")  # one worker builds the module's trained once
 def test_output_dir_holds_config_grid_metrics_and_samples(trained):
     output_dir, _ = trained
     with open(output_dir / "training_config.yaml") as handle:
@@ -74,6 +76,7 @@ def test_output_dir_holds_config_grid_metrics_and_samples(trained):
     assert all(np.isfinite(v) for v in metrics["validation_losses"].values())
 
 
+@pytest.mark.xdist_group("trained-run")  # one worker builds the module's trained once
 def test_checkpoint_limit_is_honoured_and_only_complete_checkpoints_count(trained):
     output_dir, _ = trained
     assert [os.path.basename(p) for p in complete_checkpoints(str(output_dir))] == ["checkpoint-6"]
@@ -85,6 +88,7 @@ def test_checkpoint_limit_is_honoured_and_only_complete_checkpoints_count(traine
     assert resolve_checkpoint(str(output_dir), "latest").endswith("checkpoint-6")
 
 
+@pytest.mark.xdist_group("trained-run")  # one worker builds the module's trained once
 def test_model_card_has_hub_metadata_and_training_facts(trained):
     output_dir, _ = trained
     card = (output_dir / "README.md").read_text()
@@ -97,6 +101,7 @@ def test_model_card_has_hub_metadata_and_training_facts(trained):
         assert fact in card
 
 
+@pytest.mark.xdist_group("trained-run")  # one worker builds the module's trained once
 def test_run_ends_with_the_held_out_evaluation_report(trained):
     output_dir, _ = trained
     report = json.loads((output_dir / "evaluation" / "report.json").read_text())
@@ -133,6 +138,7 @@ def test_restoration_training_saves_the_condition_embedding_and_restores_with_it
         pipe(image=image, corruption="gaussian_blur", severity=3, learned_restoration=True)
 
 
+@pytest.mark.xdist_group("trained-run")  # one worker builds the module's trained once
 def test_lr_follows_warmup_and_cosine_per_optimizer_step(trained):
     output_dir, _ = trained
     history = json.loads((output_dir / "metrics.json").read_text())["lr_history"]
