@@ -101,7 +101,7 @@ def sample_quality(model, ema, scheduler, classifier, samples: int) -> dict:
     import torch
 
     from diffusers_robust import RobustDDIMScheduler, RobustDDPMPipeline
-    from diffusers_robust.evaluation.metrics import digits_quality
+    from diffusers_robust.evaluation.digits import digits_quality
     from diffusers_robust.models import export_unet
 
     ema.store(model.parameters())
@@ -124,7 +124,7 @@ def run_arm(arm: str, recipe_path: str, eval_every: int, samples: int, threshold
     from torch.utils.data import DataLoader
 
     from diffusers_robust.data.datasets import collate_image_batch, load_image_dataset
-    from diffusers_robust.evaluation.metrics import digits_classifier
+    from diffusers_robust.evaluation.digits import digits_classifier
     from diffusers_robust.training.config import TrainingConfig
 
     torch.set_num_threads(1)

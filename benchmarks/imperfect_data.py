@@ -113,13 +113,9 @@ def score(folder: str, clean_subset: str | None = None) -> dict:
     import torch
 
     from diffusers_robust import RobustDDIMScheduler, RobustDDPMPipeline
-    from diffusers_robust.evaluation.metrics import (
-        clean_sample_figures,
-        copying_share,
-        digits_classifier,
-        digits_quality,
-        nearest_neighbour_distance,
-    )
+    from diffusers_robust.data.units import to_unit_range
+    from diffusers_robust.evaluation.digits import clean_sample_figures, digits_classifier, digits_quality
+    from diffusers_robust.evaluation.metrics import copying_share, nearest_neighbour_distance
 
     torch.set_num_threads(1)
     pipe = RobustDDPMPipeline.from_pretrained(folder)
@@ -136,7 +132,7 @@ def score(folder: str, clean_subset: str | None = None) -> dict:
         figures["copying_clean_subset_held_out"] = copying_share(held_out, subset)
         figures["distance_clean_subset"] = float(nearest_neighbour_distance(samples, subset).median())
         figures["distance_clean_subset_held_out"] = float(nearest_neighbour_distance(held_out, subset).median())
-    figures["digits"] = digits_quality(((samples + 1) / 2).permute(0, 2, 3, 1).numpy(), classifier=classifier)
+    figures["digits"] = digits_quality(to_unit_range(samples).permute(0, 2, 3, 1).numpy(), classifier=classifier)
     figures["sampling_stop_sigma"] = pipe.scheduler.config.sampling_stop_sigma
     with open(os.path.join(folder, "figures.json"), "w", encoding="utf-8") as handle:
         json.dump(figures, handle, indent=2)
@@ -159,7 +155,7 @@ def reference_digits():
 
 def floors() -> dict:
     """The same figures for the clean train split against the held-out digits."""
-    from diffusers_robust.evaluation.metrics import clean_sample_figures, digits_classifier
+    from diffusers_robust.evaluation.digits import clean_sample_figures, digits_classifier
 
     train, held_out = reference_digits()
     return clean_sample_figures(train, train, held_out, digits_classifier())

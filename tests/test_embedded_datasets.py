@@ -10,6 +10,7 @@ from diffusers_robust import RobustDDPMPipeline, RobustDDPMScheduler
 from diffusers_robust.data.datasets import load_image_dataset
 from diffusers_robust.data.embedded import EMBEDDED_DATASETS, EmbeddedDataset, register_embedded_dataset
 from diffusers_robust.data.splits import split_names
+from diffusers_robust.data.units import to_unit_range
 from diffusers_robust.evaluation.metrics import DatasetExtras
 from diffusers_robust.evaluation.report import evaluate_pipeline
 from diffusers_robust.training.config import TrainingConfig
@@ -28,12 +29,19 @@ def bars() -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def bars_classifier():
-    from sklearn.linear_model import LogisticRegression
+class BarsClassifier:
+    """The toy's classifier, fitted on its train split: logistic regression on the 64 pixels."""
 
-    images, labels = bars()
-    train = TOY.split_indices("train", len(images))
-    return LogisticRegression().fit(images[train].reshape(len(train), 64) / 255 * 16, labels[train])
+    def __init__(self):
+        from sklearn.linear_model import LogisticRegression
+
+        images, labels = bars()
+        train = TOY.split_indices("train", len(images))
+        self.model = LogisticRegression().fit(images[train].reshape(len(train), 64) / 255, labels[train])
+
+    def probabilities(self, images: torch.Tensor) -> np.ndarray:
+        """`(N, 2)` for images `(N, 1, 8, 8)` in `[-1, 1]`."""
+        return self.model.predict_proba(to_unit_range(images).reshape(len(images), 64).numpy())
 
 
 class BrightShare:
@@ -45,7 +53,7 @@ class BrightShare:
         return {"bright_share": float((images > 0).float().mean())}
 
 
-TOY_EXTRAS = DatasetExtras(classifier=bars_classifier, generation_metrics=lambda classifier: [BrightShare()],
+TOY_EXTRAS = DatasetExtras(classifier=BarsClassifier, generation_metrics=lambda classifier: [BrightShare()],
                            sample_quality=lambda images, classifier: {"bright": float((images > 0.5).mean())},
                            scorer="the share of bright pixels")
 TOY = EmbeddedDataset(name="toy-bars", load_arrays=bars, split_of=lambda index: "test" if index % 4 == 0 else "train",

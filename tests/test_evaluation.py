@@ -6,9 +6,9 @@ from conftest import make_tiny_unet
 from sklearn.datasets import load_digits
 
 from diffusers_robust import RobustDDPMScheduler
+from diffusers_robust.evaluation.digits import digits_classifier, digits_quality
 from diffusers_robust.evaluation.images import make_grid
 from diffusers_robust.evaluation.losses import validation_losses
-from diffusers_robust.evaluation.metrics import digits_classifier, digits_quality
 from diffusers_robust.models import LabelConditionedUNet
 
 
@@ -97,4 +97,4 @@ def test_digits_classifier_never_saw_the_held_out_split():
     from diffusers_robust.data.datasets import load_digits_dataset
 
     classifier = digits_classifier()
-    assert classifier.shape_fit_[0] == len(load_digits_dataset()["train"]) == 1497
+    assert classifier.svm.shape_fit_[0] == len(load_digits_dataset()["train"]) == 1497

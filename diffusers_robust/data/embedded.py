@@ -88,5 +88,5 @@ DIGITS = register_embedded_dataset(EmbeddedDataset(
     load_arrays=_digits_arrays,
     split_of=lambda index: "test" if index % 6 == 0 else "train",
     label_names=tuple(str(digit) for digit in range(10)),
-    evaluation="diffusers_robust.evaluation.metrics:DIGITS_EXTRAS",
+    evaluation="diffusers_robust.evaluation.digits:DIGITS_EXTRAS",
 ))

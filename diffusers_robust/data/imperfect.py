@@ -92,7 +92,7 @@ def make_imperfect(images: torch.Tensor, recipe: list[ImperfectionGroup], seed: 
         end = count if index == len(recipe) - 1 else start + round(group.share * count)
         groups[order[start:end]] = index
         start = end
-    unit = (to_unit_range(images.double())).cpu()
+    unit = to_unit_range(images.double()).cpu()
     out, annotations = unit.clone(), []
     masks = None
     if any(group.corruption == "missing_pixels" for group in recipe):
@@ -110,7 +110,7 @@ def make_imperfect(images: torch.Tensor, recipe: list[ImperfectionGroup], seed: 
         elif group.corruption != "clean":
             damaged = apply_corruption(images[record:record + 1].float(), group.corruption, int(group.level),
                                        generator=torch.Generator().manual_seed(seed * 1_000_003 + record))
-            out[record] = (to_unit_range(damaged[0].double())).cpu()
+            out[record] = to_unit_range(damaged[0].double()).cpu()
             annotation = {"sigma_min": severity_sigma_min(group.corruption, int(group.level))}
         annotations.append(annotation)
     return ImperfectData(out.permute(0, 2, 3, 1).float().numpy(), annotations, groups, masks)

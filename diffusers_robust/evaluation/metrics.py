@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.units import to_model_range, to_unit_range
+from ..data.units import to_unit_range
 
 
 def psnr(restored: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
@@ -71,7 +71,7 @@ class PixelFeatures:
         self.name = f"pixels-{size}x{size} (offline; not comparable with Inception FID)"
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        grey = (to_unit_range(images.float())).mean(dim=1, keepdim=True)
+        grey = to_unit_range(images.float()).mean(dim=1, keepdim=True)
         return F.interpolate(grey, size=(self.size, self.size), mode="area").flatten(1)
 
 
@@ -132,53 +132,12 @@ def kernel_inception_distance(features_a: torch.Tensor, features_b: torch.Tensor
 
 def nearest_neighbour_distance(queries: torch.Tensor, references: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Per query image, the RMS pixel distance (`[0, 1]` units) to its nearest reference image; `(N,)`."""
-    refs = (to_unit_range(references.float())).flatten(1)
+    refs = to_unit_range(references.float()).flatten(1)
     out = []
     for start in range(0, queries.shape[0], batch_size):
-        q = (to_unit_range(queries[start:start + batch_size].float())).flatten(1)
+        q = to_unit_range(queries[start:start + batch_size].float()).flatten(1)
         out.append((torch.cdist(q, refs) / refs.shape[1] ** 0.5).min(dim=1).values)
     return torch.cat(out)
-
-
-def digits_classifier(seed: int = 0):
-    """
-    A calibrated RBF-SVM fitted on the embedded digits' train split only (1497 images; `data.load_digits_dataset`), so
-    held-out digits are never scored by a classifier that saw them. Inputs `(N, 64)` with values 0..16.
-
-    Chosen because it is not confident on garbage: it gives top probability >= 0.8 to most real held-out digits and to
-    none of uniform or Gaussian noise images, where logistic regression is (`tests/test_evaluation.py` checks the first
-    two; the comparison is in `benchmarks/RESULTS.md`, "Figures behind the code").
-    """
-    import warnings
-
-    from sklearn.datasets import load_digits
-    from sklearn.svm import SVC
-
-    from ..data.embedded import DIGITS
-
-    digits = load_digits()
-    train = DIGITS.split_indices("train", len(digits.target))
-    with warnings.catch_warnings():
-        # SVC's built-in Platt scaling is deprecated in favour of CalibratedClassifierCV, but the latter is
-        # confident on most uniform-noise images here (RESULTS.md); Platt scaling is the calibration we want.
-        warnings.simplefilter("ignore", FutureWarning)
-        classifier = SVC(gamma=0.001, C=10.0, probability=True, random_state=seed)
-        return classifier.fit(digits.data[train], digits.target[train])
-
-
-def digits_probabilities(images: torch.Tensor, classifier) -> np.ndarray:
-    """Class probabilities `(N, 10)` of grey images `(N, 1, H, W)` in `[-1, 1]`, area-resized to 8x8 like the digits."""
-    unit = to_unit_range(images.float().cpu())
-    small = F.interpolate(unit[:, :1], size=(8, 8), mode="area").reshape(len(unit), 64).numpy() * 16.0
-    return classifier.predict_proba(small)
-
-
-def digits_features(images: torch.Tensor, classifier) -> torch.Tensor:
-    """The digits classifier's feature space: its 10 one-vs-rest decision values `(N, 10)` for grey images `(N, 1, H, W)`
-    in `[-1, 1]` (area-resized to 8x8), the space in which [`frechet_distance`] compares digits."""
-    unit = to_unit_range(images.float().cpu())
-    small = F.interpolate(unit[:, :1], size=(8, 8), mode="area").reshape(len(unit), 64).numpy() * 16.0
-    return torch.from_numpy(classifier.decision_function(small)).double()
 
 
 def copying_share(images: torch.Tensor, train_images: torch.Tensor, ratio: float = 1 / 3, batch_size: int = 256) -> float:
@@ -187,40 +146,13 @@ def copying_share(images: torch.Tensor, train_images: torch.Tensor, ratio: float
     `[-1, 1]`; `train_images` needs at least 2 images. Compare with the same figure for held-out images."""
     if train_images.shape[0] < 2:
         raise ValueError("copying_share needs at least 2 train images")
-    refs = (to_unit_range(train_images.float())).flatten(1)
+    refs = to_unit_range(train_images.float()).flatten(1)
     copies = 0
     for start in range(0, images.shape[0], batch_size):
-        queries = (to_unit_range(images[start:start + batch_size].float())).flatten(1)
+        queries = to_unit_range(images[start:start + batch_size].float()).flatten(1)
         nearest = torch.cdist(queries, refs).topk(2, dim=1, largest=False).values
         copies += int((nearest[:, 0] < ratio * nearest[:, 1]).sum())
     return copies / images.shape[0]
-
-
-def digits_quality(images: np.ndarray, confidence: float = 0.8, classifier=None) -> dict[str, float | list[int]]:
-    """
-    Score generated digits with a classifier trained on the real digits.
-
-    Args:
-        images (`np.ndarray` of shape `(N, H, W, 1)` in `[0, 1]`): generated samples at any resolution;
-            they are area-resized to 8x8 like the real digits.
-
-    Returns:
-        `confident_fraction` (share of samples whose top class probability is at least `confidence`),
-        `class_counts` (predicted class histogram, 10 entries), `classes_present` and `class_entropy_bits` (of the
-        predicted classes; log2(10) = 3.32 when every class is equally common).
-    """
-    classifier = classifier or digits_classifier()
-    tensor = to_model_range(torch.from_numpy(np.asarray(images, dtype=np.float32)).permute(0, 3, 1, 2))
-    probabilities = digits_probabilities(tensor, classifier)
-    predicted = probabilities.argmax(axis=1)
-    counts = np.bincount(predicted, minlength=10)
-    shares = counts[counts > 0] / counts.sum()
-    return {
-        "confident_fraction": float((probabilities.max(axis=1) >= confidence).mean()),
-        "class_counts": counts.tolist(),
-        "classes_present": int((counts > 0).sum()),
-        "class_entropy_bits": float(-(shares * np.log2(shares)).sum()),
-    }
 
 
 @dataclass
@@ -287,18 +219,6 @@ class Memorisation:
 MEMORISATION_DISTANCE_FACTOR = 1.5
 
 
-class DigitsScore:
-    """Digits only: how the classifier of the real digits reads generated samples ([`digits_quality`])."""
-
-    name = "digits"
-
-    def __init__(self, classifier=None):
-        self.classifier = classifier
-
-    def compute(self, images: torch.Tensor, reference: Reference) -> dict[str, Any]:
-        return {"digits": digits_quality((to_unit_range(images)).permute(0, 2, 3, 1).numpy(), classifier=self.classifier)}
-
-
 class PSNR:
     """PSNR in dB of the set's mean squared error against the reference images ([`mean_psnr`])."""
 
@@ -317,45 +237,24 @@ class SSIM:
         return {"ssim": float(ssim(images, reference.images).mean())}
 
 
+class ImageClassifier(Protocol):
+    """A labelled dataset's classifier ([`DatasetExtras.classifier`]), fitted on its train split only."""
+
+    def probabilities(self, images: torch.Tensor) -> np.ndarray:
+        """Class probabilities `(N, K)` of images `(N, C, H, W)` in `[-1, 1]` at the dataset's size."""
+
+
 class ClassifierAccuracy:
-    """Share of images the classifier assigns the reference's label (digits: a classifier of the train split)."""
+    """Share of images the classifier assigns the reference's label."""
 
     name = "accuracy"
 
-    def __init__(self, classifier):
+    def __init__(self, classifier: ImageClassifier):
         self.classifier = classifier
 
     def compute(self, images: torch.Tensor, reference: Reference) -> dict[str, Any]:
-        predicted = digits_probabilities(images, self.classifier).argmax(1)
+        predicted = self.classifier.probabilities(images).argmax(1)
         return {"accuracy": float((predicted == reference.labels).mean())}
-
-
-def clean_sample_figures(samples: torch.Tensor, train: torch.Tensor, held_out: torch.Tensor, classifier) -> dict[str, float]:
-    """How clean and how new digits samples are: `frechet_classifier` (Fréchet distance in the digits classifier's
-    feature space, [`digits_features`], to `held_out`), `noise_std` (median [`estimate_noise_std`] of the samples,
-    `[0, 1]` units), `copying` ([`copying_share`] against `train`) and `copying_held_out` (the same for `held_out`
-    itself: what a model that copies nothing scores). All images `(N, 1, H, W)` in `[-1, 1]`."""
-    from ..data.annotations import estimate_noise_std
-
-    return {
-        "frechet_classifier": frechet_distance(digits_features(samples, classifier), digits_features(held_out, classifier)),
-        "noise_std": float(estimate_noise_std(samples.clamp(-1, 1)).median()),
-        "copying": copying_share(samples, train),
-        "copying_held_out": copying_share(held_out, train),
-    }
-
-
-class CleanSampleFigures:
-    """Digits only: [`clean_sample_figures`], the figures of learning from imperfect data."""
-
-    name = "clean_samples"
-
-    def __init__(self, classifier=None):
-        self.classifier = classifier
-
-    def compute(self, images: torch.Tensor, reference: Reference) -> dict[str, Any]:
-        self.classifier = self.classifier or digits_classifier()
-        return {"clean_samples": clean_sample_figures(images, reference.train_images, reference.images, self.classifier)}
 
 
 def generation_metrics(features: "PixelFeatures | InceptionFeatures", seed: int, extra: Sequence[Metric] = ()) -> list[Metric]:
@@ -369,26 +268,18 @@ class DatasetExtras:
     What a labelled embedded dataset adds to the evaluation; its [`~data.embedded.EmbeddedDataset`] entry names it.
 
     Args:
-        classifier (`Callable[[], Any]`): a classifier fitted on the dataset's train split only (so held-out images are
-            never scored by one that saw them), with `predict_proba` on the inputs `restoration_metrics` gives it.
+        classifier (`Callable[[], ImageClassifier]`): a classifier fitted on the dataset's train split only (so
+            held-out images are never scored by one that saw them); the restoration rows' accuracy comes from it.
         generation_metrics (`Callable[[Any], list[Metric]]`): figures of generated samples, given that classifier.
         sample_quality (`Callable[[np.ndarray, Any], dict]`): the score of samples `(N, H, W, C)` in `[0, 1]` that the
             run summary and the model card show (`quality_samples`).
         scorer (`str`): what scores the samples, for the card ("a classifier trained on the real digits").
     """
 
-    classifier: Callable[[], Any]
+    classifier: Callable[[], ImageClassifier]
     generation_metrics: Callable[[Any], list[Metric]]
     sample_quality: Callable[[np.ndarray, Any], dict[str, Any]]
     scorer: str
-
-
-DIGITS_EXTRAS = DatasetExtras(
-    classifier=digits_classifier,
-    generation_metrics=lambda classifier: [DigitsScore(classifier), CleanSampleFigures(classifier)],
-    sample_quality=lambda images, classifier: digits_quality(images, classifier=classifier),
-    scorer="a classifier trained on the real digits",
-)
 
 
 def dataset_extras(source: Any) -> DatasetExtras | None:
@@ -402,6 +293,6 @@ def dataset_extras(source: Any) -> DatasetExtras | None:
     return getattr(importlib.import_module(module), attribute)
 
 
-def restoration_metrics(classifier=None) -> list[Metric]:
-    """The report's restoration metrics: PSNR, SSIM, and with a classifier (digits) its accuracy."""
+def restoration_metrics(classifier: ImageClassifier | None = None) -> list[Metric]:
+    """The report's restoration metrics: PSNR, SSIM, and with a labelled dataset's classifier its accuracy."""
     return [PSNR(), SSIM(), *([ClassifierAccuracy(classifier)] if classifier is not None else [])]

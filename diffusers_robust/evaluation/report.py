@@ -261,7 +261,7 @@ def plot_restoration(rows: list[dict[str, Any]], path: str, examples: dict[str, 
     axes.set_ylabel("PSNR (dB, capped at 60)")
     axes.legend(fontsize=8)
     for line, case in enumerate(cases, start=1):
-        clean, corrupted, restored = (to_unit_range(examples[case])).clamp(0, 1)
+        clean, corrupted, restored = to_unit_range(examples[case]).clamp(0, 1)
         thin = torch.full((*clean.shape[1:3], 1), 0.5)  # grey between the three views, wider between images
         strip = torch.cat([torch.cat([c, thin, d, thin, r, thin.repeat(1, 1, 3)], dim=-1)
                            for c, d, r in zip(clean, corrupted, restored, strict=True)], dim=-1)[..., :-3]
@@ -287,7 +287,7 @@ def write_report(report: dict[str, Any], output_dir: str, title: str = "Evaluati
         handle.write(report_markdown(report, title))
     plot_restoration(report["restoration"], paths["restoration.png"], report.get("_examples"), title)
     if samples is not None:
-        grid = (to_unit_range(samples[:64])).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        grid = to_unit_range(samples[:64]).clamp(0, 1).permute(0, 2, 3, 1).numpy()
         picture = make_grid(grid, gap=2, min_scale=4)  # >= 4 screen pixels per pixel, grey gaps
         caption = f"{len(grid)} of {len(samples)} samples, {report['sampler']}, seed {report['seed']}"
         add_caption(picture, caption).save(paths["samples.png"])

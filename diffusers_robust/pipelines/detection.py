@@ -128,7 +128,7 @@ def blur_severity(denoiser: Denoiser, alphas_cumprod: torch.Tensor, images: torc
     for severity in range(1, 6):
         inverse = pseudo_inverse(operator_matrix("gaussian_blur", severity, height, width), SEVERITY_TEST_CUTOFF)
         inverse = inverse.to(images.device)
-        unit = (to_unit_range(images)).reshape(batch * channels, height * width) @ inverse.T
+        unit = to_unit_range(images).reshape(batch * channels, height * width) @ inverse.T
         deblurred = to_model_range(unit.reshape(batch, channels, height, width)).clamp(-1, 1)
         scores.append(sum(prior_change(denoiser, alphas, deblurred, level) for level in (0.05, 0.1)))
     return torch.stack(scores, dim=1).argmin(dim=1) + 1

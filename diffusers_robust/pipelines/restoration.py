@@ -175,10 +175,10 @@ def data_consistency(corrupted: torch.Tensor, matrix: torch.Tensor, inverse: tor
     """A projection `x -> x + A^+ (y - A x)` for `denoise_from_timestep`, with `A` acting per channel in `[0, 1]` units."""
     batch, channels, height, width = corrupted.shape
     matrix, inverse = matrix.to(corrupted.device), inverse.to(corrupted.device)
-    observed = (to_unit_range(corrupted)).reshape(batch * channels, height * width)
+    observed = to_unit_range(corrupted).reshape(batch * channels, height * width)
 
     def project(clean: torch.Tensor) -> torch.Tensor:
-        flat = (to_unit_range(clean)).reshape(batch * channels, height * width)
+        flat = to_unit_range(clean).reshape(batch * channels, height * width)
         flat = flat + (observed - flat @ matrix.T) @ inverse.T
         return to_model_range(flat.reshape(batch, channels, height, width))
 
