@@ -130,3 +130,23 @@ def weighted_mse(prediction, target, weights=None):
     if weights is not None:
         per_sample = per_sample * weights.to(per_sample.device)
     return per_sample.mean()
+
+
+def built_once(tmp_path_factory, name: str, build) -> "os.PathLike":
+    """The folder `name`, filled by `build(folder)` once per test session and shared by the pytest-xdist workers (a file
+    lock; the pattern of xdist's docs), so a module fixture that trains is not trained again on each worker that runs one
+    of its tests. Without xdist it lives in this session's own temporary folder."""
+    import shutil
+
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the workers' shared session folder
+    folder = root / name
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / ".built").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            build(folder)
+            (folder / ".built").touch()
+    return folder

@@ -4,7 +4,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import make_tiny_unet
+from conftest import built_once, make_tiny_unet
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 
 from diffusers_robust import RobustDDIMScheduler, RobustDDPMPipeline, RobustDDPMScheduler
@@ -79,8 +79,16 @@ def test_output_types(tiny_unet):
 
 
 @pytest.fixture(scope="module")
-def overfit_pipeline():
-    """A tiny UNet trained to denoise one fixed image: restoration should pull inputs towards it."""
+def overfit_pipeline(tmp_path_factory):
+    """A tiny UNet trained to denoise one fixed image: restoration should pull inputs towards it (trained once per
+    session, saved, and loaded by each worker)."""
+    folder = built_once(tmp_path_factory, "overfit-pipeline", lambda folder: _overfit(folder))
+    target = torch.zeros(1, 1, 8, 8)
+    target[..., 2:6, 2:6] = 1.0
+    return RobustDDPMPipeline.from_pretrained(folder), target * 2 - 1
+
+
+def _overfit(folder) -> None:
     torch.manual_seed(0)
     unet = make_tiny_unet(seed=0).train()
     scheduler = RobustDDPMScheduler()
@@ -97,14 +105,13 @@ def overfit_pipeline():
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    return RobustDDPMPipeline(unet=unet.eval(), scheduler=RobustDDIMScheduler.from_config(scheduler.config)), target
+    RobustDDPMPipeline(unet=unet.eval(), scheduler=RobustDDIMScheduler.from_config(scheduler.config)).save_pretrained(folder)
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(1.0 / np.mean((a - b) ** 2)))
 
 
-@pytest.mark.xdist_group("overfit-pipeline")  # one worker builds the module's overfit_pipeline once
 def test_restoration_removes_noise_from_a_corrupted_image(overfit_pipeline):
     pipe, target = overfit_pipeline
     clean = ((target + 1) / 2)[0].permute(1, 2, 0).numpy()  # (H, W, C) in [0, 1]
@@ -114,7 +121,6 @@ def test_restoration_removes_noise_from_a_corrupted_image(overfit_pipeline):
     assert _psnr(restored, clean) > _psnr(noisy, clean) + 6
 
 
-@pytest.mark.xdist_group("overfit-pipeline")  # one worker builds the module's overfit_pipeline once
 def test_restoration_runs_strength_share_of_steps_from_t_near_strength_times_T(overfit_pipeline):
     pipe, _ = overfit_pipeline
     seen = []
@@ -127,7 +133,6 @@ def test_restoration_runs_strength_share_of_steps_from_t_near_strength_times_T(o
     assert abs(seen[0] - 0.3 * 1000) <= 20
 
 
-@pytest.mark.xdist_group("overfit-pipeline")  # one worker builds the module's overfit_pipeline once
 def test_restoration_with_small_strength_stays_close_to_the_input(overfit_pipeline):
     pipe, _ = overfit_pipeline
     image = np.random.default_rng(1).uniform(0, 1, (2, 8, 8, 1)).astype(np.float32)
@@ -135,7 +140,6 @@ def test_restoration_with_small_strength_stays_close_to_the_input(overfit_pipeli
     assert _psnr(out, image) > 25
 
 
-@pytest.mark.xdist_group("overfit-pipeline")  # one worker builds the module's overfit_pipeline once
 def test_restoration_accepts_pil_numpy_and_tensor_alike(overfit_pipeline):
     pipe, _ = overfit_pipeline
     array = np.random.default_rng(2).integers(0, 256, (8, 8), dtype=np.uint8)

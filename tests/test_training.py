@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import SCRIPT, run_training_script, tiny_training_args, training_env
+from conftest import SCRIPT, built_once, run_training_script, tiny_training_args, training_env
 from safetensors.torch import load_file
 
 from diffusers_robust import RobustDDPMPipeline, RobustDDPMScheduler
@@ -39,15 +39,16 @@ def cosine_lr(step: int, base: float, warmup: int, total: int) -> float:
 
 @pytest.fixture(scope="module")
 def trained(tiny_preset, tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("run") / "tiny-digits"
-    args = tiny_training_args(tiny_preset, output_dir, augment=EDM, corruptions=["gaussian_noise", "salt_and_pepper"],
-                              corruption_p=0.5, snr_gamma=5.0, checkpoints_total_limit=1, input_perturbation=0.1,
-                              epsilon_scale_base=1.001, report="true", report_images=12, report_samples=6)
-    result = run_training(args)
-    return output_dir, result
+    def train(folder):
+        args = tiny_training_args(tiny_preset, folder / "tiny-digits", augment=EDM, corruptions=["gaussian_noise",
+                                  "salt_and_pepper"], corruption_p=0.5, snr_gamma=5.0, checkpoints_total_limit=1,
+                                  input_perturbation=0.1, epsilon_scale_base=1.001, report="true", report_images=12,
+                                  report_samples=6)
+        run_training(args)
+
+    return built_once(tmp_path_factory, "trained-tiny-digits", train) / "tiny-digits", None
 
 
-@pytest.mark.xdist_group("trained-run")  # one worker builds the module's trained once
 def test_output_dir_holds_a_loadable_safetensors_pipeline(trained):
     output_dir, _ = trained
     pipe = RobustDDPMPipeline.from_pretrained(output_dir)
@@ -60,7 +61,6 @@ def test_output_dir_holds_a_loadable_safetensors_pipeline(trained):
     assert images.shape == (2, 8, 8, 1)
 
 
-@pytest.mark.xdist_group("trained-run")  # one worker builds the module's trained once
 def test_output_dir_holds_config_grid_metrics_and_samples(trained):
     output_dir, _ = trained
     with open(output_dir / "training_config.yaml") as handle:
@@ -76,7 +76,6 @@ def test_output_dir_holds_config_grid_metrics_and_samples(trained):
     assert all(np.isfinite(v) for v in metrics["validation_losses"].values())
 
 
-@pytest.mark.xdist_group("trained-run")  # one worker builds the module's trained once
 def test_checkpoint_limit_is_honoured_and_only_complete_checkpoints_count(trained):
     output_dir, _ = trained
     assert [os.path.basename(p) for p in complete_checkpoints(str(output_dir))] == ["checkpoint-6"]
@@ -88,7 +87,6 @@ def test_checkpoint_limit_is_honoured_and_only_complete_checkpoints_count(traine
     assert resolve_checkpoint(str(output_dir), "latest").endswith("checkpoint-6")
 
 
-@pytest.mark.xdist_group("trained-run")  # one worker builds the module's trained once
 def test_model_card_has_hub_metadata_and_training_facts(trained):
     output_dir, _ = trained
     card = (output_dir / "README.md").read_text()
@@ -101,7 +99,6 @@ def test_model_card_has_hub_metadata_and_training_facts(trained):
         assert fact in card
 
 
-@pytest.mark.xdist_group("trained-run")  # one worker builds the module's trained once
 def test_run_ends_with_the_held_out_evaluation_report(trained):
     output_dir, _ = trained
     report = json.loads((output_dir / "evaluation" / "report.json").read_text())
@@ -138,7 +135,6 @@ def test_restoration_training_saves_the_condition_embedding_and_restores_with_it
         pipe(image=image, corruption="gaussian_blur", severity=3, learned_restoration=True)
 
 
-@pytest.mark.xdist_group("trained-run")  # one worker builds the module's trained once
 def test_lr_follows_warmup_and_cosine_per_optimizer_step(trained):
     output_dir, _ = trained
     history = json.loads((output_dir / "metrics.json").read_text())["lr_history"]
