@@ -1,6 +1,8 @@
 """Embedded datasets are plug-ins: a labelled toy dataset registered from this one file loads by name, splits, and
 brings its classifier and figures to the report and the recipe, with no dataset name tested in the package."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -77,6 +79,16 @@ def test_a_registered_dataset_loads_by_name_with_its_split_rule(toy_registered):
         load_image_dataset("toy-bars", "validation")
     with pytest.raises(ValueError, match="already registered"):
         register_embedded_dataset(TOY)
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(split_of=lambda index: "validation"), r"split_of must give 'train' or 'test', got \['validation'\]"),
+    (dict(label_names=("horizontal",)), "24 labels for 24 images, with values up to 1, .* label_names for each value"),
+    (dict(evaluation="test_embedded_datasets.TOY_EXTRAS"), "evaluation must be 'module:attribute'"),
+])
+def test_a_malformed_entry_is_refused_naming_the_dataset(changes, message):
+    with pytest.raises(ValueError, match=f"embedded dataset 'toy-bars': {message}"):
+        dataclasses.replace(TOY, **changes).load()
 
 
 def test_its_classifier_and_figures_reach_the_report_and_the_recipe(toy_registered, tmp_path):

@@ -32,6 +32,11 @@ class EmbeddedDataset:
     label_names: tuple[str, ...] = ()
     evaluation: str | None = None
 
+    def __post_init__(self):
+        if self.evaluation is not None and self.evaluation.count(":") != 1:
+            raise ValueError(f"embedded dataset {self.name!r}: evaluation must be 'module:attribute', got "
+                             f"{self.evaluation!r}")
+
     def split_indices(self, split: str, count: int) -> np.ndarray:
         """Indices `(M,)` of the `count` images that fall in `split` (`"all"`: every one)."""
         return np.array([i for i in range(count) if split == "all" or self.split_of(i) == split], dtype=np.int64)
@@ -39,8 +44,15 @@ class EmbeddedDataset:
     def load(self) -> datasets.DatasetDict:
         """Its `train` and `test` splits: columns `image` (PIL, values 0..255) and, when labelled, `label`."""
         images, labels = self.load_arrays()
+        unknown = sorted({self.split_of(i) for i in range(len(images))} - {"train", "test"})
+        if unknown:
+            raise ValueError(f"embedded dataset {self.name!r}: split_of must give 'train' or 'test', got {unknown}")
         features = {"image": datasets.Image()}
         if labels is not None:
+            if len(labels) != len(images) or not self.label_names or int(labels.max()) >= len(self.label_names):
+                raise ValueError(f"embedded dataset {self.name!r}: {len(labels)} labels for {len(images)} images, "
+                                 f"with values up to {int(labels.max())}, need one per image and label_names for each "
+                                 f"value (got {len(self.label_names)} names)")
             features["label"] = datasets.ClassLabel(names=list(self.label_names))
         splits = {}
         for split in ("train", "test"):

@@ -124,6 +124,8 @@ def set_up(config: TrainingConfig, accelerator: Accelerator, dataset: DatasetLik
     is checked before the first step, so bad input loses nothing. `dataset` / `validation_dataset`: Datasets objects
     that replace `config.dataset` / `config.validation_data`."""
     set_seed(config.seed)
+    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ValueError("mixed_precision fp16 needs a GPU (PyTorch has no fp16 autocast for CPU training); use bf16 or no")
     check_output_dir(config, accelerator)
     pipeline = build_pipeline_from_preset(config.pipeline, seed=config.seed)
     scheduler = build_scheduler(pipeline.scheduler, config)
@@ -171,8 +173,6 @@ def check_output_dir(config: TrainingConfig, accelerator: Accelerator) -> None:
     """Before anything is built: a resume must find the configuration the checkpoints depend on unchanged (changes of
     the rest are logged); a fresh run needs an empty (or `overwrite_output_dir`) folder. `latest` with no checkpoint
     yet starts a fresh run, as Diffusers' examples do, so one command serves the first run and every restart."""
-    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise ValueError("mixed_precision fp16 needs a GPU (PyTorch has no fp16 autocast for CPU training); use bf16 or no")
     if config.resume_from_checkpoint == "latest" and not complete_checkpoints(config.output_dir):
         logger.info(f"resume_from_checkpoint=latest: {config.output_dir} holds no checkpoint yet, so a fresh run starts")
         config.resume_from_checkpoint = None
