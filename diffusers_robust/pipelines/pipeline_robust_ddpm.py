@@ -36,11 +36,11 @@ from .restoration import (
 
 ImageInput = PIL.Image.Image | list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
-# File patterns a pipeline needs from a repository: configs and safetensors weights of each component.
-_COMPONENT_FILE_PATTERNS = ("*.json", "*.safetensors")
 # What `diffusers.DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` imports from a saved folder.
 LOADER_MODULE = "pipeline"
 LOADER_LIBRARY = "diffusers_robust"
+# The module Diffusers' loader imports our components from (see `components.py`).
+COMPONENTS_MODULE = "diffusers_robust.pipelines.components"
 
 
 @dataclass
@@ -51,12 +51,14 @@ class RestorationPipelineOutput(ImagePipelineOutput):
 
 
 def installed_class(name: str) -> type:
-    """A class this package exports by name (`RobustDDPMScheduler`, `ConditionEmbedding`, ...); `ValueError` otherwise."""
-    import diffusers_robust
+    """A pipeline component class of this package by name (`RobustDDPMScheduler`, `ConditionEmbedding`, ...);
+    `ValueError` naming the components otherwise (also for exports that are not components, such as a function)."""
+    from .components import COMPONENT_CLASSES
 
-    if name not in diffusers_robust.__all__:
-        raise ValueError(f"model_index.json names {name!r} from diffusers_robust, which exports no such class")
-    return getattr(diffusers_robust, name)
+    if not isinstance(name, str) or name not in COMPONENT_CLASSES:
+        raise ValueError(f"model_index.json names {name!r} from diffusers_robust, which is not one of its pipeline "
+                         f"components ({', '.join(sorted(COMPONENT_CLASSES))})")
+    return COMPONENT_CLASSES[name]
 
 logger = logging.getLogger(__name__)
 # The severity label of learned restoration when the caller names none: the middle of the trained range 1-5.
@@ -153,29 +155,33 @@ class RobustDDPMPipeline(DiffusionPipeline):
     @classmethod
     def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict:
         """Read `model_index.json`, with the `["pipeline", "RobustDDPMPipeline"]` form read as this class (the installed
-        one loads without running the folder's `pipeline.py`), and this package's components named by the module
-        their class lives in now, so folders saved when it lived elsewhere (before 0.1.0's subpackages) still load."""
+        one loads without running the folder's `pipeline.py`), and this package's components read as classes of
+        `diffusers_robust.pipelines.components`, by class name: Diffusers' loader then imports the installed class
+        (never a folder's `<component>/*.py`), and folders saved when a class lived in another module still load."""
         config = super()._dict_from_json_file(json_file)
         if config.get("_class_name") == [LOADER_MODULE, cls.__name__]:
             config["_class_name"] = cls.__name__
         for name, entry in config.items():
             if _is_own_component(name, entry):
-                config[name] = [installed_class(entry[1]).__module__, entry[1]]
+                config[name] = [COMPONENTS_MODULE, installed_class(entry[1]).__name__]
         return config
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "RobustDDPMPipeline":
-        """Diffusers' `from_pretrained`. Components of this package are built from the installed classes (never from the
-        import files a saved folder carries for `DiffusionPipeline.from_pretrained`)."""
+        """Diffusers' `from_pretrained`: every component, this package's included, goes through Diffusers' loader
+        (`torch_dtype`, `variant`, `device_map`, `use_safetensors` behave as for any pipeline). Code files in the folder
+        (`pipeline.py`, `<component>/*.py`, written for `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`)
+        are never run: this package's classes are the installed ones."""
+        if kwargs.get("trust_remote_code") or kwargs.get("custom_pipeline") is not None:
+            raise ValueError("RobustDDPMPipeline.from_pretrained never runs a folder's code: drop trust_remote_code and "
+                             "custom_pipeline (the installed diffusers_robust classes are used)")
         folder = str(pretrained_model_name_or_path)
-        if not os.path.isdir(folder):
-            folder = cls.download(folder, **kwargs)
-        with open(os.path.join(folder, cls.config_name), encoding="utf-8") as handle:
-            index = json.load(handle)
-        for name, entry in index.items():
-            if name not in kwargs and _is_own_component(name, entry):
-                kwargs[name] = installed_class(entry[1]).from_pretrained(folder, subfolder=name)
-        return super().from_pretrained(folder, **kwargs)
+        if os.path.isdir(folder):
+            for name in _component_names(os.path.join(folder, cls.config_name)):
+                if os.path.isfile(os.path.join(folder, name, COMPONENTS_MODULE + ".py")):
+                    raise ValueError(f"{folder}/{name} holds {COMPONENTS_MODULE}.py, which would shadow the installed "
+                                     "diffusers_robust classes; this loader never runs a folder's code: remove it")
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
     def download(cls, pretrained_model_name: str, **kwargs) -> str:
@@ -185,19 +191,25 @@ class RobustDDPMPipeline(DiffusionPipeline):
         Diffusers' own `download` rejects repositories whose `model_index.json` names components from a
         package other than Diffusers (it expects their code as files in the repository). Our components are
         installed code, so this downloads exactly what the loader needs: `model_index.json`, and the configs
-        and safetensors weights of each component that `model_index.json` lists.
+        and weights of each component that `model_index.json` lists: safetensors, or PyTorch `.bin` files where a
+        component has none (or with `use_safetensors=False`), as Diffusers falls back. Code files are never fetched.
         """
         hub_kwargs = {
             key: kwargs.get(key)
             for key in ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
             if kwargs.get(key) is not None
         }
-        index_file = hf_hub_download(pretrained_model_name, cls.config_name, **hub_kwargs)
-        with open(index_file, encoding="utf-8") as handle:
-            model_index = json.load(handle)
-        components = [name for name, value in model_index.items() if isinstance(value, list) and not name.startswith("_")]
-        allow_patterns = [cls.config_name] + [f"{name}/{pattern}" for name in components for pattern in _COMPONENT_FILE_PATTERNS]
-        return snapshot_download(pretrained_model_name, allow_patterns=allow_patterns, **hub_kwargs)
+        use_safetensors = kwargs.get("use_safetensors")
+        components = _component_names(hf_hub_download(pretrained_model_name, cls.config_name, **hub_kwargs))
+        weights = "*.bin" if use_safetensors is False else "*.safetensors"
+        patterns = [cls.config_name] + [f"{name}/{pattern}" for name in components for pattern in ("*.json", weights)]
+        folder = snapshot_download(pretrained_model_name, allow_patterns=patterns, **hub_kwargs)
+        without_weights = [name for name in components if os.path.isfile(os.path.join(folder, name, "config.json"))
+                           and not any(file.endswith((".safetensors", ".bin")) for file in os.listdir(os.path.join(folder, name)))]
+        if without_weights and use_safetensors is None:
+            folder = snapshot_download(pretrained_model_name, allow_patterns=[f"{name}/*.bin" for name in without_weights],
+                                       **hub_kwargs)
+        return folder
 
     def _image_to_tensor(self, image: ImageInput) -> torch.Tensor:
         """Convert a restoration input to a `(B, C, H, W)` tensor in `[-1, 1]` on the pipeline's device."""
@@ -605,6 +617,15 @@ class RobustDDPMPipeline(DiffusionPipeline):
             raise ValueError(f"generator must be a torch.Generator or a list of them, got {generator!r}")
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"got {len(generator)} generators for a batch of {batch_size}; pass one per image")
+
+
+def _component_names(index_file: str) -> list[str]:
+    """The components a `model_index.json` lists (entries `[library, class]`), or none when the file is missing."""
+    if not os.path.isfile(index_file):
+        return []
+    with open(index_file, encoding="utf-8") as handle:
+        index = json.load(handle)
+    return [name for name, value in index.items() if isinstance(value, list) and not name.startswith("_")]
 
 
 def load_pipeline_index(folder: str | os.PathLike) -> dict:
