@@ -204,11 +204,10 @@ class RobustDDPMPipeline(DiffusionPipeline):
         weights = "*.bin" if use_safetensors is False else "*.safetensors"
         patterns = [cls.config_name] + [f"{name}/{pattern}" for name in components for pattern in ("*.json", weights)]
         folder = snapshot_download(pretrained_model_name, allow_patterns=patterns, **hub_kwargs)
-        without_weights = [name for name in components if os.path.isfile(os.path.join(folder, name, "config.json"))
-                           and not any(file.endswith((".safetensors", ".bin")) for file in os.listdir(os.path.join(folder, name)))]
+        without_weights = [name for name in components if _needs_bin_weights(os.path.join(folder, name))]
         if without_weights and use_safetensors is None:
-            folder = snapshot_download(pretrained_model_name, allow_patterns=[f"{name}/*.bin" for name in without_weights],
-                                       **hub_kwargs)
+            bin_patterns = [f"{name}/*.bin" for name in without_weights]
+            folder = snapshot_download(pretrained_model_name, allow_patterns=bin_patterns, **hub_kwargs)
         return folder
 
     def _image_to_tensor(self, image: ImageInput) -> torch.Tensor:
@@ -617,6 +616,12 @@ class RobustDDPMPipeline(DiffusionPipeline):
             raise ValueError(f"generator must be a torch.Generator or a list of them, got {generator!r}")
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"got {len(generator)} generators for a batch of {batch_size}; pass one per image")
+
+
+def _needs_bin_weights(component_folder: str) -> bool:
+    """Whether a downloaded model component (it has a `config.json`) came without safetensors weights."""
+    return os.path.isfile(os.path.join(component_folder, "config.json")) and not any(
+        file.endswith((".safetensors", ".bin")) for file in os.listdir(component_folder))
 
 
 def _component_names(index_file: str) -> list[str]:
