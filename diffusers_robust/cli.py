@@ -22,6 +22,7 @@ import os
 import sys
 
 from .evaluation.defaults import DEFAULT_RESTORATION_CASES, EVALUATION_SEED, QUICK_RESTORATION_CASES
+from .output_folders import check_output_folder, staged_output_folder, staged_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -82,12 +83,32 @@ def _add_train_command(commands) -> None:
     build_argument_parser(train)
 
 
+def _add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier result of this package in --output_dir (a folder holding other files is "
+                             "always refused)")
+
+
+def _local(paths: list[str]) -> list[str]:
+    """The paths that exist here (a Hub id is not one)."""
+    return [path for path in paths if os.path.exists(path)]
+
+
+def _output_rules(args: argparse.Namespace, inputs: list[str] = ()) -> dict:
+    """How a command's `--output_dir` is checked (see `output_folders`), checked once here before any work."""
+    rules = {"command": args.command, "overwrite": args.overwrite, "inputs": _local(list(inputs)),
+             "keep": _local([args.pipeline])}
+    check_output_folder(args.output_dir, **rules)
+    return rules
+
+
 def _add_sample_command(commands) -> None:
     defaults = argparse.ArgumentDefaultsHelpFormatter
     sample = commands.add_parser("sample", help="generate images with a pipeline", formatter_class=defaults,
                                  description="Generate images: a PNG grid and/or one PNG per image.")
     _add_pipeline_arguments(sample)
     sample.add_argument("--output_dir", default="samples", help="where the images go")
+    _add_overwrite_argument(sample)
     sample.add_argument("--num_images", type=_positive, default=16, help="images to generate")
     sample.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="DDIM (deterministic) or ancestral DDPM")
     sample.add_argument("--num_inference_steps", type=_positive, default=50, help="denoising steps")
@@ -105,6 +126,7 @@ def _add_restore_command(commands) -> None:
     _add_pipeline_arguments(restore)
     restore.add_argument("inputs", nargs="+", help="image files or folders of images, at the pipeline's sample size")
     restore.add_argument("--output_dir", default="restored", help="where the restored images go")
+    _add_overwrite_argument(restore)
     restore.add_argument("--corruption", default=None,
                          help="what damaged the images (gaussian_noise, impulse_noise, gaussian_blur, ..., or auto); with "
                               "no restoration option it is detected per image (auto)")
@@ -127,6 +149,7 @@ def _add_evaluate_command(commands) -> None:
     )
     evaluate.add_argument("pipeline", help="pipeline folder or Hub id (RobustDDPMPipeline)")
     evaluate.add_argument("--output_dir", default="evaluation", help="where the report goes")
+    _add_overwrite_argument(evaluate)
     evaluate.add_argument("--dataset", default="digits", help="'digits', an image folder, parquet/arrow files or a Hub name")
     evaluate.add_argument("--split", default="test", help="held-out split that is scored; a dataset with no 'test' split "
                           "holds out --validation_share of --train_split, as training does")
@@ -196,6 +219,7 @@ def _add_imperfect_command(commands) -> None:
     imperfect.add_argument("--resolution", type=_positive, default=8, help="side in pixels")
     imperfect.add_argument("--seed", type=int, default=0, help="seeds which record gets what and the noise")
     imperfect.add_argument("--output_dir", required=True, help="where float/, png/ and recipe.json go")
+    _add_overwrite_argument(imperfect)
 
 
 def _add_presets_command(commands) -> None:
@@ -234,10 +258,12 @@ def run_make_imperfect(args: argparse.Namespace) -> list[str]:
     from .data.imperfect import make_imperfect, parse_recipe, save_imperfect
 
     recipe = parse_recipe(args.recipe)
+    check_output_folder(args.output_dir, "make-imperfect", args.overwrite, _local([args.dataset]))
     loaded = load_image_dataset(args.dataset, args.split, channels=args.channels, resolution=args.resolution,
                                 annotations="ignore")
     images = torch.cat([b["pixel_values"] for b in DataLoader(loaded.dataset, batch_size=256, collate_fn=collate_image_batch)])
-    paths = save_imperfect(make_imperfect(images, recipe, args.seed), args.output_dir, recipe, args.seed)
+    paths = save_imperfect(make_imperfect(images, recipe, args.seed), args.output_dir, recipe, args.seed,
+                           overwrite=args.overwrite, inputs=_local([args.dataset]))
     return [paths["float"], paths["png"]]
 
 
@@ -281,28 +307,27 @@ def run_sample(args: argparse.Namespace) -> list[str]:
     from .evaluation.images import make_grid
     from .schedulers import RobustDDIMScheduler, RobustDDPMScheduler
 
+    rules = _output_rules(args)
     pipeline = _load_pipeline(args)
     scheduler_class = RobustDDIMScheduler if args.sampler == "ddim" else RobustDDPMScheduler
     pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config)
-    os.makedirs(args.output_dir, exist_ok=True)
     written, images = [], []
-    for start in tqdm(range(0, args.num_images, args.batch_size), desc="sample"):
-        count = min(args.batch_size, args.num_images - start)
-        batch = pipeline(batch_size=count, generator=_generators(args.seed, start, count),
-                         num_inference_steps=args.num_inference_steps, output_type="np").images
-        images.extend(batch)
-        if args.output in ("images", "both"):
-            for index, picture in enumerate(pipeline.numpy_to_pil(batch)):
-                path = os.path.join(args.output_dir, f"image-{start + index:05d}.png")
-                picture.save(path)
-                written.append(path)
-    if args.output in ("grid", "both"):
-        import numpy as np
+    with staged_output_folder(args.output_dir, **rules) as staging:
+        for start in tqdm(range(0, args.num_images, args.batch_size), desc="sample"):
+            count = min(args.batch_size, args.num_images - start)
+            batch = pipeline(batch_size=count, generator=_generators(args.seed, start, count),
+                             num_inference_steps=args.num_inference_steps, output_type="np").images
+            images.extend(batch)
+            if args.output in ("images", "both"):
+                for index, picture in enumerate(pipeline.numpy_to_pil(batch)):
+                    written.append(os.path.join(staging, f"image-{start + index:05d}.png"))
+                    picture.save(written[-1])
+        if args.output in ("grid", "both"):
+            import numpy as np
 
-        path = os.path.join(args.output_dir, "grid.png")
-        make_grid(np.stack(images)).save(path)
-        written.append(path)
-    return written
+            written.append(os.path.join(staging, "grid.png"))
+            make_grid(np.stack(images)).save(written[-1])
+    return [staged_path(staging, args.output_dir, path) for path in written]
 
 
 def _image_files(inputs: list[str]) -> list[str]:
@@ -317,11 +342,18 @@ def _image_files(inputs: list[str]) -> list[str]:
             files.append(item)
         else:
             raise FileNotFoundError(f"{item} is neither an image file nor a folder")
-    names = [os.path.basename(path) for path in files]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise ValueError(f"several inputs are named {duplicates}: the restored files would overwrite each other")
+    targets = [restored_name(path) for path in files]
+    clashes = sorted({target for target in targets if targets.count(target) > 1})
+    if clashes:
+        named = {target: [path for path in files if restored_name(path) == target] for target in clashes}
+        raise ValueError("several inputs would be restored to one file: " + "; ".join(
+            f"{', '.join(paths)} -> {target}" for target, paths in named.items()))
     return files
+
+
+def restored_name(path: str) -> str:
+    """The file an input image is restored to: its name with a `.png` suffix."""
+    return os.path.splitext(os.path.basename(path))[0] + ".png"
 
 
 def _read_images(files: list[str], channels: int, size: tuple[int, int], what: str):
@@ -356,6 +388,7 @@ def run_restore(args: argparse.Namespace) -> list[str]:
     plan_restoration(corruption=args.corruption, severity=args.severity, noise_sigma=args.noise_sigma,
                      strength=args.strength, mask=args.masks)
     files = _image_files(args.inputs)
+    rules = _output_rules(args, [*args.inputs, *([args.masks] if args.masks else [])])
     pipeline = _load_pipeline(args)
     channels, size = pipeline.image_channels, image_size(pipeline.unet.config.sample_size)
     images = _read_images(files, channels, size, "input")
@@ -363,29 +396,28 @@ def run_restore(args: argparse.Namespace) -> list[str]:
     if args.masks is not None:
         mask_files = [os.path.join(args.masks, os.path.basename(path)) for path in files]
         masks = (_read_images(mask_files, 1, size, "mask") > 0.5).astype(np.float32)
-    os.makedirs(args.output_dir, exist_ok=True)
     detect = all(value is None for value in (args.corruption, args.severity, args.noise_sigma, args.strength, args.masks))
     options = {"corruption": "auto" if detect else args.corruption, "severity": args.severity,
                "noise_sigma": args.noise_sigma, "strength": args.strength, "restoration_steps": args.restoration_steps,
                "learned_restoration": args.learned_restoration}
-    written, choices = [], {}
-    for start in tqdm(range(0, len(files), args.batch_size), desc="restore"):
-        stop = min(start + args.batch_size, len(files))
-        mask = None if masks is None else masks[start:stop]
-        output = pipeline(image=images[start:stop], mask=mask, generator=_generators(args.seed, start, stop - start),
-                          output_type="pil", **options)
-        for index, (path, picture) in enumerate(zip(files[start:stop], output.images, strict=True)):
-            target = os.path.join(args.output_dir, os.path.splitext(os.path.basename(path))[0] + ".png")
-            picture.save(target)
-            written.append(target)
-            choices[os.path.basename(target)] = (output.detections[index].to_dict() if output.detections is not None
-                                                 else {key: value for key, value in options.items() if value is not None})
-    for name, choice in choices.items():
-        print(f"{name}: {_describe_choice(choice)}", file=sys.stderr)
-    record = os.path.join(args.output_dir, "restoration.json")
-    with open(record, "w", encoding="utf-8") as handle:
-        json.dump({"detected": detect, "images": choices}, handle, indent=2)
-    return [*written, record]
+    with staged_output_folder(args.output_dir, **rules) as staging:
+        written, choices = [], {}
+        for start in tqdm(range(0, len(files), args.batch_size), desc="restore"):
+            stop = min(start + args.batch_size, len(files))
+            mask = None if masks is None else masks[start:stop]
+            output = pipeline(image=images[start:stop], mask=mask, generator=_generators(args.seed, start, stop - start),
+                              output_type="pil", **options)
+            for index, (path, picture) in enumerate(zip(files[start:stop], output.images, strict=True)):
+                written.append(os.path.join(staging, restored_name(path)))
+                picture.save(written[-1])
+                choices[restored_name(path)] = (output.detections[index].to_dict() if output.detections is not None
+                                                else {key: value for key, value in options.items() if value is not None})
+        for name, choice in choices.items():
+            print(f"{name}: {_describe_choice(choice)}", file=sys.stderr)
+        written.append(os.path.join(staging, "restoration.json"))
+        with open(written[-1], "w", encoding="utf-8") as handle:
+            json.dump({"detected": detect, "images": choices}, handle, indent=2)
+    return [staged_path(staging, args.output_dir, path) for path in written]
 
 
 def _describe_choice(choice: dict) -> str:
@@ -413,13 +445,16 @@ def run_evaluate(args: argparse.Namespace) -> list[str]:
     plan = plan_held_out(args.dataset, args.train_split, args.split, args.validation_data, args.validation_share,
                          args.validation_holdout_seed)
     print(plan.description, file=sys.stderr)
+    rules = _output_rules(args)
     pipeline = _load_pipeline(args)
     cases, num_images = evaluation_depth(args)
     report = evaluate_pipeline(pipeline, plan.source, plan.split, args.train_split, num_images, args.num_samples,
                                args.sampling_steps, cases, args.inception_weights, args.seed,
                                learned_restoration=args.learned_restoration, hold_out=plan.hold_out,
                                train_dataset=args.dataset)
-    return list(write_report(report, args.output_dir, title=f"Evaluation of {args.pipeline}").values())
+    with staged_output_folder(args.output_dir, **rules) as staging:
+        written = write_report(report, staging, title=f"Evaluation of {args.pipeline}").values()
+    return [staged_path(staging, args.output_dir, path) for path in written]
 
 
 def run_push(args: argparse.Namespace) -> list[str]:
@@ -464,6 +499,10 @@ def main(argv: list[str] | None = None) -> int:
                 "annotate": run_annotate, "make-imperfect": run_make_imperfect, "presets": run_presets}
     try:
         written = commands[args.command](args)
+    except KeyboardInterrupt:  # Ctrl-C: output folders are staged, so the earlier result (or nothing) is in place
+        where = f"; {args.output_dir} is as it was" if getattr(args, "output_dir", None) else ""
+        print(f"diffusers-robust {args.command}: interrupted{where}", file=sys.stderr)
+        return 130
     except (ValueError, OSError) as error:  # one line either way; the exit code says whose fault it is
         machine = isinstance(error, OSError) and error.errno in MACHINE_ERRNOS
         print(f"diffusers-robust {args.command}: {'failed' if machine else 'error'}: {error}".splitlines()[0], file=sys.stderr)

@@ -19,7 +19,7 @@ fi
 # 512 samples, as the benchmark scores its arms; eight restoration cases, two of them RePaint inpainting (the slow one)
 .venv/bin/diffusers-robust evaluate outputs/digits --dataset digits --num_images 200 --num_samples 512 \
     --cases gaussian_noise/s1 gaussian_noise/s3 gaussian_noise/s5 gaussian_noise/sigma0.3 impulse_noise/s3 masking/s3 \
-    gaussian_blur/s3 jpeg_compression/s3 --output_dir outputs/digits/evaluation
+    gaussian_blur/s3 jpeg_compression/s3 --output_dir outputs/digits/evaluation --overwrite
 .venv/bin/python - "$start" <<'PY'
 import json, sys, time
 metrics = json.load(open("outputs/digits/metrics.json"))

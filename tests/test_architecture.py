@@ -143,7 +143,8 @@ def test_thread_default_divides_the_cores_among_processes_and_warns_when_oversub
 # The package's layers, lowest first: a module may import its own layer and the ones below, never one above, deferred
 # imports inside functions included. `if TYPE_CHECKING:` imports never run and are allowed; so is the package root,
 # whose names resolve lazily.
-LAYERS = [("schedulers", "models", "data"), ("pipelines",), ("evaluation",), ("hub",), ("training",), ("cli", "__main__")]
+LAYERS = [("schedulers", "models", "data", "output_folders"), ("pipelines",), ("evaluation",), ("hub",), ("training",),
+          ("cli", "__main__")]
 
 
 def _layer(module: str) -> int:

@@ -248,6 +248,64 @@ def test_sigterm_to_the_whole_process_group_saves_one_checkpoint_and_the_run_res
     assert json.loads((out / "metrics.json").read_text())["global_step"] == step + 1
 
 
+def _launch(command: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+@pytest.mark.slow
+@pytest.mark.newest_stack
+@pytest.mark.parametrize("into_step", [0.15, 0.7], ids=["forward", "backward"])
+def test_a_group_sigterm_mid_step_saves_the_last_completed_step_within_the_launchers_grace(tmp_path, into_step):
+    """Steps longer than Accelerate 1.16's 5 s between its SIGTERM and its SIGKILL: finishing the step in progress
+    would be killed, so the step is dropped and the last completed one saved at once: from the signal handler during
+    the forward pass, from the watcher thread during the backward pass (one C++ call, which Python cannot interrupt)."""
+    import accelerate
+    import accelerate.commands.launch as accelerate_launch
+
+    out = tmp_path / "out"
+    # The digits preset's UNet on every training digit at 16x16 in one batch: steps of 6-20 s on one thread.
+    args = tiny_training_args("ddpm-digits", out, train_batch_size=1497, resolution=16, max_train_steps=1000,
+                              checkpointing_steps=1000, validation_steps=1, lr_warmup_steps=0)
+    launcher = _launch([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT, *args],
+                       training_env(ACCELERATE_USE_CPU="1"))
+    output = _Output(launcher)
+    try:
+        wait_for(lambda: (out / "samples" / "step-1.png").exists())  # a grid per step marks each step's end
+        started = time.monotonic()
+        wait_for(lambda: (out / "samples" / "step-2.png").exists())
+        step_seconds = time.monotonic() - started
+        trainer = int((out / ".lock").read_text().rsplit(":", 1)[1])
+        time.sleep(step_seconds * into_step)  # inside step 3
+        signalled = time.time()
+        os.killpg(launcher.pid, signal.SIGTERM)
+        launcher.wait(timeout=120)
+        launcher_exit = time.time()
+        wait_for(lambda: not process_alive(trainer), timeout=30)
+    finally:
+        try:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    text = output.finish()
+    saved = out / "checkpoints" / "checkpoint-2"
+    assert (saved / "checkpoint.json").exists(), f"steps of {step_seconds:.1f} s; no checkpoint-2:\n{text[-3000:]}"
+    # The stop line, or (the launcher killed the trainer in its backward pass) the watcher's early-save line.
+    assert f"stopped by SIGTERM at step 2; saved {saved}" in text or f"saved {saved} (step 2, the last completed)" in text
+    assert json.loads((saved / "checkpoint.json").read_text())["batches_consumed"] == 2  # the dropped batch comes again
+    assert not list((out / "checkpoints").glob("*.tmp"))
+    OutputDirLock(str(out)).acquire().release()  # not held (a killed trainer's lock file may remain; the kernel freed it)
+    saved_after = (saved / "checkpoint.json").stat().st_mtime - signalled
+    print(f"accelerate {accelerate.__version__}, SIGTERM {into_step:.0%} into a step: steps of {step_seconds:.1f} s; "
+          f"checkpoint of the last completed step "
+          f"{saved_after:.1f} s after the SIGTERM; launcher exit {launcher.returncode} after "
+          f"{launcher_exit - signalled:.1f} s")
+    assert saved_after < 5.0
+    if hasattr(accelerate_launch, "_terminate_process_tree"):  # 1.16+: it waits for the trainer
+        assert launcher.returncode == 128 + signal.SIGTERM and launcher_exit >= signalled + saved_after
+
+
 @pytest.mark.slow
 def test_a_trainer_that_is_pid_1_of_a_container_stops_on_sigterm_with_a_checkpoint(tiny_preset, tmp_path):
     probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True)

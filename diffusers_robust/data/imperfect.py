@@ -4,7 +4,7 @@ assumption) and as 8-bit clipped PNG files (what real photos look like)."""
 
 import json
 import os
-import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import datasets
@@ -12,6 +12,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..output_folders import staged_output_folder
 from .annotations import severity_sigma_min, write_sidecar
 from .corruptions import apply_corruption
 from .units import to_unit_range
@@ -117,19 +118,25 @@ def make_imperfect(images: torch.Tensor, recipe: list[ImperfectionGroup], seed: 
 
 
 def save_imperfect(data: ImperfectData, folder: str, recipe: list[ImperfectionGroup], seed: int,
-                   labels: list[int] | None = None) -> dict[str, str]:
+                   labels: list[int] | None = None, overwrite: bool = False, inputs: Sequence[str] = ()) -> dict[str, str]:
     """
     Save `data` twice: `folder/float/train.parquet` (float `Array3D` column `image` in `[0, 1]` units, unclipped, with
     annotation columns, `mask` (`Array2D` uint8) when records miss pixels, and `label` if given) and `folder/png/`
     (8-bit PNG files, clipped, with `annotations.csv` next to them, keyed by file name, naming mask images in
     `masks/`, outside the image folder so a folder loader does not read them as images), plus `folder/recipe.json`.
-    Written into `folder.tmp` and renamed: never half-written.
+    Written through `output_folders.staged_output_folder`: never half-written; a folder holding the user's files, or
+    one of `inputs` (the source data), is refused, and an earlier result is replaced only with `overwrite`.
 
     Returns:
         `{"float": <parquet path>, "png": <image folder>}`.
     """
-    temporary = f"{folder.rstrip(os.sep)}.tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
+    with staged_output_folder(folder, "make-imperfect", overwrite, inputs) as temporary:
+        _write_imperfect(data, temporary, recipe, seed, labels)
+    return {"float": os.path.join(folder, "float", "train.parquet"), "png": os.path.join(folder, "png")}
+
+
+def _write_imperfect(data: ImperfectData, temporary: str, recipe: list[ImperfectionGroup], seed: int,
+                     labels: list[int] | None) -> None:
     os.makedirs(os.path.join(temporary, "float"))
     os.makedirs(os.path.join(temporary, "png"))
     count, height, width, channels = data.images.shape
@@ -160,9 +167,6 @@ def save_imperfect(data: ImperfectData, folder: str, recipe: list[ImperfectionGr
     shares = {f"{g.corruption}:{g.level:g}": int((data.groups == i).sum()) for i, g in enumerate(recipe)}
     with open(os.path.join(temporary, "recipe.json"), "w", encoding="utf-8") as handle:
         json.dump({"seed": seed, "groups": [asdict(g) for g in recipe], "records": shares}, handle, indent=2)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(temporary, folder)
-    return {"float": os.path.join(folder, "float", "train.parquet"), "png": os.path.join(folder, "png")}
 
 
 def measure_sigma_min(images: torch.Tensor, corruption: str, severity: int) -> float:

@@ -304,6 +304,7 @@ class Checkpointer:
         self.run_id = uuid.uuid4().hex[:12]  # this process's saves; `parent` names the checkpoint it resumed from
         self.parent: dict[str, Any] | None = None
         self._pending: tuple[TrainingPosition, int] | None = None
+        self._completed: tuple[TrainingPosition, int] | None = None
 
     def position(self, step: int, epoch: int, batches_consumed: int) -> TrainingPosition:
         """The position after `step`, with the stream's position when there is one."""
@@ -318,8 +319,25 @@ class Checkpointer:
         """Write the deferred checkpoint, if any; returns its folder."""
         if self._pending is None:
             return None
-        position, micro_steps = self._pending
+        pending, self._pending = self._pending, None
+        return self._save_at(*pending)
+
+    def mark_completed(self, position: TrainingPosition) -> None:
+        """Record `position` as the last completed step: what [`save_completed`] writes when a stop drops the step in
+        progress (its micro-batches are trained again on resume)."""
+        self._completed = (position, self.accelerator.step)
+
+    @property
+    def completed_step(self) -> int | None:
+        return self._completed[0].step if self._completed is not None else None
+
+    def save_completed(self) -> str:
+        """Save the last completed step (see [`mark_completed`]); returns the checkpoint folder."""
         self._pending = None
+        return self._save_at(*self._completed)
+
+    def _save_at(self, position: TrainingPosition, micro_steps: int) -> str:
+        """Save `position` with Accelerate's micro-step counter as it was there (it drives gradient accumulation)."""
         current, self.accelerator.step = self.accelerator.step, micro_steps
         try:
             return self.save(position)

@@ -28,6 +28,7 @@ from ..evaluation.losses import validation_losses
 from ..evaluation.metrics import dataset_extras
 from ..hub import prepare_hub_repo, push_pipeline_to_hub, write_model_card
 from ..models import export_condition_embedding, export_unet
+from ..output_folders import write_marker
 from ..pipelines.pipeline_robust_ddpm import RobustDDPMPipeline
 from ..pipelines.presets import build_pipeline_from_preset, resolve_preset
 from ..schedulers import RobustDDIMScheduler, RobustDDPMScheduler
@@ -37,6 +38,7 @@ from .checkpoints import (
     NonFiniteLossError,
     TrainingPosition,
     apply_umask,
+    checkpoints_dir,
     complete_checkpoints,
     staged_export,
 )
@@ -45,6 +47,7 @@ from .distributed import parameter_checksum, step_seed
 from .objective import RobustDiffusionObjective
 from .progress import StepProgress, quiet_third_party_logs
 from .run_guard import (
+    StepAbandoned,
     StopSignals,
     TrainingStopped,
     check_resume_config,
@@ -381,7 +384,8 @@ def run_steps(
     signals: StopSignals | None = None,
 ) -> TrainingPosition:
     """The step loop, from `start` to `max_train_steps`: one objective call, backward and optimizer step per micro-batch,
-    LR and EMA per optimizer step, periodic checkpoints and validation. Returns where it ended."""
+    LR and EMA per optimizer step, periodic checkpoints and validation. Returns where it ended. A stop request drops the
+    step in progress and saves the last completed one (`stop_at_last_completed_step`)."""
     config, accelerator = run.config, run.accelerator
     step, epoch, batches_consumed = start.step, start.epoch, start.batches_consumed
     batches_to_skip = 0 if run.train_data.streaming else batches_consumed - epoch * run.batches_per_epoch
@@ -389,39 +393,43 @@ def run_steps(
     parameters = list(run.model.parameters())  # one list for clipping and EMA, not a module walk per step
     run.model.train()
     loop_started, last_validation = time.perf_counter(), -1
-    while step < run.max_train_steps and epoch < run.num_epochs:
-        run.train_data.set_epoch(epoch)
-        batches = run.dataloader
-        if not run.train_data.streaming:
-            run.dataloader.set_epoch(epoch)
-            if batches_to_skip:  # skipped by the sampler: the records are never read or decoded
-                batches = accelerator.skip_first_batches(run.dataloader, batches_to_skip)
-                batches_to_skip = 0
-        for batch in batches:
-            gathered_loss, stop_requested = train_micro_batch(run, batch, batches_consumed, step, parameters, stats,
-                                                              checkpointer, signals)
-            batches_consumed += 1
-            if not accelerator.sync_gradients:
-                continue
-            stats.lr[step + 1] = run.lr_scheduler.get_last_lr()[0]
-            run.lr_scheduler.step()
-            if run.ema is not None:
-                run.ema.step(parameters)
-            step += 1
-            log_step(run, stats, step, gathered_loss.mean().item(), loop_started, progress)
-            if stop_requested or step == run.max_train_steps:  # no next loss will vouch for these weights: a probe does
-                require_finite_outputs(run, stats.last_batch, f"at step {step}", checkpointer.resume_hint)
-                saved = checkpointer.save(checkpointer.position(step, epoch, batches_consumed))
-                if stop_requested:  # no next step will come
-                    stop_with_checkpoint(saved, step, signals)
-            elif step % config.checkpointing_steps == 0:  # written once the next loss, on these weights, is finite
-                checkpointer.defer(checkpointer.position(step, epoch, batches_consumed))
-            if step % config.validation_steps == 0 or step == run.max_train_steps:
-                validate(step)
-                last_validation = step
-            if step >= run.max_train_steps:
-                break
-        epoch += 1
+    checkpointer.mark_completed(start)
+    try:
+        while step < run.max_train_steps and epoch < run.num_epochs:
+            run.train_data.set_epoch(epoch)
+            batches = run.dataloader
+            if not run.train_data.streaming:
+                run.dataloader.set_epoch(epoch)
+                if batches_to_skip:  # skipped by the sampler: the records are never read or decoded
+                    batches = accelerator.skip_first_batches(run.dataloader, batches_to_skip)
+                    batches_to_skip = 0
+            for batch in batches:
+                gathered_loss = train_micro_batch(run, batch, batches_consumed, step, parameters, stats, checkpointer,
+                                                  signals)
+                batches_consumed += 1
+                if not accelerator.sync_gradients:
+                    continue
+                stats.lr[step + 1] = run.lr_scheduler.get_last_lr()[0]
+                run.lr_scheduler.step()
+                if run.ema is not None:
+                    run.ema.step(parameters)
+                step += 1
+                checkpointer.mark_completed(checkpointer.position(step, epoch, batches_consumed))
+                log_step(run, stats, step, gathered_loss.mean().item(), loop_started, progress)
+                if step == run.max_train_steps:  # no next loss will vouch for these weights: a probe does
+                    require_finite_outputs(run, stats.last_batch, f"at step {step}", checkpointer.resume_hint)
+                    checkpointer.save(checkpointer.position(step, epoch, batches_consumed))
+                elif step % config.checkpointing_steps == 0:  # written once the next loss, on these weights, is finite
+                    checkpointer.defer(checkpointer.position(step, epoch, batches_consumed))
+                if step % config.validation_steps == 0 or step == run.max_train_steps:
+                    validate(step)
+                    last_validation = step
+                if step >= run.max_train_steps:
+                    break
+            epoch += 1
+    except StepAbandoned as abandoned:
+        progress.close()
+        stop_at_last_completed_step(run, checkpointer, stats, signals, abandoned.vouched)
     progress.close()
     end = checkpointer.position(step, epoch, batches_consumed)
     if checkpointer.last_saved_step != step:
@@ -434,13 +442,15 @@ def run_steps(
 
 
 def train_micro_batch(run: TrainingRun, batch: dict, batches_consumed: int, step: int, parameters: list,
-                      stats: StepStats, checkpointer: Checkpointer, signals: StopSignals | None) -> tuple[torch.Tensor, bool]:
+                      stats: StepStats, checkpointer: Checkpointer, signals: StopSignals | None) -> torch.Tensor:
     """One micro-batch: the objective's loss on it (noise and dropout seeded by rank and position), backward, clipping
     and the optimizer step (Accelerate applies them once per accumulation window). A batch whose records were all bad
     trains a zero-weight dummy so ranks stay in step. One collective carries every rank's loss and whether it was asked
-    to stop. Returns `(gathered losses (world_size,), stop requested on any rank)`; `NonFiniteLossError` on a
-    non-finite loss (nothing is saved: the weights have diverged)."""
+    to stop. Returns the gathered losses `(world_size,)`; `NonFiniteLossError` on a non-finite loss (nothing is saved:
+    the weights have diverged); `StepAbandoned` before the optimizer step when a stop was requested: on any rank, seen
+    in that collective, or in a single process at once (the forward and backward passes change no saved state)."""
     config, accelerator = run.config, run.accelerator
+    alone = signals is not None and accelerator.num_processes == 1
     stats.skipped.update(batch)
     rank = accelerator.process_index
     generator = torch.Generator().manual_seed(step_seed(config.seed, rank, batches_consumed))
@@ -456,20 +466,70 @@ def train_micro_batch(run: TrainingRun, batch: dict, batches_consumed: int, step
         extras = (None, None, None)
     stats.last_batch = (images, labels, *extras)
     with accelerator.accumulate(run.model):
-        loss = run.objective(run.model, images, labels, generator, *extras).loss.mean() * float(valid)
-        stop_here = float(signals is not None and signals.requested is not None)
-        gathered = accelerator.gather(torch.stack([loss.detach().float(), loss.new_tensor(stop_here)]).reshape(1, 2))
-        if not torch.isfinite(gathered[:, 0]).all():
-            raise NonFiniteLossError(f"the training loss became {gathered[:, 0].tolist()} at step {step + 1}. "
-                                     f"{checkpointer.resume_hint()}")
+        with _abandoning(signals, alone):
+            loss = run.objective(run.model, images, labels, generator, *extras).loss.mean() * float(valid)
+            stop_here = float(signals is not None and signals.requested is not None)
+            gathered = accelerator.gather(torch.stack([loss.detach().float(), loss.new_tensor(stop_here)]).reshape(1, 2))
+            if not torch.isfinite(gathered[:, 0]).all():
+                raise NonFiniteLossError(f"the training loss became {gathered[:, 0].tolist()} at step {step + 1}. "
+                                         f"{checkpointer.resume_hint()}")
+        if gathered[:, 1].any():  # every rank sees it here: all save the last completed step together
+            raise StepAbandoned(vouched=True)
         checkpointer.confirm()  # the deferred checkpoint's weights just gave a finite loss
-        accelerator.backward(loss)
-        if accelerator.sync_gradients and config.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+        try:
+            with _abandoning(signals, alone, early_save=lambda: save_early(checkpointer)):
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+        except StepAbandoned:
+            raise StepAbandoned(vouched=True) from None  # this micro-batch's finite loss was on the current weights
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
     stats.images_seen_here += int(valid) * batch["pixel_values"].shape[0]
-    return gathered[:, 0], bool(gathered[:, 1].any())
+    return gathered[:, 0]
+
+
+# Images of the last batch whose loss vouches for the weights a stop saves (a full batch can take longer than a launcher
+# waits between its SIGTERM and its SIGKILL).
+STOP_PROBE_IMAGES = 8
+
+
+def first_images(batch: tuple, count: int) -> tuple:
+    """The first `count` images of a `StepStats.last_batch` tuple, with their per-image extras."""
+    size = batch[0].shape[0]
+    return tuple(item[:count] if isinstance(item, torch.Tensor) and item.ndim and item.shape[0] == size else item
+                 for item in batch)
+
+
+def _abandoning(signals: StopSignals | None, enabled: bool, early_save=None):
+    return signals.abandoning(enabled, early_save) if signals is not None else contextlib.nullcontext()
+
+
+def save_early(checkpointer: Checkpointer) -> None:
+    """On the signal watcher thread, during a backward pass (which changes no saved state, and whose loss was finite on
+    these weights): save the last completed step now, before a launcher's kill can come."""
+    if checkpointer.completed_step and checkpointer.completed_step != checkpointer.last_saved_step:
+        saved = checkpointer.save_completed()
+        logger.warning(f"saved {saved} (step {checkpointer.completed_step}, the last completed) while the step in "
+                       "progress finishes; that step is dropped")
+
+
+def stop_at_last_completed_step(run: TrainingRun, checkpointer: Checkpointer, stats: StepStats,
+                                signals: StopSignals | None, vouched: bool) -> None:
+    """After a stop request dropped the step in progress: save the last completed step (unless it is saved already or
+    no step was made), with a probe of its weights' loss first unless a finite loss on them was computed (`vouched`);
+    then raise `TrainingStopped`."""
+    completed = checkpointer.completed_step
+    if not completed:
+        where = "no step was completed, nothing to save"
+    elif completed == checkpointer.last_saved_step:
+        where = f"saved {os.path.join(checkpoints_dir(run.config.output_dir), f'checkpoint-{completed}')}"
+    else:
+        if not vouched and stats.last_batch is not None:  # a few images: the probe must fit in a launcher's grace
+            require_finite_outputs(run, first_images(stats.last_batch, STOP_PROBE_IMAGES), f"at step {completed}",
+                                   checkpointer.resume_hint)
+        where = f"saved {checkpointer.save_completed()}"
+    stop_with_checkpoint(where, completed or 0, signals)
 
 
 def log_step(run: TrainingRun, stats: StepStats, step: int, mean_loss: float, loop_started: float,
@@ -485,12 +545,11 @@ def log_step(run: TrainingRun, stats: StepStats, step: int, mean_loss: float, lo
 
 
 def stop_with_checkpoint(saved: str, step: int, signals: StopSignals | None) -> None:
-    """Raise `TrainingStopped` after the stopping save: with this rank's signal and exit code, or SIGTERM's when
-    another rank was signalled."""
+    """Raise `TrainingStopped` after the stopping save (`saved`: "saved <folder>" or why nothing was): with this rank's
+    signal and exit code, or SIGTERM's when another rank was signalled."""
     here = signals is not None and signals.requested is not None
     name, code = (signals.requested, signals.exit_code) if here else ("SIGTERM", 128 + signal.SIGTERM)
-    raise TrainingStopped(f"stopped by {name} at step {step}; saved {saved}. Resume with --resume_from_checkpoint latest",
-                          code)
+    raise TrainingStopped(f"stopped by {name} at step {step}; {saved}. Resume with --resume_from_checkpoint latest", code)
 
 
 def outputs_are_finite(run: TrainingRun, batch: tuple, everywhere: bool = True) -> bool:
@@ -620,6 +679,7 @@ def write_export(run: TrainingRun, end: TrainingPosition, stats: StepStats, vali
                                    config.report_samples, config.num_inference_steps, hold_out=plan.hold_out,
                                    train_dataset=run.train_source)
         write_report(report, os.path.join(folder, "evaluation"), title=f"Evaluation of {repo_id}")
+        write_marker(os.path.join(folder, "evaluation"), "train")  # `evaluate --overwrite` may replace it
         summary.report = {key: value for key, value in report.items() if not key.startswith("_")}
     summary.save(folder)
     write_model_card(folder, repo_id, config.to_dict(), summary, config.license)

@@ -15,7 +15,9 @@ import os
 import shutil
 import signal
 import socket
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -186,6 +188,16 @@ class TrainingStopped(BaseException):
         self.exit_code = exit_code
 
 
+class StepAbandoned(BaseException):
+    """A stop request arrived during a step's work that changes no saved state (the forward and backward passes, a
+    validation): the step in progress is dropped and the last completed step is saved at once. `vouched`: a finite loss
+    on the current weights was already computed (no probe needed before saving them)."""
+
+    def __init__(self, vouched: bool = False):
+        super().__init__("the step in progress was abandoned to save the last completed step")
+        self.vouched = vouched
+
+
 # The kernel sends this when the launcher (the parent process) dies: a real-time signal nothing else sends, so the
 # launcher's death is told apart from the user's signals and always joins the stop request they caused.
 PARENT_DEATH_SIGNAL = signal.SIGRTMIN + 2 if hasattr(signal, "SIGRTMIN") else None
@@ -196,14 +208,19 @@ STOP_GRACE_SECONDS = 3.0
 
 class StopSignals:
     """
-    SIGTERM and SIGINT ask the run to stop at the next step boundary with a checkpoint; `requested` names the signal and
-    `exit_code` is 128 + its number. One event often delivers several signals, which join that one request: any within
-    `STOP_GRACE_SECONDS` of the first, and the launcher's death (the kernel's parent-death signal, asked for here on
-    Linux) at any time. A SIGTERM or SIGINT later than that is a deliberate second request: the process exits at once,
-    without a checkpoint.
+    SIGTERM and SIGINT ask the run to stop with a checkpoint; `requested` names the signal and `exit_code` is 128 + its
+    number. One event often delivers several signals, which join that one request: any within `STOP_GRACE_SECONDS` of
+    the first, and the launcher's death (the kernel's parent-death signal, asked for here on Linux) at any time. A SIGTERM
+    or SIGINT later than that is a deliberate second request: the process exits at once, without a checkpoint.
 
     Inside [`interrupting`] (the export and report, after the last checkpoint), a request stops the work at once by
-    raising `TrainingStopped` instead of waiting for a step boundary that will not come.
+    raising `TrainingStopped` instead of waiting for a step boundary that will not come. Inside [`abandoning`] (the
+    parts of a step that change no saved state: forward and backward passes), it raises `StepAbandoned`, so the last
+    completed step is saved at once, within a launcher's grace (Accelerate 1.16 kills its child 5 s after a SIGTERM),
+    instead of after the step in progress. Python runs a handler only between bytecodes, after a long C++ call such as a
+    backward pass returns; so a watcher thread, woken through `signal.set_wakeup_fd` the moment the signal arrives, runs
+    the block's `early_save` (saving the last completed step, whose weights that pass does not change) while the pass
+    finishes, and the block then raises `StepAbandoned`.
     """
 
     def __init__(self):
@@ -211,7 +228,13 @@ class StopSignals:
         self._number = 0
         self._first_at = 0.0
         self._interrupting: str | None = None
+        self._abandoning = False
         self._previous: dict[int, Any] = {}
+        self._state = threading.Lock()  # the watcher's early save against the main thread leaving an `abandoning` block
+        self._early_save: Callable[[], None] | None = None
+        self._saved_early = False
+        self._wakeup: tuple[socket.socket, socket.socket] | None = None
+        self._previous_wakeup_fd = -1
 
     def install(self) -> "StopSignals":
         numbers = [signal.SIGTERM, signal.SIGINT] + ([PARENT_DEATH_SIGNAL] if PARENT_DEATH_SIGNAL else [])
@@ -222,7 +245,31 @@ class StopSignals:
                 ctypes.CDLL(None, use_errno=True).prctl(1, int(PARENT_DEATH_SIGNAL), 0, 0, 0)
             except (AttributeError, OSError):
                 pass
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)
+        self._previous_wakeup_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        self._wakeup = (reader, writer)
+        threading.Thread(target=self._watch, args=(reader, set(numbers)), name="stop-signal-watcher", daemon=True).start()
         return self
+
+    def _watch(self, reader: socket.socket, numbers: set[int]) -> None:
+        """The watcher thread: on a stop signal, run the current `abandoning` block's `early_save` once."""
+        while True:
+            try:
+                received = reader.recv(64)
+            except OSError:
+                return
+            if not received:
+                return
+            if not numbers.intersection(received):
+                continue
+            with self._state:
+                if self._early_save is not None and not self._saved_early:
+                    try:
+                        self._early_save()
+                        self._saved_early = True
+                    except Exception:  # the main thread saves (or reports) after the step instead
+                        logger.exception("saving the last completed step early failed; it is saved after the pass")
 
     @property
     def exit_code(self) -> int:
@@ -234,8 +281,8 @@ class StopSignals:
         if self.requested is None:
             self.requested, self._number, self._first_at = name, signal.SIGTERM if parent_died else number, time.monotonic()
             cause = " (the launcher, this process's parent, died)" if parent_died else ""
-            logger.warning("%s received%s: finishing this step, saving a checkpoint, then stopping (send it again after "
-                           "%g s to exit at once, without a checkpoint)", name, cause, STOP_GRACE_SECONDS)
+            logger.warning("%s received%s: saving a checkpoint of the last completed step, then stopping (send it again "
+                           "after %g s to exit at once, without a checkpoint)", name, cause, STOP_GRACE_SECONDS)
         elif parent_died or time.monotonic() - self._first_at < STOP_GRACE_SECONDS:
             logger.info("%s%s joins the stop already requested", name, " (the launcher died)" if parent_died else "")
             return
@@ -244,6 +291,9 @@ class StopSignals:
             os._exit(128 + number)
         if self._interrupting is not None:
             self._raise()
+        if self._abandoning:
+            self._abandoning = False
+            raise StepAbandoned()
 
     def _raise(self) -> None:
         where, self._interrupting = self._interrupting, None
@@ -261,7 +311,35 @@ class StopSignals:
         finally:
             self._interrupting = None
 
+    @contextlib.contextmanager
+    def abandoning(self, enabled: bool = True, early_save: Callable[[], None] | None = None):
+        """Within this block (when `enabled`) a stop request raises `StepAbandoned` (also one that came before the
+        block): at once where Python can run its handler, at the block's end after `early_save` ran on the watcher
+        thread where it cannot (a long C++ call). Only for work that changes none of the state a checkpoint saves, and
+        only where no other process waits in a collective for this one (a single process)."""
+        if not enabled:
+            yield
+            return
+        if self.requested is not None:
+            raise StepAbandoned()
+        with self._state:
+            self._early_save, self._saved_early = early_save, False
+        self._abandoning = True
+        try:
+            yield
+        finally:
+            self._abandoning = False
+            with self._state:  # waits for an early save under way
+                self._early_save, saved_early = None, self._saved_early
+        if saved_early:
+            raise StepAbandoned(vouched=True)
+
     def uninstall(self) -> None:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous.clear()
+        if self._wakeup is not None:
+            signal.set_wakeup_fd(self._previous_wakeup_fd)
+            for end in self._wakeup:
+                end.close()
+            self._wakeup = None
