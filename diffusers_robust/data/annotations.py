@@ -7,7 +7,8 @@ A record may also carry a `mask` of its observed pixels (`(H, W)`, nonzero or wh
 missing). A record without annotation is clean: `noise_sigma = sigma_min = 0`, `sigma_max = inf`, every pixel observed.
 
 Sources, in order of precedence: one value for every record (`noise_sigma=` of the training config), a sidecar file
-(CSV or JSON, keyed by file name or record id), columns of the dataset, or `"auto"` (estimated per image by
+(CSV or JSON, keyed by the image's path relative to the folder, its file name where no other record's file has it, or
+its record id; one sidecar per folder, each record named once), columns of the dataset, or `"auto"` (estimated per image by
 [`estimate_noise_std`]). [`attach_annotations`] turns any of them into dataset columns, so they travel with map-style
 and streamed datasets, are sharded with them and resume with the stream's position.
 """
@@ -18,6 +19,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import datasets
 import numpy as np
@@ -56,24 +58,24 @@ def lowest_usable_sigma(noise_sigma: float, sigma_min: float, max_weight: float)
 def read_sidecar(path: str | os.PathLike) -> dict[str, dict[str, float]]:
     """`{key: {column: value}}` from a CSV (a `file_name` or `record_id` column, then any of `noise_sigma`,
     `sigma_min`, `sigma_max` and `mask`, the file name of a mask image relative to the sidecar) or a JSON object
-    `{key: {column: value}}`; `ValueError` naming the file otherwise."""
+    `{key: {column: value}}` (numbers, and a string for `mask`); `ValueError` naming the file and the row otherwise: an
+    unknown column, a key given twice, a row with more fields than the header, a value that is not a number (JSON
+    `true` is not 1.0)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"annotation file {path} does not exist")
     if path.endswith(".json"):
         with open(path, encoding="utf-8") as handle:
-            table = json.load(handle)
+            table = json.load(handle, object_pairs_hook=_refuse_duplicate_keys(path))
         if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
             raise ValueError(f"{path}: expected a JSON object {{file name or record id: {{noise_sigma: ...}}}}")
+        for key, values in table.items():
+            wrong = {k: v for k, v in values.items() if not _json_value_ok(k, v)}
+            if wrong:
+                raise ValueError(f"{path}: {key}: annotations must be numbers (mask: a file name), got {wrong}")
         rows = {str(key): values for key, values in table.items()}
     elif path.endswith(".csv"):
-        with open(path, encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle)
-            fields = reader.fieldnames or []
-            key = next((k for k in SIDECAR_KEYS if k in fields), None)
-            if key is None:
-                raise ValueError(f"{path}: the first row must name a key column ({' or '.join(SIDECAR_KEYS)}), got {fields}")
-            rows = {row[key]: {k: v for k, v in row.items() if k != key and v not in ("", None)} for row in reader}
+        rows = _read_csv_sidecar(path)
     else:
         raise ValueError(f"annotation file {path} must be .csv or .json")
     for key, values in rows.items():
@@ -85,6 +87,41 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, dict[str, float]]:
         except (TypeError, ValueError):
             raise ValueError(f"{path}: {key}: annotations must be numbers, got {values}") from None
     return rows
+
+
+def _json_value_ok(column: str, value: Any) -> bool:
+    """A mask is a file name; every other annotation a number (not a bool: `true` is no noise level)."""
+    if column == MASK_COLUMN:
+        return isinstance(value, str)
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _read_csv_sidecar(path: str) -> dict[str, dict[str, str]]:
+    with open(path, encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        fields = reader.fieldnames or []
+        key = next((k for k in SIDECAR_KEYS if k in fields), None)
+        if key is None:
+            raise ValueError(f"{path}: the first row must name a key column ({' or '.join(SIDECAR_KEYS)}), got {fields}")
+        rows: dict[str, dict[str, str]] = {}
+        for row in reader:
+            if None in row:
+                raise ValueError(f"{path}: line {reader.line_num} has more fields than the header {fields}")
+            if row[key] in rows:
+                raise ValueError(f"{path}: {row[key]!r} is annotated twice (line {reader.line_num}); keep one row")
+            rows[row[key]] = {k: v for k, v in row.items() if k != key and v not in ("", None)}
+    return rows
+
+
+def _refuse_duplicate_keys(path: str):
+    def pairs_to_dict(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in pairs]
+        twice = sorted({key for key in keys if keys.count(key) > 1})
+        if twice:
+            raise ValueError(f"{path}: {twice} annotated twice; keep one entry each")
+        return dict(pairs)
+
+    return pairs_to_dict
 
 
 def write_sidecar(path: str | os.PathLike, rows: dict[str, dict[str, float]], key: str = "file_name") -> None:
@@ -160,14 +197,24 @@ def summarise(columns: dict[str, Sequence[float]], max_weight: float) -> Annotat
                              lowest_trusted_sigma=float(min(usable)) if usable else 0.0)
 
 
-def record_keys(dataset: datasets.Dataset, image_column: str, name: str) -> list[tuple[str, str]]:
-    """Per record, `(file name, record id)`: the base name of its image file (None-safe) and `name[index]`."""
+def record_keys(dataset: datasets.Dataset, image_column: str, name: str, root: str | None = None) -> list[tuple[str, ...]]:
+    """Per record, the keys a sidecar may name it by, the one `annotate` writes first: its image file's path relative to
+    `root` (POSIX separators; the base name without a `root`), its base name when no other record's file has that name,
+    and its record id `name[index]` (the only key of a record without a file)."""
     values = dataset.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))[image_column] \
         if isinstance(dataset.features[image_column], datasets.Image) else [None] * len(dataset)
+    paths = [value.get("path") if isinstance(value, dict) else None for value in values]
+    base_names = [os.path.basename(path) for path in paths if path]
     keys = []
-    for index, value in enumerate(values):
-        path = value.get("path") if isinstance(value, dict) else None
-        keys.append((os.path.basename(path) if path else "", f"{name}[{index}]"))
+    for index, path in enumerate(paths):
+        record_id = f"{name}[{index}]"
+        if not path:
+            keys.append((record_id,))
+            continue
+        relative = os.path.relpath(os.path.abspath(path), os.path.abspath(root)).replace(os.sep, "/") if root else None
+        base = os.path.basename(path)
+        unique_base = base if base_names.count(base) == 1 else None
+        keys.append(tuple(dict.fromkeys(k for k in (relative or base, unique_base, record_id) if k)))
     return keys
 
 
@@ -179,6 +226,7 @@ def attach_annotations(
     noise_sigma: float | None = None,
     estimate: Callable[[datasets.Dataset], list[float]] | None = None,
     required: bool = False,
+    root: str | None = None,
 ) -> datasets.Dataset:
     r"""
     The map-style `dataset` with the three annotation columns, filled from (highest precedence first) one
@@ -193,6 +241,7 @@ def attach_annotations(
         noise_sigma (`float`, *optional*): one noise std for every record.
         estimate (*optional*): `dataset -> [noise std per record]`.
         required (`bool`): refuse records that no source annotates.
+        root (`str`, *optional*): the image folder; sidecar keys are paths relative to it ([`record_keys`]).
 
     Returns:
         `datasets.Dataset` with float columns `noise_sigma`, `sigma_min`, `sigma_max` (and `mask`, the mask files' paths,
@@ -202,22 +251,7 @@ def attach_annotations(
     columns = {c: list(dataset[c]) if c in dataset.column_names else [None] * count for c in ANNOTATION_COLUMNS}
     masks = None
     if sidecar is not None:
-        rows = read_sidecar(sidecar)
-        keys = record_keys(dataset, image_column, name)
-        by_key = {key: index for index, pair in enumerate(keys) for key in pair if key}
-        unknown = [key for key in rows if key not in by_key]
-        if unknown:
-            raise ValueError(f"{sidecar}: {len(unknown)} annotated name(s) match no record of {name}, e.g. {unknown[:3]} "
-                             f"(keys are file names such as {keys[0][0]!r} or record ids such as {keys[0][1]!r})")
-        for key, values in rows.items():
-            for column, value in values.items():
-                if column == MASK_COLUMN:
-                    if MASK_COLUMN in dataset.column_names:
-                        raise ValueError(f"{sidecar}: names masks, but {name} has its own '{MASK_COLUMN}' column")
-                    masks = masks or [None] * count
-                    masks[by_key[key]] = os.path.join(os.path.dirname(os.path.abspath(sidecar)), value)
-                else:
-                    columns[column][by_key[key]] = value
+        masks = _apply_sidecar(dataset, image_column, name, sidecar, root, columns)
     if estimate is not None:
         columns["noise_sigma"] = [float(v) for v in estimate(dataset)]
     if noise_sigma is not None:
@@ -240,6 +274,43 @@ def attach_annotations(
     return dataset
 
 
+def _apply_sidecar(dataset: datasets.Dataset, image_column: str, name: str, sidecar: str, root: str | None,
+                   columns: dict[str, list]) -> list | None:
+    """Fill `columns` from the sidecar's rows; returns the mask file per record (None where there is none), or None
+    when the sidecar names no mask. Refuses a key that matches no record, two keys naming one record, and a mask file
+    that is itself one of the records (mask images must live outside the image folder)."""
+    rows = read_sidecar(sidecar)
+    keys = record_keys(dataset, image_column, name, root)
+    by_key = {key: index for index, record in enumerate(keys) for key in record}
+    unknown = [key for key in rows if key not in by_key]
+    if unknown:
+        raise ValueError(f"{sidecar}: {len(unknown)} annotated name(s) match no record of {name}, e.g. {unknown[:3]} "
+                         f"(keys are paths relative to the folder such as {keys[0][0]!r}, unique file names, or record "
+                         f"ids such as {keys[0][-1]!r})")
+    named: dict[int, str] = {}
+    for key in rows:
+        if by_key[key] in named:
+            raise ValueError(f"{sidecar}: {named[by_key[key]]!r} and {key!r} name the same record ({keys[by_key[key]][0]}); "
+                             "keep one")
+        named[by_key[key]] = key
+    record_files = {os.path.realpath(key if os.path.isabs(key) else os.path.join(root, key))
+                    for record in keys for key in record[:1] if root}
+    masks = None
+    for key, values in rows.items():
+        for column, value in values.items():
+            if column != MASK_COLUMN:
+                columns[column][by_key[key]] = value
+                continue
+            if MASK_COLUMN in dataset.column_names:
+                raise ValueError(f"{sidecar}: names masks, but {name} has its own '{MASK_COLUMN}' column")
+            masks = masks or [None] * len(dataset)
+            masks[by_key[key]] = os.path.join(os.path.dirname(os.path.abspath(sidecar)), value)
+            if os.path.realpath(masks[by_key[key]]) in record_files:
+                raise ValueError(f"{sidecar}: the mask {value} of {key} is itself an image of {name}: keep mask images "
+                                 "outside the image folder (make-imperfect writes them to ../masks)")
+    return masks
+
+
 def decode_mask(value, record: str, shape: tuple[int, int]) -> np.ndarray:
     """A record's mask of observed pixels as `(H, W)` bool: an array (nonzero = observed), an image (value > 127 =
     observed) as a Datasets value `{"bytes", "path"}` or a path. `ValueError` naming `record` unless it has `shape`
@@ -254,6 +325,9 @@ def decode_mask(value, record: str, shape: tuple[int, int]) -> np.ndarray:
             raise ValueError(f"{record}: empty mask record")
         try:
             with PIL.Image.open(source) as image:
+                if "A" in image.getbands() or "transparency" in image.info:
+                    raise ValueError("it has an alpha channel, which would be ignored: save it as a grey image, white "
+                                     "where a pixel is observed, black where it is missing")
                 observed = np.asarray(image.convert("L")) > 127
         except (OSError, ValueError) as error:
             raise ValueError(f"{record}: mask does not decode ({error})") from None
@@ -280,10 +354,10 @@ def annotate_dataset(source: str, output: str, split: str = "train", image_colum
     column = detect_image_column(dataset.features, image_column)
     dataset = dataset.cast_column(column, datasets.Image(decode=False))
     name = os.path.basename(os.path.normpath(source)) + f"/{split}"
-    keys = record_keys(dataset, column, name)
+    keys = record_keys(dataset, column, name, source if os.path.isdir(source) else None)
     rows, failed = {}, []
     for index, value in enumerate(dataset[column]):
-        key = keys[index][0] or keys[index][1]
+        key = keys[index][0]
         try:
             image = to_mode(decode_image(value), channels)
             if resolution is not None:
@@ -296,7 +370,7 @@ def annotate_dataset(source: str, output: str, split: str = "train", image_colum
         rows[key] = {"noise_sigma": round(float(estimate_noise_std(pixels)[0]), 4)}
     if not rows:
         raise ValueError(f"{source} holds no decodable image to annotate")
-    write_sidecar(output, rows, "file_name" if keys[0][0] else "record_id")
+    write_sidecar(output, rows, "record_id" if keys[0][0] == keys[0][-1] else "file_name")
     return level_histogram([v["noise_sigma"] for v in rows.values()], failed)
 
 
@@ -316,13 +390,14 @@ def level_histogram(levels: Sequence[float], failed: Sequence[str] = (), bins: i
 
 
 def find_sidecar(source: str) -> str | None:
-    """The sidecar next to an image folder (`annotations.csv` or `annotations.json`), if there is one."""
+    """The sidecar next to an image folder (`annotations.csv` or `annotations.json`), if there is one; `ValueError`
+    when both are there (which one is meant is not ours to guess)."""
     if not os.path.isdir(source):
         return None
-    for candidate in SIDECAR_NAMES:
-        if os.path.isfile(os.path.join(source, candidate)):
-            return os.path.join(source, candidate)
-    return None
+    found = [os.path.join(source, name) for name in SIDECAR_NAMES if os.path.isfile(os.path.join(source, name))]
+    if len(found) > 1:
+        raise ValueError(f"{source} holds both {' and '.join(SIDECAR_NAMES)}: keep one, or pass --annotations FILE")
+    return found[0] if found else None
 
 
 def severity_sigma_min(corruption: str, severity: int) -> float:

@@ -452,8 +452,9 @@ def _with_annotations(dataset, source: Any, column: str, name: str, transform: "
     if sidecar is not None:
         logger.info(f"annotations of {name} from {sidecar}")
     estimate = _noise_estimator(transform) if annotations == "auto" else None
+    root = os.path.expanduser(source) if isinstance(source, str) and os.path.isdir(os.path.expanduser(source)) else None
     dataset = attach_annotations(dataset.select_columns(keep), column, name, sidecar, noise_sigma, estimate,
-                                 annotations_required)
+                                 annotations_required, root)
     keep = [column, *ANNOTATION_COLUMNS, *([MASK_COLUMN] if MASK_COLUMN in dataset.column_names else [])]
     return dataset, keep, {c: dataset[c] for c in ANNOTATION_COLUMNS}
 

@@ -695,8 +695,9 @@ def train(config: TrainingConfig, accelerator: Accelerator, signals: StopSignals
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         raise BadTrainingInput(str(error)) from error
     stream_loader = run.dataloader if run.train_data.streaming else None
-    fingerprints = run_fingerprints(resolve_preset(config.pipeline), {"dataset": config.dataset,
-                                                                      "validation_data": config.validation_data})
+    annotations = config.annotations if config.annotations not in ("auto", "ignore") else None
+    fingerprints = run_fingerprints(resolve_preset(config.pipeline), {
+        "dataset": config.dataset, "validation_data": config.validation_data, "annotations": annotations})
     checkpointer = Checkpointer(accelerator, run.model, config.output_dir, config.checkpoints_total_limit, stream_loader,
                                 fingerprints)
     start = resume(run, checkpointer)

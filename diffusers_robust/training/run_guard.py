@@ -116,27 +116,45 @@ def prepare_fresh_output_dir(output_dir: str, overwrite: bool) -> None:
     shutil.rmtree(checkpoints_dir(output_dir))
 
 
+# Files whose contents (not only size) a fingerprint covers: annotation sidecars and other small metadata, where an edit
+# of one value (noise 0.1 -> 0.3) keeps the size. Image files are covered by name and size.
+CONTENT_HASHED_SUFFIXES = (".csv", ".json", ".jsonl", ".yaml", ".yml", ".txt")
+
+
+def _file_entry(path: str, relative: str) -> tuple:
+    size = os.path.getsize(path)
+    if not path.lower().endswith(CONTENT_HASHED_SUFFIXES):
+        return (relative, size)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return (relative, size, digest.hexdigest())
+
+
 def folder_fingerprint(paths: list[str], patterns: tuple[str, ...] = ("*",)) -> str:
-    """16 hex digits of sha256 over the files under `paths` matching `patterns` (relative name and size in bytes):
-    what changes when files are added, removed, renamed or rewritten with another size."""
+    """16 hex digits of sha256 over the files under `paths` matching `patterns`: relative name and size in bytes, and
+    the contents of annotation and metadata files (`CONTENT_HASHED_SUFFIXES`): what changes when files are added,
+    removed, renamed or rewritten with another size, or an annotation is edited."""
     entries = []
     for top in paths:
         if os.path.isfile(top):
-            entries.append((os.path.basename(top), os.path.getsize(top)))
+            entries.append(_file_entry(top, os.path.basename(top)))
             continue
         for root, folders, files in os.walk(top):
             folders.sort()
             for name in sorted(files):
                 relative = os.path.relpath(os.path.join(root, name), top)
                 if any(fnmatch.fnmatch(relative, pattern) for pattern in patterns):
-                    entries.append((relative, os.path.getsize(os.path.join(root, name))))
+                    entries.append(_file_entry(os.path.join(root, name), relative))
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
 
 def run_fingerprints(pipeline_folder: str, sources: dict[str, Any]) -> dict[str, str]:
     """Fingerprints of what a checkpoint was trained from: the preset's configs (`pipeline`) and each local data source
-    by name (its file list and sizes). Hub ids and Datasets objects are left out: the recorded config names their
-    revision or fingerprint, which a resume already compares."""
+    by name (its file list and sizes, and the contents of its sidecar), an annotation file wherever it lies included.
+    Hub ids and Datasets objects are left out: the recorded config names their revision or fingerprint, which a resume
+    already compares."""
     found = {"pipeline": folder_fingerprint([pipeline_folder], ("*.json",))}
     for name, source in sources.items():
         if isinstance(source, str) and looks_like_path(source):
@@ -150,8 +168,8 @@ def warn_changed_fingerprints(checkpoint: str, saved: dict[str, str] | None, now
     changed = sorted(name for name, value in (saved or {}).items() if name in now and now[name] != value)
     for name in changed:
         what = "the pipeline preset's configs" if name == "pipeline" else f"the files of {name}"
-        logger.warning("%s changed since %s was saved (files added, removed or of another size): the resumed run "
-                       "continues on the new contents", what, checkpoint)
+        logger.warning("%s changed since %s was saved (files added, removed, of another size, or an annotation "
+                       "edited): the resumed run continues on the new contents", what, checkpoint)
     return changed
 
 
