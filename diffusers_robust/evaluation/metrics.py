@@ -87,7 +87,12 @@ class InceptionFeatures:
 
         if not os.path.isfile(weights_path):
             raise FileNotFoundError(f"Inception weights {weights_path} do not exist (a TorchScript .pt file is expected)")
-        self.model = torch.jit.load(weights_path, map_location=device).eval()
+        try:
+            self.model = torch.jit.load(weights_path, map_location=device).eval()
+        except (RuntimeError, ValueError) as error:  # not a TorchScript archive (a state dict, a text file, a truncation)
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ValueError(f"Inception weights {weights_path} are not a TorchScript file ({message}); pass the "
+                             "TorchScript Inception-v3 of the FID reference implementations") from None
         self.device = device
         self.name = f"inception-v3 ({os.path.basename(weights_path)})"
 

@@ -21,6 +21,7 @@ import re
 import shutil
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -51,19 +52,32 @@ def complete_checkpoints(output_dir: str) -> list[str]:
 
 
 def damage(path: str) -> str | None:
-    """What is wrong with the complete checkpoint `path` (a file missing or not of its recorded size, unreadable
-    metadata), or None. Checkpoints saved before sizes were recorded are trusted."""
+    """What is wrong with the complete checkpoint `path` (a file missing, not of its recorded size or with another
+    CRC-32 than it was saved with, unreadable metadata), or None. Checkpoints saved before sizes (or checksums) were
+    recorded are trusted that far."""
     try:
-        recorded = read_checkpoint_metadata(path).get("files", {})
+        metadata = read_checkpoint_metadata(path)
     except (OSError, ValueError) as error:
         return f"{METADATA_FILE} is unreadable ({error})"
-    for name, size in recorded.items():
+    checksums = metadata.get("crc32", {})
+    for name, size in metadata.get("files", {}).items():
         file = os.path.join(path, name)
         if not os.path.isfile(file):
             return f"{name} is missing"
         if os.path.getsize(file) != size:
             return f"{name} holds {os.path.getsize(file)} bytes, {size} were saved"
+        if name in checksums and file_crc32(file) != checksums[name]:
+            return f"{name} changed since it was saved (CRC-32 differs)"
     return None
+
+
+def file_crc32(path: str) -> int:
+    """CRC-32 of a file's bytes: catches a checkpoint file damaged without changing its size."""
+    value = 0
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            value = zlib.crc32(chunk, value)
+    return value
 
 
 def resolve_checkpoint(output_dir: str, resume_from_checkpoint: str) -> str:
@@ -114,9 +128,10 @@ def sync_directory(path: str) -> None:
         os.close(descriptor)
 
 
-def sync_tree(folder: str) -> dict[str, int]:
-    """fsync every file under `folder` and every folder in it; returns each file's size in bytes (by relative path)."""
-    sizes = {}
+def sync_tree(folder: str) -> tuple[dict[str, int], dict[str, int]]:
+    """fsync every file under `folder` and every folder in it; returns each file's size in bytes and CRC-32 (by
+    relative path)."""
+    sizes, checksums = {}, {}
     for root, _, files in os.walk(folder):
         for name in files:
             path = os.path.join(root, name)
@@ -126,8 +141,9 @@ def sync_tree(folder: str) -> dict[str, int]:
             finally:
                 os.close(descriptor)
             sizes[os.path.relpath(path, folder)] = os.path.getsize(path)
+            checksums[os.path.relpath(path, folder)] = file_crc32(path)  # read back from the page cache
         sync_directory(root)
-    return sizes
+    return sizes, checksums
 
 
 def temporary_checkpoint_path(output_dir: str, step: int) -> str:
@@ -155,9 +171,9 @@ def finish_checkpoint(output_dir: str, step: int, metadata: dict[str, Any], tota
     """Main process, after every rank saved: write metadata, rename into place, drop the oldest beyond `total_limit`."""
     temporary = temporary_checkpoint_path(output_dir, step)
     apply_umask(temporary)
-    files = sync_tree(temporary)
+    files, checksums = sync_tree(temporary)
     with open(os.path.join(temporary, METADATA_FILE), "w", encoding="utf-8") as handle:
-        json.dump({"step": step, **metadata, "files": files}, handle, indent=2)
+        json.dump({"step": step, **metadata, "files": files, "crc32": checksums}, handle, indent=2)
         handle.flush()
         os.fsync(handle.fileno())
     sync_directory(temporary)

@@ -400,6 +400,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def read_yaml_values(path: str | os.PathLike) -> dict[str, Any]:
     """The option mapping of a YAML recipe, each value parsed to its option's type (not yet validated as a whole)."""
+    if os.path.isdir(path):
+        raise ValueError(f"config {path} is a folder; pass a YAML recipe file (training/configs/*.yaml)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path} does not exist")
     with open(path, encoding="utf-8") as handle:

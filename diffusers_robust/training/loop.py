@@ -27,7 +27,7 @@ from ..evaluation.images import make_grid, stack_images, upscale_for_display
 from ..evaluation.losses import validation_losses
 from ..evaluation.metrics import dataset_extras
 from ..hub import prepare_hub_repo, push_pipeline_to_hub, write_model_card
-from ..models import export_condition_embedding, export_unet
+from ..models import export_condition_embedding, export_unet, training_memory_estimate
 from ..output_folders import write_marker
 from ..pipelines.pipeline_robust_ddpm import RobustDDPMPipeline
 from ..pipelines.presets import build_pipeline_from_preset, resolve_preset
@@ -136,6 +136,7 @@ def set_up(config: TrainingConfig, accelerator: Accelerator, dataset: DatasetLik
         raise ValueError(f"num_inference_steps {config.num_inference_steps} exceeds the preset's "
                          f"{scheduler.config.num_train_timesteps} training timesteps: pass at most that")
     channels, resolution = resolve_image_shape(pipeline.unet, config)
+    check_memory(config.train_batch_size, resolution, pipeline.unet.config, accelerator.device)
     source = config.dataset if dataset is None else dataset
     held_out_plan = plan_held_out(source, config.dataset_split, config.validation_split,
                                   config.validation_data if validation_dataset is None else validation_dataset,
@@ -170,6 +171,22 @@ def set_up(config: TrainingConfig, accelerator: Accelerator, dataset: DatasetLik
                        validation_images, channels, resolution, max_train_steps, num_epochs, batches_per_epoch,
                        effective_batch_size(config, train_data, accelerator.num_processes), annotations=annotations,
                        held_out_plan=held_out_plan, train_source=source)
+
+
+def check_memory(batch_size: int, resolution: int, unet_config, device: torch.device) -> None:
+    """Refuse, before any image is resized or any batch allocated, a `train_batch_size` x `resolution` whose training
+    step needs more memory than the device has (`models.training_memory_estimate`), naming the estimate."""
+    needed = training_memory_estimate(unet_config, batch_size, resolution)
+    if device.type == "cuda":
+        available, where = torch.cuda.get_device_properties(device).total_memory, f"{device} has"
+    else:
+        import psutil
+
+        available, where = psutil.virtual_memory().total, "this machine has"
+    if needed > available:
+        raise ValueError(f"train_batch_size {batch_size} at resolution {resolution} needs about "
+                         f"{needed / 2**30:,.1f} GiB for the UNet's activations; {where} {available / 2**30:.1f} GiB: "
+                         "lower resolution or train_batch_size (gradient_accumulation_steps keeps the batch)")
 
 
 def check_output_dir(config: TrainingConfig, accelerator: Accelerator) -> None:
@@ -721,6 +738,17 @@ def main(argv: list[str] | None = None) -> None:
     run_training(config)
 
 
+def acquire_output_lock(lock, output_dir: str) -> None:
+    """Take the output folder's lock; a folder that cannot hold one (read-only, `/dev/null`, a `.lock` that is a folder
+    or a dangling link) is `BadTrainingInput` naming it, before anything else is written."""
+    try:
+        lock.acquire()
+    except OSError as error:
+        what = error.strerror or type(error).__name__
+        raise BadTrainingInput(f"cannot write the output_dir {output_dir} (its lock file {lock.path}: {what}); "
+                               "name a folder this process can write") from None
+
+
 def run_training(config: TrainingConfig, dataset: DatasetLike | None = None,
                  validation_dataset: DatasetLike | None = None) -> None:
     """Run `config` in this process (one of several under `accelerate launch`): hold the output folder's lock, handle
@@ -755,7 +783,7 @@ def run_training(config: TrainingConfig, dataset: DatasetLike | None = None,
     lock = OutputDirLock(config.output_dir)
     try:
         if accelerator.is_main_process:
-            lock.acquire()  # one writer per output_dir
+            acquire_output_lock(lock, config.output_dir)  # one writer per output_dir
         train(config, accelerator, signals, dataset, validation_dataset)
     except TrainingStopped as stopped:
         traceback.clear_frames(stopped.__traceback__)
@@ -763,6 +791,10 @@ def run_training(config: TrainingConfig, dataset: DatasetLike | None = None,
         raise SystemExit(stopped.exit_code) from None
     except OutputDirBusy as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except NonFiniteLossError as error:  # the run diverged: one line naming the checkpoint to resume from
+        traceback.clear_frames(error.__traceback__)
+        print(f"error: {error}".splitlines()[0], file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     except BadTrainingInput as error:  # one line and exit code 2, like the CLI; DIFFUSERS_ROBUST_DEBUG=1 shows the trace
         if os.environ.get("DIFFUSERS_ROBUST_DEBUG"):

@@ -59,7 +59,9 @@ class OutputDirLock:
         """Take the lock or raise `OutputDirBusy` naming the holder; never waits."""
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         while True:
-            handle = open(self.path, "a+", encoding="utf-8")
+            # O_NOFOLLOW: a `.lock` that is a link is refused (ELOOP), never followed to write elsewhere.
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            handle = os.fdopen(descriptor, "a+", encoding="utf-8")
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
