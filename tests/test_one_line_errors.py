@@ -105,3 +105,29 @@ def test_a_newest_checkpoint_damaged_without_changing_size_is_skipped_on_resume(
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"skipping the damaged checkpoint {out / 'checkpoints' / 'checkpoint-2'} (model.safetensors changed" in resumed.stderr
     assert [os.path.basename(p) for p in complete_checkpoints(str(out))][-1] == "checkpoint-3"
+
+
+def test_evaluate_says_when_it_converts_the_data_to_the_models_channels_and_size(tmp_path, capsys):
+    import json
+
+    import numpy as np
+    import PIL.Image
+    from conftest import make_tiny_unet
+
+    from diffusers_robust import RobustDDPMPipeline, RobustDDPMScheduler
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        os.makedirs(tmp_path / "photos" / split)
+        for index in range(6):
+            PIL.Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+                tmp_path / "photos" / split / f"{index}.png")
+    pipeline = str(tmp_path / "model")
+    RobustDDPMPipeline(unet=make_tiny_unet(), scheduler=RobustDDPMScheduler(num_train_timesteps=20)).save_pretrained(pipeline)
+    code = cli_main(["evaluate", pipeline, "--dataset", str(tmp_path / "photos"), "--split", "test", "--output_dir",
+                     str(tmp_path / "ev"), "--num_samples", "4", "--num_images", "4", "--sampling_steps", "2", "--cases",
+                     "gaussian_noise/s1"])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert "stored as 3x16x16 (channels x height x width) and were converted to the model's 1x8x8" in report["conversion"]
+    assert "**Converted:**" in (tmp_path / "ev" / "report.md").read_text()

@@ -6,6 +6,7 @@ split only, generation is compared with the evaluation split, and every random d
 """
 
 import json
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -26,13 +27,15 @@ from .losses import validation_losses
 from .metrics import InceptionFeatures, Metric, PixelFeatures, Reference, dataset_extras, generation_metrics
 from .restoration import case_cost, evaluate_restoration
 
+logger = logging.getLogger(__name__)
 REPORT_VERSION = 1
 LOSS_CORRUPTIONS = ("gaussian_noise", "impulse_noise", "gaussian_blur")
 
 
 def load_evaluation_images(dataset: Any, split: str, channels: int, resolution: int, limit: int,
-                           hold_out: HoldOut | None = None) -> torch.Tensor:
-    """Up to `limit` images `(N, C, H, W)` in `[-1, 1]` of `dataset`'s `split` (or its `hold_out` part), in order;
+                           hold_out: HoldOut | None = None) -> tuple[torch.Tensor, str | None]:
+    """Up to `limit` images `(N, C, H, W)` in `[-1, 1]` of `dataset`'s `split` (or its `hold_out` part), in order, and
+    a note when the stored images were converted to the model's channels or size (else None; logged as a warning too);
     `ValueError` if none decode."""
     from ..data.datasets import collate_image_batch, load_image_dataset
 
@@ -41,7 +44,13 @@ def load_evaluation_images(dataset: Any, split: str, channels: int, resolution: 
     images = stack_images(batches, limit)
     if images.shape[0] == 0:
         raise ValueError(f"{dataset} split '{split}' holds no decodable image")
-    return images
+    note = None
+    if loaded.source_shape is not None and tuple(loaded.source_shape) != (channels, resolution, resolution):
+        stored = "x".join(str(n) for n in loaded.source_shape)
+        note = (f"the images of {describe_source(dataset)} split '{split}' are stored as {stored} (channels x height x "
+                f"width) and were converted to the model's {channels}x{resolution}x{resolution}")
+        logger.warning(note)
+    return images, note
 
 
 # Training images the report compares samples with: 5,000 images of 3x256x256 are 3.9 GB of float32.
@@ -125,9 +134,9 @@ def evaluate_pipeline(
             the classical baselines compare with; a bound on memory, since they are held as one tensor.
     """
     size = image_size(pipeline.unet.config.sample_size)[0]
-    held_out = load_evaluation_images(dataset, split, pipeline.image_channels, size, num_images, hold_out)
-    train = load_evaluation_images(dataset if train_dataset is None else train_dataset, train_split,
-                                   pipeline.image_channels, size, train_images, hold_out.other() if hold_out else None)
+    held_out, conversion = load_evaluation_images(dataset, split, pipeline.image_channels, size, num_images, hold_out)
+    train, _ = load_evaluation_images(dataset if train_dataset is None else train_dataset, train_split,
+                                      pipeline.image_channels, size, train_images, hold_out.other() if hold_out else None)
     extras, entry = dataset_extras(dataset), embedded_dataset(dataset)
     labels = entry.labels(split)[:held_out.shape[0]] if extras is not None and hold_out is None else None
     classifier = extras.classifier() if extras is not None else None
@@ -155,7 +164,7 @@ def evaluate_pipeline(
         "report_version": REPORT_VERSION,
         "dataset": describe_source(dataset), "split": split,
         "held_out_share": hold_out.share if hold_out else None, "train_split": train_split, "num_images": int(held_out.shape[0]),
-        "train_images": int(train.shape[0]),
+        "train_images": int(train.shape[0]), "conversion": conversion,
         "seed": seed, "sampler": f"DDIM-{sampling_steps}",
         "restoration": restoration, "generation": generation, "losses": losses,
         "_samples": samples,  # for the sample grid; not written to report.json
@@ -199,6 +208,7 @@ def report_markdown(report: dict[str, Any], title: str = "Evaluation") -> str:
         f"evaluation seed {report['seed']}; sampler {report['sampler']}"
         + (f"; training images compared with: the first {report['train_images']}." if "train_images" in report else "."),
         "",
+        *([f"**Converted:** {report['conversion']}.", ""] if report.get("conversion") else []),
         "## Restoration", "",
         "PSNR of the set's mean squared error (dB, [0, 1] scale) and mean SSIM, against the clean images. "
         "Corrupted inputs are rounded to 8 bits.", "",
