@@ -10,11 +10,12 @@ import pytest
 from conftest import make_tiny_unet, training_env
 
 from diffusers_robust import RobustDDPMPipeline, RobustDDPMScheduler
+from diffusers_robust.output_folders import MARKER_FILE
 
 pytestmark = pytest.mark.slow  # every test here runs the `diffusers-robust` command in a fresh process
 
 REPORT_KEYS = {"report_version", "dataset", "split", "held_out_share", "train_split", "num_images", "seed", "sampler",
-               "train_images", "restoration", "generation", "losses"}
+               "train_images", "conversion", "restoration", "generation", "losses"}
 ROW_KEYS = {"case", "method", "baseline", "caveat", "psnr_input", "psnr", "psnr_baseline", "ssim_input", "ssim",
             "ssim_baseline", "accuracy_input", "accuracy", "accuracy_baseline"}
 
@@ -115,7 +116,7 @@ def test_sample_writes_a_grid_and_each_image_reproducibly_per_seed(tiny_pipeline
         result = run_cli("sample", tiny_pipeline_folder, "--output_dir", str(tmp_path / name), "--num_images", "5",
                          "--batch_size", "2", "--num_inference_steps", "3", "--seed", "7")
         assert result.returncode == 0, result.stderr[-2000:]
-    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    files = sorted(p.name for p in (tmp_path / "a").iterdir() if p.name != MARKER_FILE)
     assert files == ["grid.png"] + [f"image-{i:05d}.png" for i in range(5)]
     assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
     assert PIL.Image.open(tmp_path / "a" / "grid.png").size[0] >= 256  # 8x8 samples enlarged for people

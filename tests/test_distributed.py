@@ -12,7 +12,7 @@ import sys
 import pytest
 from conftest import SCRIPT, tiny_training_args, training_env
 
-pytestmark = pytest.mark.slow  # every test here runs a real two-process `accelerate launch`
+pytestmark = [pytest.mark.slow, pytest.mark.newest_stack]  # every test here runs a real two-process `accelerate launch`
 
 LAUNCH_TIMEOUT_SECONDS = int(os.environ.get("LAUNCH_TIMEOUT_SECONDS", "400"))
 

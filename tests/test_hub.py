@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO_ROOT, run_training_script, tiny_training_args, training_env
 from hub_server import start_hub_server
 
-pytestmark = pytest.mark.slow  # whole runs pushed to a local Hub server
+pytestmark = [pytest.mark.slow, pytest.mark.newest_stack]  # whole runs pushed to a local Hub server
 
 TOKEN = "hf_test_token_must_never_leak_0123456789"
 

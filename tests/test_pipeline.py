@@ -9,6 +9,8 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 
 from diffusers_robust import RobustDDIMScheduler, RobustDDPMPipeline, RobustDDPMScheduler
 
+pytestmark = pytest.mark.newest_stack  # the pipeline's contract with Diffusers' own pipelines
+
 
 def _generator(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)

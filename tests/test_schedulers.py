@@ -13,6 +13,8 @@ from diffusers import (
 
 from diffusers_robust import RobustDDIMScheduler, RobustDDPMScheduler
 
+pytestmark = pytest.mark.newest_stack  # the schedulers' contract with their Diffusers parents
+
 PAIRS = [(RobustDDPMScheduler, DDPMScheduler), (RobustDDIMScheduler, DDIMScheduler)]
 ROBUST_CONFIG = dict(
     input_perturbation=0.15, offset_noise=0.05, pyramid_noise_discount=0.4, epsilon_scale_base=1.01,

@@ -217,6 +217,7 @@ def _slow_steps(preset: str, out, **overrides) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.newest_stack
 def test_sigterm_to_the_whole_process_group_saves_one_checkpoint_and_the_run_resumes(tiny_preset, tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
@@ -307,6 +308,7 @@ def test_a_group_sigterm_mid_step_saves_the_last_completed_step_within_the_launc
 
 
 @pytest.mark.slow
+@pytest.mark.newest_stack
 def test_a_trainer_that_is_pid_1_of_a_container_stops_on_sigterm_with_a_checkpoint(tiny_preset, tmp_path):
     probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True)
     if probe.returncode != 0:
@@ -332,6 +334,7 @@ def test_a_trainer_that_is_pid_1_of_a_container_stops_on_sigterm_with_a_checkpoi
 
 
 @pytest.mark.slow
+@pytest.mark.newest_stack
 def test_sigterm_during_the_report_stops_it_at_once_and_a_resume_exports(tiny_preset, tmp_path):
     out = tmp_path / "out"
     args = tiny_training_args(tiny_preset, out, max_train_steps=2, checkpointing_steps=2, report="true",
