@@ -24,7 +24,7 @@ def training_memory_estimate(unet_config, batch_size: int, resolution: int) -> i
     `resolution` x `resolution` pixels: `ACTIVATION_BYTES_PER_UNIT` per channel and pixel of each level (halved in size
     per level), scaled by the layers per block, plus the attention matrices (pixels squared) of attention levels."""
     channels = list(unet_config["block_out_channels"])
-    layers = (unet_config.get("layers_per_block", 2) + 1) / 2
+    layers = 0.5 * (unet_config.get("layers_per_block", 2) + 1)  # 1 for the one layer per block it was measured on
     units = sum(c * (resolution / 2 ** level) ** 2 for level, c in enumerate(channels))
     attention = 0.0
     for level, block in enumerate(unet_config.get("down_block_types", ())):
