@@ -151,3 +151,14 @@ def test_ctrl_c_in_restore_is_one_line_and_leaves_no_half_folder(tmp_path, pipel
     assert process.returncode == 130 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == f"diffusers-robust restore: interrupted; {out} is as it was"
     assert sorted(os.listdir(tmp_path)) == ["photos"]
+
+
+def test_a_fresh_training_run_refuses_a_folder_holding_the_users_files(tiny_preset, tmp_path):
+    from conftest import run_training_script, tiny_training_args
+
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "README.md").write_text("my project notes")
+    result = run_training_script(tiny_training_args(tiny_preset, out, max_train_steps=1), timeout=120)
+    assert result.returncode == 2 and "holds files no training run wrote (README.md)" in result.stderr
+    assert sorted(os.listdir(out)) == ["README.md"] and (out / "README.md").read_text() == "my project notes"

@@ -104,9 +104,21 @@ class OutputDirLock:
         self._handle = None
 
 
+# What a training run writes into its output_dir; a folder holding none of the first three holds no run's output.
+RUN_OUTPUTS = ("training_config.yaml", "checkpoints", "model_index.json", LOCK_FILE, "logs", "samples", "unet",
+               "scheduler", "condition_embedding", "evaluation", "metrics.json", "README.md", "pipeline.py", ".export.tmp")
+
+
 def prepare_fresh_output_dir(output_dir: str, overwrite: bool) -> None:
     """A fresh run (no `resume_from_checkpoint`) must not write beside another run's checkpoints: their rotation and
-    `latest` would mix the two runs. `ValueError` naming them, unless `overwrite` (then they are deleted first)."""
+    `latest` would mix the two runs. `ValueError` naming them, unless `overwrite` (then they are deleted first). A
+    folder that holds files but no run's output (the user's: the export would replace a `README.md`) is refused,
+    `overwrite` or not."""
+    present = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+    if present and not set(present) & set(RUN_OUTPUTS[:3]) and set(present) - {LOCK_FILE}:
+        others = [name for name in present if name != LOCK_FILE]
+        raise ValueError(f"output_dir {output_dir} holds files no training run wrote ({', '.join(others[:4])}"
+                         f"{' ...' if len(others) > 4 else ''}); they are never replaced: name an empty or new folder")
     found = complete_checkpoints(output_dir)
     if not found:
         return
