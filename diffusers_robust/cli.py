@@ -273,6 +273,11 @@ def _load_pipeline(args: argparse.Namespace):
     device = checked_device(args.device)  # before the load: a wrong device is one line, not a traceback
     pipeline = RobustDDPMPipeline.from_pretrained(args.pipeline).to(device)
     pipeline.set_progress_bar_config(disable=True)
+    if getattr(args, "batch_size", None) is not None:  # refused before a batch is allocated, naming the estimate
+        from .models import check_activation_memory, image_size
+
+        check_activation_memory(pipeline.unet.config, args.batch_size, max(image_size(pipeline.unet.config.sample_size)),
+                                device, f"--batch_size {args.batch_size}", training=False)
     return pipeline
 
 

@@ -15,14 +15,16 @@ def image_size(sample_size: int | Sequence[int]) -> tuple[int, int]:
 
 
 # Bytes a training step keeps per (image, channel, pixel) of each UNet level for the backward pass: peak RSS of the
-# digits preset's UNet (one layer per block) rose by 190 bytes per unit from 32x32 to 64x64 on CPU (batch 16).
-ACTIVATION_BYTES_PER_UNIT = 200
+# digits preset's UNet (one layer per block) rose by 190 bytes per unit from 32x32 to 64x64 on CPU (batch 16); a
+# forward pass without gradients (sampling, restoration) by 39 (batch 64).
+ACTIVATION_BYTES_PER_UNIT = {"training": 200, "inference": 40}
 
 
-def training_memory_estimate(unet_config, batch_size: int, resolution: int) -> int:
-    """Bytes of activations one training step of a UNet with `unet_config` keeps on `batch_size` images of
-    `resolution` x `resolution` pixels: `ACTIVATION_BYTES_PER_UNIT` per channel and pixel of each level (halved in size
-    per level), scaled by the layers per block, plus the attention matrices (pixels squared) of attention levels."""
+def activation_memory_estimate(unet_config, batch_size: int, resolution: int, training: bool = True) -> int:
+    """Bytes of activations a UNet with `unet_config` needs on `batch_size` images of `resolution` x `resolution`
+    pixels, for a training step (`training`) or a forward pass without gradients: `ACTIVATION_BYTES_PER_UNIT` per
+    channel and pixel of each level (halved in size per level), scaled by the layers per block, plus the attention
+    matrices (pixels squared) of attention levels."""
     channels = list(unet_config["block_out_channels"])
     layers = 0.5 * (unet_config.get("layers_per_block", 2) + 1)  # 1 for the one layer per block it was measured on
     units = sum(c * (resolution / 2 ** level) ** 2 for level, c in enumerate(channels))
@@ -31,8 +33,25 @@ def training_memory_estimate(unet_config, batch_size: int, resolution: int) -> i
         if "Attn" in block:
             pixels = (resolution / 2 ** level) ** 2
             heads = max(1, channels[level] // (unet_config.get("attention_head_dim") or channels[level]))
-            attention += 3 * 4 * heads * pixels ** 2  # scores, softmax and its gradient, float32
-    return int(batch_size * (ACTIVATION_BYTES_PER_UNIT * layers * units + attention))
+            attention += (3 if training else 1) * 4 * heads * pixels ** 2  # scores (and softmax, gradient), float32
+    per_unit = ACTIVATION_BYTES_PER_UNIT["training" if training else "inference"]
+    return int(batch_size * (per_unit * layers * units + attention))
+
+
+def check_activation_memory(unet_config, batch_size: int, resolution: int, device: torch.device, what: str,
+                            training: bool = True, advice: str = "lower it") -> None:
+    """`ValueError` naming the estimate when [`activation_memory_estimate`] exceeds the device's memory (the machine's
+    RAM on CPU); `what` names the options, `advice` what to do."""
+    needed = activation_memory_estimate(unet_config, batch_size, resolution, training)
+    if device.type == "cuda":
+        available, where = torch.cuda.get_device_properties(device).total_memory, f"{device} has"
+    else:
+        import psutil
+
+        available, where = psutil.virtual_memory().total, "this machine has"
+    if needed > available:
+        raise ValueError(f"{what} needs about {needed / 2**30:,.1f} GiB for the UNet's activations; {where} "
+                         f"{available / 2**30:.1f} GiB: {advice}")
 
 
 def _public_config(unet: UNet2DModel) -> dict:

@@ -10,7 +10,7 @@ from conftest import can_mount_tmpfs, tiny_training_args
 from conftest import run_training_script as _run
 
 from diffusers_robust.cli import main as cli_main
-from diffusers_robust.models import training_memory_estimate
+from diffusers_robust.models import activation_memory_estimate
 from diffusers_robust.training.checkpoints import complete_checkpoints
 
 
@@ -22,10 +22,10 @@ def _one_line(stderr: str) -> str:
 def test_the_memory_estimate_grows_with_batch_and_pixels_and_fits_the_digits_preset():
     config = {"block_out_channels": [32, 64, 64], "layers_per_block": 1, "attention_head_dim": 32,
               "down_block_types": ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"]}
-    small = training_memory_estimate(config, 64, 8)
+    small = activation_memory_estimate(config, 64, 8)
     assert small < 2**30  # the main job's step
-    assert training_memory_estimate(config, 128, 8) == 2 * small
-    assert training_memory_estimate(config, 64, 16) > 4 * small  # pixels, and attention's pixels squared
+    assert activation_memory_estimate(config, 128, 8) == 2 * small
+    assert activation_memory_estimate(config, 64, 16) > 4 * small  # pixels, and attention's pixels squared
 
 
 def test_a_resolution_that_cannot_fit_in_memory_is_refused_before_allocating(tiny_preset, tmp_path):
@@ -131,3 +131,17 @@ def test_evaluate_says_when_it_converts_the_data_to_the_models_channels_and_size
     report = json.loads((tmp_path / "ev" / "report.json").read_text())
     assert "stored as 3x16x16 (channels x height x width) and were converted to the model's 1x8x8" in report["conversion"]
     assert "**Converted:**" in (tmp_path / "ev" / "report.md").read_text()
+
+
+def test_a_sampling_batch_that_cannot_fit_in_memory_is_refused_naming_the_estimate(tmp_path, capsys):
+    from conftest import make_tiny_unet
+
+    from diffusers_robust import RobustDDPMPipeline, RobustDDPMScheduler
+
+    pipeline = str(tmp_path / "model")
+    RobustDDPMPipeline(unet=make_tiny_unet(), scheduler=RobustDDPMScheduler(num_train_timesteps=20)).save_pretrained(pipeline)
+    code = cli_main(["sample", pipeline, "--batch_size", "100000000", "--num_images", "100000000", "--output_dir",
+                     str(tmp_path / "s")])
+    line = _one_line(capsys.readouterr().err)
+    assert code == 2 and "--batch_size 100000000 needs about" in line and "GiB" in line
+    assert not (tmp_path / "s").exists()

@@ -27,7 +27,7 @@ from ..evaluation.images import make_grid, stack_images, upscale_for_display
 from ..evaluation.losses import validation_losses
 from ..evaluation.metrics import dataset_extras
 from ..hub import prepare_hub_repo, push_pipeline_to_hub, write_model_card
-from ..models import export_condition_embedding, export_unet, training_memory_estimate
+from ..models import check_activation_memory, export_condition_embedding, export_unet
 from ..output_folders import write_marker
 from ..pipelines.pipeline_robust_ddpm import RobustDDPMPipeline
 from ..pipelines.presets import build_pipeline_from_preset, resolve_preset
@@ -136,7 +136,9 @@ def set_up(config: TrainingConfig, accelerator: Accelerator, dataset: DatasetLik
         raise ValueError(f"num_inference_steps {config.num_inference_steps} exceeds the preset's "
                          f"{scheduler.config.num_train_timesteps} training timesteps: pass at most that")
     channels, resolution = resolve_image_shape(pipeline.unet, config)
-    check_memory(config.train_batch_size, resolution, pipeline.unet.config, accelerator.device)
+    check_activation_memory(pipeline.unet.config, config.train_batch_size, resolution, accelerator.device,
+                            f"train_batch_size {config.train_batch_size} at resolution {resolution}",
+                            advice="lower resolution or train_batch_size (gradient_accumulation_steps keeps the batch)")
     source = config.dataset if dataset is None else dataset
     held_out_plan = plan_held_out(source, config.dataset_split, config.validation_split,
                                   config.validation_data if validation_dataset is None else validation_dataset,
@@ -171,22 +173,6 @@ def set_up(config: TrainingConfig, accelerator: Accelerator, dataset: DatasetLik
                        validation_images, channels, resolution, max_train_steps, num_epochs, batches_per_epoch,
                        effective_batch_size(config, train_data, accelerator.num_processes), annotations=annotations,
                        held_out_plan=held_out_plan, train_source=source)
-
-
-def check_memory(batch_size: int, resolution: int, unet_config, device: torch.device) -> None:
-    """Refuse, before any image is resized or any batch allocated, a `train_batch_size` x `resolution` whose training
-    step needs more memory than the device has (`models.training_memory_estimate`), naming the estimate."""
-    needed = training_memory_estimate(unet_config, batch_size, resolution)
-    if device.type == "cuda":
-        available, where = torch.cuda.get_device_properties(device).total_memory, f"{device} has"
-    else:
-        import psutil
-
-        available, where = psutil.virtual_memory().total, "this machine has"
-    if needed > available:
-        raise ValueError(f"train_batch_size {batch_size} at resolution {resolution} needs about "
-                         f"{needed / 2**30:,.1f} GiB for the UNet's activations; {where} {available / 2**30:.1f} GiB: "
-                         "lower resolution or train_batch_size (gradient_accumulation_steps keeps the batch)")
 
 
 def check_output_dir(config: TrainingConfig, accelerator: Accelerator) -> None:
