@@ -117,13 +117,16 @@ def staged_output_folder(folder: str, command: str, overwrite: bool = False, inp
         yield staging
         write_marker(staging, command)
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it 0700
-        if os.path.isdir(target):
-            replaced = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.replaced-", dir=parent)
-            os.replace(target, os.path.join(replaced, "old"))
-            os.replace(staging, target)
+        with _signals_held():  # Ctrl-C between the two renames would leave neither result in place
+            if os.path.isdir(target):
+                replaced = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.replaced-", dir=parent)
+                os.replace(target, os.path.join(replaced, "old"))
+                os.replace(staging, target)
+            else:
+                replaced = None
+                os.replace(staging, target)
+        if replaced is not None:
             shutil.rmtree(replaced, ignore_errors=True)
-        else:
-            os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -139,6 +142,23 @@ def write_marker(folder: str, command: str) -> None:
 def staged_path(staging: str, final: str, path: str) -> str:
     """Where a file written at `path` inside `staging` lies once the folder is in place at `final`."""
     return os.path.join(final, os.path.relpath(path, staging))
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM (delivered when the block ends) on the main thread; elsewhere, do nothing."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _umask() -> int:

@@ -139,12 +139,12 @@ def test_a_failure_inside_the_staged_block_leaves_the_earlier_result(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_in_restore_is_one_line_and_leaves_no_half_folder(tmp_path, pipeline_folder):
     inputs = tmp_path / "photos"
-    _images(inputs, 400)
+    _images(inputs, 3000)
     out = tmp_path / "restored"
     command = [sys.executable, "-m", "diffusers_robust", "restore", pipeline_folder, str(inputs), "--noise_sigma", "0.1",
                "--batch_size", "1", "--output_dir", str(out)]
     process = subprocess.Popen(command, env=training_env(), stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: any(name.startswith(".restored.staging-") and os.listdir(tmp_path / name)
+    wait_for(lambda: any(name.startswith(".restored.staging-") and len(os.listdir(tmp_path / name)) >= 5
                          for name in os.listdir(tmp_path)), timeout=120)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
