@@ -215,8 +215,9 @@ def _add_imperfect_command(commands) -> None:
     imperfect.add_argument("--split", default="train", help="split to copy")
     imperfect.add_argument("--recipe", required=True,
                            help="corruption[:level]=share, comma separated, e.g. gaussian_noise:0.2=0.9,clean=0.1")
-    imperfect.add_argument("--channels", type=int, choices=(1, 3), default=1, help="1 (grey) or 3 (RGB)")
-    imperfect.add_argument("--resolution", type=_positive, default=8, help="side in pixels")
+    imperfect.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                           help="1 (grey) or 3 (RGB); default: the data's own")
+    imperfect.add_argument("--resolution", type=_positive, default=None, help="side in pixels; default: the data's own")
     imperfect.add_argument("--seed", type=int, default=0, help="seeds which record gets what and the noise")
     imperfect.add_argument("--output_dir", required=True, help="where float/, png/ and recipe.json go")
     _add_overwrite_argument(imperfect)
@@ -259,7 +260,16 @@ def run_make_imperfect(args: argparse.Namespace) -> list[str]:
 
     recipe = parse_recipe(args.recipe)
     check_output_folder(args.output_dir, "make-imperfect", args.overwrite, _local([args.dataset]))
-    loaded = load_image_dataset(args.dataset, args.split, channels=args.channels, resolution=args.resolution,
+    channels, resolution = args.channels, args.resolution
+    if channels is None or resolution is None:  # the data's own: nothing is converted unless asked for
+        stored = load_image_dataset(args.dataset, args.split, channels=1, resolution=8, annotations="ignore").source_shape
+        if stored is None:
+            raise ValueError(f"{args.dataset}: no image of split '{args.split}' decodes")
+        if resolution is None and stored[1] != stored[2]:
+            raise ValueError(f"{args.dataset} holds {stored[2]}x{stored[1]} images; make-imperfect writes square ones: "
+                             "pass --resolution")
+        channels, resolution = channels or stored[0], resolution or stored[1]
+    loaded = load_image_dataset(args.dataset, args.split, channels=channels, resolution=resolution,
                                 annotations="ignore")
     images = torch.cat([b["pixel_values"] for b in DataLoader(loaded.dataset, batch_size=256, collate_fn=collate_image_batch)])
     paths = save_imperfect(make_imperfect(images, recipe, args.seed), args.output_dir, recipe, args.seed,
@@ -271,6 +281,7 @@ def _load_pipeline(args: argparse.Namespace):
     from .pipelines.pipeline_robust_ddpm import RobustDDPMPipeline
 
     device = checked_device(args.device)  # before the load: a wrong device is one line, not a traceback
+    check_pipeline_source(args.pipeline)
     pipeline = RobustDDPMPipeline.from_pretrained(args.pipeline).to(device)
     pipeline.set_progress_bar_config(disable=True)
     if getattr(args, "batch_size", None) is not None:  # refused before a batch is allocated, naming the estimate
@@ -279,6 +290,18 @@ def _load_pipeline(args: argparse.Namespace):
         check_activation_memory(pipeline.unet.config, args.batch_size, max(image_size(pipeline.unet.config.sample_size)),
                                 device, f"--batch_size {args.batch_size}", training=False)
     return pipeline
+
+
+def check_pipeline_source(source: str) -> None:
+    """A pipeline is a local folder or a Hub id `owner/name`: anything else is named at once (a typo such as
+    `my_modle` must not become minutes of retries against the Hub); a folder must hold `model_index.json`."""
+    if os.path.isdir(source):
+        if not os.path.isfile(os.path.join(source, "model_index.json")):
+            raise FileNotFoundError(f"{source} is not a pipeline folder: it has no model_index.json")
+        return
+    parts = source.split("/")
+    if os.path.exists(source) or len(parts) != 2 or not all(parts) or source.startswith((".", "~")):
+        raise FileNotFoundError(f"pipeline {source!r} is no folder here and no Hub id (owner/name): check the path")
 
 
 def checked_device(name: str):
@@ -331,7 +354,7 @@ def run_sample(args: argparse.Namespace) -> list[str]:
             import numpy as np
 
             written.append(os.path.join(staging, "grid.png"))
-            make_grid(np.stack(images)).save(written[-1])
+            make_grid(np.stack(images), gap=2).save(written[-1])  # grey gaps between the samples
     return [staged_path(staging, args.output_dir, path) for path in written]
 
 

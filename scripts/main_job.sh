@@ -26,8 +26,11 @@ metrics = json.load(open("outputs/digits/metrics.json"))
 report = json.load(open("outputs/digits/evaluation/report.json"))
 reference = json.load(open("benchmarks/imperfect_data_reference.json"))
 ours = {**report["generation"]["digits"], **report["generation"]["clean_samples"]}
+recipe = json.load(open("outputs/imperfect-digits/recipe.json"))  # what the data folder actually holds
+levels = ", ".join(f"{g['corruption']} {g['level']:g}" for g in recipe["groups"] if g["corruption"] != "clean") or "none"
 print(f"trained {metrics['global_step']} steps on {metrics['annotations']['records']} imperfect digits "
-      f"({metrics['annotations']['noisy']} noisy at std 0.2, {metrics['annotations']['clean']} clean)")
+      f"({metrics['annotations']['noisy']} noisy ({levels}; recipe seed {recipe['seed']}), "
+      f"{metrics['annotations']['clean']} clean)")
 print(f"{'held-out figures of 512 samples':<46} {'this model':>12} " + " ".join(f"{k:>14}" for k in reference["arms"]))
 rows = [("samples classified with p >= 0.8", "confident_fraction", "{:.1%}"), ("classes present (of 10)", "classes_present", "{:.1f}"),
         ("Frechet distance (classifier features)", "frechet_classifier", "{:.2f}"),

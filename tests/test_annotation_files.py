@@ -116,3 +116,17 @@ def test_fingerprints_see_a_same_size_annotation_edit_inside_and_outside_the_fol
     elsewhere.write_text("file_name,noise_sigma\nb.png,0.4\n")
     after = folder_fingerprint([folder]), run_fingerprints(folder, {"annotations": str(elsewhere)})["annotations"]
     assert before[0] != after[0] and before[1] != after[1]
+
+
+def test_annotate_then_load_with_the_automatic_hold_out_agree_on_a_folder_without_test(tmp_path):
+    from diffusers_robust.data.splits import plan_held_out
+
+    folder = _folder(tmp_path / "my_photos", [f"img_{index:03d}.png" for index in range(30)])
+    annotate_dataset(folder, os.path.join(folder, "annotations.csv"), channels=1)
+    rows = read_sidecar(os.path.join(folder, "annotations.csv"))
+    plan = plan_held_out(folder, "train")
+    train = _load(folder, hold_out=plan.train_hold_out)  # was: "N annotated name(s) match no record of my_photos/train (rest)"
+    held_out = load_image_dataset(plan.source, plan.split, hold_out=plan.hold_out, channels=1, resolution=8)
+    assert len(train.dataset) + len(held_out.dataset) == 30
+    indices = plan.train_hold_out.indices(30)
+    assert _levels(train) == [rows[f"img_{index:03d}.png"]["noise_sigma"] for index in indices]

@@ -98,3 +98,18 @@ def test_digits_classifier_never_saw_the_held_out_split():
 
     classifier = digits_classifier()
     assert classifier.svm.shape_fit_[0] == len(load_digits_dataset()["train"]) == 1497
+
+
+@pytest.mark.parametrize("cases", [8, 21])
+def test_restoration_png_keeps_the_chart_whole_and_examples_at_four_or_more_screen_pixels_per_pixel(tmp_path, cases):
+    from diffusers_robust.evaluation.report import _psnr_chart, plot_restoration
+
+    rows = [{"case": f"case_{i}/s3", "psnr_input": 20.0, "psnr_baseline": 22.0, "psnr": 25.0} for i in range(cases)]
+    examples = {rows[0]["case"]: torch.rand(3, 6, 1, 8, 8) * 2 - 1, rows[1]["case"]: torch.rand(3, 6, 3, 32, 32) * 2 - 1}
+    plot_restoration(rows, str(tmp_path / "restoration.png"), examples, "Evaluation")
+    picture = PIL.Image.open(tmp_path / "restoration.png")
+    chart = _psnr_chart(rows, "Evaluation")
+    assert chart.height == 480 and np.asarray(picture)[:chart.height].shape[0] == chart.height  # bars at full height
+    # Below the chart, two captioned rows of 4 images x 3 views: 8 px digits at >= 4 screen px, 32 px crops at 4.
+    assert picture.height >= chart.height + 8 * 4 + 32 * 4 + 2 * 8
+    assert picture.width >= 4 * (3 * 32 * 4)

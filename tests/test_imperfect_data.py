@@ -420,8 +420,45 @@ def test_make_imperfect_command_writes_floats_pngs_and_the_recipe(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     recipe = json.loads((tmp_path / "blurred" / "recipe.json").read_text())
     assert recipe["records"] == {"gaussian_blur:3": 748, "clean:0": 749}
+    assert recipe["sigma_min_measured"] == {"gaussian_blur:3": BLUR_SIGMA_MIN[3]}  # the table was measured on digits
     loaded = load_image_dataset(str(tmp_path / "blurred" / "png"), channels=1, resolution=8)
     assert loaded.annotation_summary(4.0).restricted == 748
     bad = subprocess.run([*command[:-2], "--output_dir", str(tmp_path / "x"), "--recipe", "fog:1=1.0"],
                          env=training_env(), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "recipe corruption must be one of" in bad.stderr
+
+
+def _smooth_rgb(count: int = 64, size: int = 32) -> torch.Tensor:
+    """Smooth colour images in [-1, 1]: low-frequency gradients, as real photo crops mostly are."""
+    generator = torch.Generator().manual_seed(0)
+    coarse = torch.rand(count, 3, 4, 4, generator=generator) * 2 - 1
+    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=True).clamp(-1, 1)
+
+
+def test_make_imperfect_measures_sigma_min_on_the_images_it_damages():
+    recipe = parse_recipe("gaussian_blur:3=0.5,jpeg_compression:3=0.5")
+    smooth = make_imperfect(_smooth_rgb(), recipe, seed=0)
+    levels = {recipe[g].corruption: a["sigma_min"] for g, a in zip(smooth.groups, smooth.annotations, strict=True)}
+    # On the 8x8 digits blur severity 3 removes enough detail for 0.34; on smooth 32x32 colour images far less.
+    assert levels["gaussian_blur"] < 0.1 < BLUR_SIGMA_MIN[3]
+    assert levels["gaussian_blur"] == measure_sigma_min(_smooth_rgb(), "gaussian_blur", 3)
+    on_digits = make_imperfect(digits(), parse_recipe("gaussian_blur:3=1.0"), seed=0)
+    assert {a["sigma_min"] for a in on_digits.annotations} == {BLUR_SIGMA_MIN[3]}
+
+
+def test_make_imperfect_keeps_the_datas_channels_and_size_by_default(tmp_path, capsys):
+    import PIL.Image
+
+    from diffusers_robust.cli import main as cli_main
+
+    pixels = ((_smooth_rgb(12).permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
+    os.makedirs(tmp_path / "photos")
+    for index, image in enumerate(pixels):
+        PIL.Image.fromarray(image).save(tmp_path / "photos" / f"crop_{index}.png")
+    code = cli_main(["make-imperfect", "--dataset", str(tmp_path / "photos"), "--recipe", "gaussian_noise:0.1=1.0",
+                     "--output_dir", str(tmp_path / "noisy")])
+    assert code == 0, capsys.readouterr().err
+    written = sorted((tmp_path / "noisy" / "png").glob("*.png"))
+    assert len(written) == 12
+    with PIL.Image.open(written[0]) as image:
+        assert image.mode == "RGB" and image.size == (32, 32)  # was 8x8 grey (the digits' defaults)

@@ -112,6 +112,9 @@ def test_sample_into_a_used_folder_holds_one_result_never_two(tmp_path, pipeline
     assert cli_main([*args, "--num_images", "2", "--seed", "99"]) == 2 and "--overwrite" in _error(capsys)
     assert cli_main([*args, "--num_images", "2", "--seed", "99", "--overwrite"]) == 0
     assert sorted(os.listdir(out)) == sorted([MARKER_FILE, "grid.png", "image-00000.png", "image-00001.png"])
+    grid = np.asarray(PIL.Image.open(os.path.join(out, "grid.png")))  # 2 samples side by side, a grey gap between
+    width = (grid.shape[1] - 2) // 2
+    assert (grid[:, width:width + 2] == 128).all()
 
 
 def test_evaluate_may_write_inside_the_pipeline_folder_but_never_replace_it(tmp_path, pipeline_folder, capsys):
@@ -143,7 +146,9 @@ def test_ctrl_c_in_restore_is_one_line_and_leaves_no_half_folder(tmp_path, pipel
     out = tmp_path / "restored"
     command = [sys.executable, "-m", "diffusers_robust", "restore", pipeline_folder, str(inputs), "--noise_sigma", "0.1",
                "--batch_size", "1", "--output_dir", str(out)]
-    process = subprocess.Popen(command, env=training_env(), stderr=subprocess.PIPE, text=True)
+    # pytest-xdist workers ignore SIGINT, and a child inherits that: give the command the default, as a shell does.
+    process = subprocess.Popen(command, env=training_env(), stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for(lambda: any(name.startswith(".restored.staging-") and len(os.listdir(tmp_path / name)) >= 5
                          for name in os.listdir(tmp_path)), timeout=120)
     process.send_signal(signal.SIGINT)

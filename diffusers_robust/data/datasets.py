@@ -395,20 +395,21 @@ def load_image_dataset(
     local = not isinstance(source, str) or embedded_dataset(source) is not None or looks_like_path(source)
     dataset = _load_source(source, split, streaming and not local, cache_dir)
     from_hub_stream = isinstance(dataset, datasets.IterableDataset)  # a Hub stream, or a stream passed from Python
-    if hold_out is not None:
-        dataset = hold_out.apply(dataset)
     column = detect_image_column(dataset.features, image_column)
     arrays = is_array_column(dataset.features, column)
     if arrays and augment is not None:
         raise ValueError(f"column '{column}' holds float arrays, which augmentation recipes do not take; set augment: null")
     if not arrays:
         dataset = dataset.cast_column(column, datasets.Image(decode=False))
-    name = (os.path.basename(os.path.normpath(source)) if isinstance(source, str) else type(source).__name__) + f"/{split}"
-    name += f" ({hold_out.part.replace('_', '-')})" if hold_out is not None else ""
-    source_shape = None if from_hub_stream else first_image_shape(dataset, column, arrays)
+    split_name = (os.path.basename(os.path.normpath(source)) if isinstance(source, str) else type(source).__name__) \
+        + f"/{split}"
+    name = split_name + (f" ({hold_out.part.replace('_', '-')})" if hold_out is not None else "")
     transform = ImageRecordTransform(column, channels, resolution, center_crop, augment, seed, name, array_images=arrays)
-    dataset, keep, annotation_columns = _with_annotations(dataset, source, column, name, transform, from_hub_stream,
-                                                          annotations, noise_sigma, annotations_required)
+    # Annotated as a whole split, then held out: a folder's sidecar (`annotate`'s) names the records of both parts.
+    dataset, keep, annotation_columns = _with_annotations(dataset, source, column, split_name, transform,
+                                                          from_hub_stream, annotations, noise_sigma, annotations_required)
+    dataset, annotation_columns = _held_out_part(dataset, hold_out, annotation_columns)
+    source_shape = None if from_hub_stream else first_image_shape(dataset, column, arrays)
     observed_shares = None
     if MASK_COLUMN in keep and not from_hub_stream:
         observed_shares = check_masks(dataset[MASK_COLUMN], name, resolution)
@@ -424,6 +425,14 @@ def load_image_dataset(
     dataset = _decoded_stream(dataset, transform, keep, from_hub_stream, seed, shuffle_buffer, rank, world_size)
     return ImageDataset(dataset, transform, column, streaming=True, annotations=annotation_columns,
                         observed_shares=observed_shares, source_shape=source_shape)
+
+
+def _held_out_part(dataset, hold_out: HoldOut | None, annotation_columns: dict | None) -> tuple[Any, dict | None]:
+    """`hold_out`'s part of the (annotated) split, with its annotation columns; everything when there is no hold-out."""
+    if hold_out is None:
+        return dataset, annotation_columns
+    dataset = hold_out.apply(dataset)
+    return dataset, None if annotation_columns is None else {c: dataset[c] for c in annotation_columns}
 
 
 def _with_annotations(dataset, source: Any, column: str, name: str, transform: "ImageRecordTransform",

@@ -129,7 +129,14 @@ def load_local(source: str, cache_dir: str | None) -> datasets.DatasetDict:
         files = [f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
                  if os.path.splitext(f)[1].lower() in DATA_FILE_BUILDERS]
         if not files:
-            return datasets.load_dataset("imagefolder", data_dir=path, cache_dir=cache_dir)
+            if not any(os.path.isfile(f) and not os.path.basename(f).startswith(".")
+                       for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)):
+                raise ValueError(f"dataset folder {source} holds no file: put images in it (or train/ and test/ "
+                                 "subfolders of images), or parquet/arrow files")
+            try:
+                return datasets.load_dataset("imagefolder", data_dir=path, cache_dir=cache_dir)
+            except ValueError as error:  # Datasets' own words ('Instruction "train" corresponds to no data!') name nothing
+                raise ValueError(f"dataset folder {source} holds no image Datasets can read ({error})") from None
     else:
         files = sorted(glob.glob(path))
         if not files:

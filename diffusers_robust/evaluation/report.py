@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import PIL.Image
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -249,18 +250,46 @@ def report_markdown(report: dict[str, Any], title: str = "Evaluation") -> str:
 
 def plot_restoration(rows: list[dict[str, Any]], path: str, examples: dict[str, torch.Tensor] | None = None,
                      title: str = "Restoration") -> None:
-    """`title` over a bar chart of PSNR per case (corrupted input, classical baseline, restored) and, with `examples`
-    (case -> `(3, k, C, H, W)` clean, corrupted, restored in `[-1, 1]`), a before/after row per case."""
+    """A bar chart of PSNR per case (corrupted input, classical baseline, restored) under `title`, its legend outside
+    the plot, and below it, with `examples` (case -> `(3, k, C, H, W)` clean, corrupted, restored in `[-1, 1]`), one
+    captioned row per case of up to `EXAMPLES_SHOWN` images as clean | corrupted | restored, at least 4 screen pixels
+    per image pixel, grey gaps between the images."""
+    from .images import add_caption, make_grid
+
+    parts = [_psnr_chart(rows, title)]
+    for case in [row["case"] for row in rows if examples and row["case"] in examples]:
+        clean, corrupted, restored = (views[:EXAMPLES_SHOWN] for views in to_unit_range(examples[case]).clamp(0, 1))
+        scale = max(4, math.ceil(EXAMPLE_ROW_WIDTH / (clean.shape[-1] * 3 * clean.shape[0])))
+        triples = [make_grid(torch.stack(views).permute(0, 2, 3, 1).numpy(), columns=3, min_size=0, gap=2, min_scale=scale)
+                   for views in zip(clean, corrupted, restored, strict=True)]  # grey gaps inside, white between images
+        row = PIL.Image.new("RGB", (sum(t.width + 12 for t in triples) - 12, triples[0].height), "white")
+        for index, triple in enumerate(triples):
+            row.paste(triple.convert("RGB"), (index * (triple.width + 12), 0))
+        parts.append(add_caption(row, f"{case}: clean | corrupted | restored, {clean.shape[0]} images"))
+    width = max(part.width for part in parts)
+    canvas = PIL.Image.new("RGB", (width, sum(part.height + 8 for part in parts)), "white")
+    top = 0
+    for part in parts:
+        canvas.paste(part.convert("RGB"), (0, top))
+        top += part.height + 8
+    canvas.save(path)
+
+
+# Restoration examples per case in restoration.png, and the width (screen pixels) a row is enlarged to at least.
+EXAMPLES_SHOWN = 4
+EXAMPLE_ROW_WIDTH = 640
+
+
+def _psnr_chart(rows: list[dict[str, Any]], title: str) -> "PIL.Image.Image":
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = [row["case"] for row in rows if examples and row["case"] in examples]
-    figure = plt.figure(figsize=(max(7, 0.55 * len(rows)), 4.5 + 1.1 * len(cases)))
-    figure.suptitle(f"{title}: PSNR (dB) per corruption case", fontsize=12)
-    layout = figure.add_gridspec(1 + len(cases), 1, height_ratios=[4] + [1] * len(cases))
-    axes = figure.add_subplot(layout[0])
+    figure, axes = plt.subplots(figsize=(max(8.0, 0.5 * len(rows) + 3.5), 4.8))
+    axes.set_title(f"{title}: PSNR (dB) per corruption case", fontsize=11)
     positions = np.arange(len(rows))
     bars = (("psnr_input", "corrupted input"), ("psnr_baseline", "classical baseline"), ("psnr", "restored"))
     for offset, (key, label) in zip((-0.27, 0, 0.27), bars, strict=True):
@@ -269,19 +298,13 @@ def plot_restoration(rows: list[dict[str, Any]], path: str, examples: dict[str, 
     axes.set_xticks(positions, [row["case"] + ("*" if row.get("caveat") else "") for row in rows], rotation=60,
                     ha="right", fontsize=8)
     axes.set_ylabel("PSNR (dB, capped at 60)")
-    axes.legend(fontsize=8)
-    for line, case in enumerate(cases, start=1):
-        clean, corrupted, restored = to_unit_range(examples[case]).clamp(0, 1)
-        thin = torch.full((*clean.shape[1:3], 1), 0.5)  # grey between the three views, wider between images
-        strip = torch.cat([torch.cat([c, thin, d, thin, r, thin.repeat(1, 1, 3)], dim=-1)
-                           for c, d, r in zip(clean, corrupted, restored, strict=True)], dim=-1)[..., :-3]
-        picture = figure.add_subplot(layout[line])
-        picture.imshow(strip.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        picture.set_title(f"{case}: clean | corrupted | restored, x{clean.shape[0]}", fontsize=8)
-        picture.axis("off")
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside, never over bars
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=100, format="png")
     plt.close(figure)
+    buffer.seek(0)
+    return PIL.Image.open(buffer).convert("RGB")
 
 
 def write_report(report: dict[str, Any], output_dir: str, title: str = "Evaluation") -> dict[str, str]:

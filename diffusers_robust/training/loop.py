@@ -366,7 +366,7 @@ class Validator:
             sampler.set_progress_bar_config(disable=True)
             samples = sampler(batch_size=config.num_grid_images, generator=torch.Generator().manual_seed(config.seed),
                               num_inference_steps=config.num_inference_steps, output_type="np").images
-            make_grid(samples).save(os.path.join(config.output_dir, "samples", f"step-{step}.png"))
+            make_grid(samples, gap=2).save(os.path.join(config.output_dir, "samples", f"step-{step}.png"))
             run.accelerator.log({f"validation/{k}": v for k, v in losses.items()}, step=step)
             for tracker in run.accelerator.trackers:
                 if tracker.name == "tensorboard":

@@ -1,0 +1,36 @@
+"""The own-data flow names what is wrong at once: a pipeline path with a typo never asks the Hub, an empty or
+image-less dataset folder is named."""
+
+import time
+
+import pytest
+
+from diffusers_robust.cli import main as cli_main
+from diffusers_robust.data.datasets import load_image_dataset
+
+
+@pytest.mark.parametrize("name", ["my_modle", "./runs/missing", "a/b/c"])
+def test_a_pipeline_that_is_no_folder_and_no_hub_id_is_named_without_asking_the_hub(tmp_path, monkeypatch, capsys, name):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # nothing may reach for the network, offline or not
+    started = time.monotonic()
+    code = cli_main(["sample", name, "--output_dir", str(tmp_path / "s")])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and f"pipeline {name!r} is no folder here and no Hub id (owner/name)" in line
+    assert time.monotonic() - started < 10  # no retries against an unreachable Hub (33 s before)
+
+
+def test_a_folder_without_model_index_is_named(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    assert cli_main(["sample", str(tmp_path / "model"), "--output_dir", str(tmp_path / "s")]) == 2
+    assert "is not a pipeline folder: it has no model_index.json" in capsys.readouterr().err
+
+
+def test_an_empty_dataset_folder_and_one_without_images_are_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=f"dataset folder {tmp_path / 'empty'} holds no file"):
+        load_image_dataset(str(tmp_path / "empty"), channels=1, resolution=8)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=f"dataset folder {tmp_path / 'notes'} holds no image Datasets can read"):
+        load_image_dataset(str(tmp_path / "notes"), channels=1, resolution=8)
