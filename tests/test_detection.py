@@ -54,7 +54,9 @@ def test_each_kind_of_damage_is_told_apart_under_an_exact_prior(digit, damage, e
         image = apply_corruption(image, "gaussian_blur", 3)
     found = detect_corruption(exact_prior(digit, alphas), alphas, image)[0]
     if expected == "gaussian_noise":
-        assert found.corruption == "gaussian_noise" and 0.05 < found.noise_sigma <= 0.5 and found.method == "noise"
+        # Within a factor 1.5 of the true 0.1 (it reads 0.13: under an exact prior, which removes all the noise, the
+        # NOISE_RATIO set on trained priors overestimates by about 30%); 0.05 or 0.2 fail.
+        assert found.corruption == "gaussian_noise" and 0.1 / 1.5 <= found.noise_sigma <= 0.15 and found.method == "noise"
     else:
         assert found == expected
     assert found.to_dict()["method"] == found.method

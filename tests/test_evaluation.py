@@ -113,3 +113,16 @@ def test_restoration_png_keeps_the_chart_whole_and_examples_at_four_or_more_scre
     # Below the chart, two captioned rows of 4 images x 3 views: 8 px digits at >= 4 screen px, 32 px crops at 4.
     assert picture.height >= chart.height + 8 * 4 + 32 * 4 + 2 * 8
     assert picture.width >= 4 * (3 * 32 * 4)
+
+
+def test_memorisation_reads_copies_of_training_images_as_closer_to_train_and_real_images_as_meaningful():
+    from diffusers_robust.evaluation.metrics import Memorisation, Reference
+
+    pixels = torch.from_numpy(load_digits().images.astype(np.float32))[:, None] / 8 - 1  # (1797, 1, 8, 8), 0..16 -> [-1, 1]
+    train, held_out = pixels[:300], pixels[1200:1500]  # as many train as held-out images: the subset is all of them
+    copies = (train + 0.01 * torch.randn(300, 1, 8, 8, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    copied = Memorisation(seed=0).compute(copies, Reference(held_out, train_images=train))["memorisation"]
+    fresh = Memorisation(seed=0).compute(pixels[1500:], Reference(held_out, train_images=train))["memorisation"]
+    assert copied["meaningful"] is True and fresh["meaningful"] is True  # both are images of the data
+    assert copied["median_distance_to_train"] < 0.5 * fresh["median_distance_to_train"]
+    assert copied["share_closer_to_train"] > fresh["share_closer_to_train"]
