@@ -472,7 +472,7 @@ def test_annotations_auto_trains_on_each_images_estimated_noise_level(tiny_prese
     estimated = np.array(load_image_dataset(source, channels=1, resolution=8, annotations="auto").annotations["noise_sigma"])
     truth = np.array([a.get("noise_sigma", 0.0) for a in data.annotations])
     # The estimates separate the noisy half from the clean one (median 0.11 against 0.0 on 8-bit digits, whose black
-    # background clips half the noise away), though not every record: see the closing note of issue 24.
+    # background clips half the noise away), though not every record (README, "estimated" annotations).
     assert np.median(estimated[truth > 0]) > 0.08 and np.median(estimated[truth == 0]) < 0.02
     result = run_training_script(tiny_training_args(tiny_preset, tmp_path / "out", dataset=source, annotations="auto",
                                                     validation_split="null", max_train_steps=2, validation_steps=100))
