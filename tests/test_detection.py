@@ -103,3 +103,17 @@ def test_restore_with_no_option_detects_per_image_and_writes_its_choices(tmp_pat
     for name, choice in record["images"].items():
         assert set(choice) == {"corruption", "severity", "noise_sigma", "method"}
         assert f"{name}: " in result.stderr and (tmp_path / "out" / name).is_file()
+
+
+def test_detection_on_images_unlike_the_calibration_digits_warns_at_run_time(caplog):
+    pipe = RobustDDPMPipeline(unet=make_tiny_unet(channels=3, sample_size=16),
+                              scheduler=RobustDDPMScheduler(num_train_timesteps=100))
+    photos = np.random.default_rng(0).random((2, 16, 16, 3)).astype(np.float32)
+    with caplog.at_level("WARNING"):
+        pipe.detect_corruption(photos)
+    assert "thresholds were set on 8x8 grey digits; these are 3x16x16 images" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        RobustDDPMPipeline(unet=make_tiny_unet(), scheduler=RobustDDPMScheduler(num_train_timesteps=100)).detect_corruption(
+            np.zeros((1, 8, 8, 1), dtype=np.float32))
+    assert "thresholds were set" not in caplog.text

@@ -61,6 +61,8 @@ def installed_class(name: str) -> type:
     return COMPONENT_CLASSES[name]
 
 logger = logging.getLogger(__name__)
+# (channels, height, width) of the images the detector's thresholds were set on (`pipelines/detection.py`).
+CALIBRATED_SHAPE = (1, 8, 8)
 # The severity label of learned restoration when the caller names none: the middle of the trained range 1-5.
 LEARNED_DEFAULT_SEVERITY = 3
 
@@ -470,6 +472,10 @@ class RobustDDPMPipeline(DiffusionPipeline):
         """What damaged each image (clean, Gaussian noise and its std, salt-and-pepper, holes, blur and its severity),
         as `corruption="auto"` decides it: [`~pipelines.detection.detect_corruption`] with this pipeline's prior."""
         corrupted = self._image_to_tensor(image)
+        if tuple(corrupted.shape[1:]) != CALIBRATED_SHAPE:
+            logger.warning(f"the damage detector's thresholds were set on 8x8 grey digits; these are "
+                           f"{corrupted.shape[1]}x{corrupted.shape[2]}x{corrupted.shape[3]} images, where it can "
+                           "misjudge (noise read as impulse, mild blur as clean): name the corruption when you know it")
         try:  # a missing-pixel model sees every pixel here
             self._observed = torch.ones_like(corrupted[:, :1]) if self.masked_input else None
             return detect_corruption(self._denoiser(), self.scheduler.alphas_cumprod, corrupted)
