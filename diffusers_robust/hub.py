@@ -74,7 +74,7 @@ the noise std, in [0, 1] units, below which sampling stops and returns the clean
 {_annotation_text(summary.annotations)}
 ## Validation
 
-Denoising loss on {summary.validation_images} held-out images (`{training_config.get("validation_split")}`),
+Denoising loss on {summary.validation_images} held-out images ({_held_out_text(summary.held_out, training_config)}),
 clean and with the validation corruptions at severities {training_config.get("validation_severities")}:
 
 {_format_losses(validation) if validation else "No validation split was configured."}
@@ -163,6 +163,16 @@ against the held-out images with {generation["feature_extractor"]} features. Ful
 """
 
 
+def _held_out_text(held_out: dict | None, training_config: dict) -> str:
+    """What the held-out images are: a seeded share of the training split, or a split or source of their own."""
+    if not held_out:
+        return f"`{training_config.get('validation_split')}`"
+    if held_out.get("held_out_share"):
+        return (f"{held_out['held_out_share']:.0%} of `{held_out['split']}` held out (seed {held_out['held_out_seed']}), "
+                "never trained on")
+    return f"split `{held_out['split']}` of `{held_out['source']}`"
+
+
 def _annotation_text(annotations: dict | None) -> str:
     """The card's paragraph on imperfect training data (empty when no record was annotated)."""
     if annotations and annotations.get("masked"):
@@ -172,7 +182,8 @@ def _annotation_text(annotations: dict | None) -> str:
     if not annotations or annotations["clean"] == annotations["records"]:
         return ""
     return (f"\nTrained on imperfect data with the noisy-data objective: of {annotations['records']} training images, "
-            f"{annotations['clean']} clean, {annotations['noisy']} with known Gaussian noise, {annotations['restricted']} "
+            f"{annotations['clean']} clean, {annotations['noisy']} with Gaussian noise "
+            f"({annotations.get('levels', 'levels given by the data')}), {annotations['restricted']} "
             f"usable only within a noise range; lowest trusted noise std {annotations['lowest_trusted_sigma']:.4g}.\n")
 
 

@@ -479,3 +479,6 @@ def test_annotations_auto_trains_on_each_images_estimated_noise_level(tiny_prese
     assert result.returncode == 0, result.stderr[-2000:]
     counted = json.loads((tmp_path / "out" / "metrics.json").read_text())["annotations"]
     assert (counted["records"], counted["noisy"]) == (64, int((estimated > 0).sum()))  # the estimates, not the sidecar
+    assert counted["levels"] == "levels estimated per image (annotations: auto)"
+    assert f"{counted['noisy']} with Gaussian noise (levels estimated per image" in (tmp_path / "out" / "README.md").read_text()
+    assert "(levels estimated per image (annotations: auto))" in result.stderr  # the log says it too

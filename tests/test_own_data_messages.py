@@ -34,3 +34,12 @@ def test_an_empty_dataset_folder_and_one_without_images_are_named(tmp_path):
     (tmp_path / "notes" / "readme.txt").write_text("no images here")
     with pytest.raises(ValueError, match=f"dataset folder {tmp_path / 'notes'} holds no image Datasets can read"):
         load_image_dataset(str(tmp_path / "notes"), channels=1, resolution=8)
+
+
+def test_the_card_calls_the_held_out_images_what_they_are():
+    from diffusers_robust.hub import _held_out_text
+
+    share = {"source": "my_photos", "split": "train", "held_out_share": 0.1, "held_out_seed": 0}
+    assert _held_out_text(share, {}) == "10% of `train` held out (seed 0), never trained on"  # was: `test`
+    own = {"source": "digits", "split": "test", "held_out_share": None, "held_out_seed": None}
+    assert _held_out_text(own, {}) == "split `test` of `digits`"

@@ -270,8 +270,15 @@ def check_annotated_data(config: TrainingConfig, train_data: ImageDataset, sched
         scheduler.register_to_config(sampling_stop_sigma=stop)
         logger.info(f"noisy-only training data: sampling stops at noise std {stop:.4g} ([0, 1] units), the lowest level "
                     "the data can teach, and returns the clean estimate there")
-    logger.info(f"training records: {summary.clean} clean, {summary.noisy} noisy, {summary.restricted} restricted")
-    return summary.to_dict()
+    levels = LEVEL_SOURCES["auto" if config.annotations == "auto" else "one" if config.noise_sigma is not None else "given"]
+    logger.info(f"training records: {summary.clean} clean, {summary.noisy} noisy ({levels}), {summary.restricted} "
+                "restricted")
+    return {**summary.to_dict(), "levels": levels}
+
+
+# How the noise levels of noisy training records were obtained: the run summary, the log and the model card say it.
+LEVEL_SOURCES = {"auto": "levels estimated per image (annotations: auto)", "one": "one level given for every image",
+                 "given": "levels given by the data's annotations"}
 
 
 def prepare_missing_pixel_model(config: TrainingConfig, train_data: ImageDataset, unet: UNet2DModel,
