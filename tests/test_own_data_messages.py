@@ -43,3 +43,29 @@ def test_the_card_calls_the_held_out_images_what_they_are():
     assert _held_out_text(share, {}) == "10% of `train` held out (seed 0), never trained on"  # was: `test`
     own = {"source": "digits", "split": "test", "held_out_share": None, "held_out_seed": None}
     assert _held_out_text(own, {}) == "split `test` of `digits`"
+
+
+def test_a_grey_and_colour_mix_of_several_sizes_is_one_message_judged_over_all_images(tmp_path):
+    import numpy as np
+    import PIL.Image
+
+    from diffusers_robust.training.config import TrainingConfig
+    from diffusers_robust.training.setup import check_image_shape
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    PIL.Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / "a_grey.png")  # the first is grey
+    for index in range(5):
+        PIL.Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"b_rgb_{index}.png")
+    loaded = load_image_dataset(str(folder), channels=1, resolution=8)
+    assert loaded.stored_shapes == {(1, 8, 8): (1, "a_grey.png"), (3, 16, 16): (5, "b_rgb_0.png")}
+    assert loaded.source_shape == (3, 16, 16)  # what most images are, not the first
+    config = TrainingConfig(dataset=str(folder), output_dir=str(tmp_path / "out"))
+    with pytest.raises(ValueError) as refused:
+        check_image_shape(config, loaded.stored_shapes, 1, 8)
+    message = str(refused.value)
+    assert "they mix 1 grey and 5 colour images (e.g. a_grey.png and b_rgb_0.png): pass --channels 3" in message
+    assert "they come in 2 sizes (16x16: 5 (e.g. b_rgb_0.png), 8x8: 1 (e.g. a_grey.png)): pass --resolution N" in message
+    explicit = TrainingConfig(dataset=str(folder), output_dir=str(tmp_path / "out"), channels=3, resolution=16)
+    check_image_shape(explicit, loaded.stored_shapes, 1, 8)  # the flags decide: every image is converted

@@ -293,7 +293,8 @@ class ImageDataset:
     streaming: bool
     annotations: dict[str, list[float]] | None = None  # annotation columns over all records (before sharding)
     observed_shares: list[float] | None = None  # records with a mask column: the share of observed pixels of each
-    source_shape: tuple[int, int, int] | None = None  # (channels, height, width) of the first image as stored
+    source_shape: tuple[int, int, int] | None = None  # (channels, height, width) most images are stored at
+    stored_shapes: dict | None = None  # every stored shape -> (records, first record's name); see `stored_shapes`
 
     def annotation_summary(self, max_weight: float) -> AnnotationSummary | None:
         """What the records' annotations say ([`~data.annotations.summarise`]); None when no record is annotated."""
@@ -409,7 +410,8 @@ def load_image_dataset(
     dataset, keep, annotation_columns = _with_annotations(dataset, source, column, split_name, transform,
                                                           from_hub_stream, annotations, noise_sigma, annotations_required)
     dataset, annotation_columns = _held_out_part(dataset, hold_out, annotation_columns)
-    source_shape = None if from_hub_stream else first_image_shape(dataset, column, arrays)
+    shapes = None if from_hub_stream else stored_shapes(dataset, column, arrays, name)
+    source_shape = most_common_shape(shapes) if shapes is not None else None
     observed_shares = None
     if MASK_COLUMN in keep and not from_hub_stream:
         observed_shares = check_masks(dataset[MASK_COLUMN], name, resolution)
@@ -420,11 +422,11 @@ def load_image_dataset(
         if not streaming:
             dataset.set_transform(transform)
             return ImageDataset(dataset, transform, column, streaming=False, annotations=annotation_columns,
-                                observed_shares=observed_shares, source_shape=source_shape)
+                                observed_shares=observed_shares, source_shape=source_shape, stored_shapes=shapes)
         dataset = dataset.to_iterable_dataset(num_shards=min(num_shards, len(dataset)))
     dataset = _decoded_stream(dataset, transform, keep, from_hub_stream, seed, shuffle_buffer, rank, world_size)
     return ImageDataset(dataset, transform, column, streaming=True, annotations=annotation_columns,
-                        observed_shares=observed_shares, source_shape=source_shape)
+                        observed_shares=observed_shares, source_shape=source_shape, stored_shapes=shapes)
 
 
 def _held_out_part(dataset, hold_out: HoldOut | None, annotation_columns: dict | None) -> tuple[Any, dict | None]:
@@ -483,20 +485,41 @@ def _decoded_stream(dataset, transform: "ImageRecordTransform", keep: list[str],
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 
 
-def first_image_shape(dataset: datasets.Dataset, column: str, arrays: bool, tries: int = 8) -> tuple[int, int, int] | None:
-    """`(channels, height, width)` of the first of the first `tries` records that decodes, as stored (1 channel for
-    grey modes, 3 for colour ones; a float array's own shape); None when none of them decodes."""
-    for index in range(min(tries, len(dataset))):
+# Records whose stored shape `load_image_dataset` reads (image headers only, no pixels) to judge a dataset's channels
+# and size: every record up to this many.
+SHAPE_SURVEY_RECORDS = 20_000
+
+
+def stored_shapes(dataset: datasets.Dataset, column: str, arrays: bool, name: str,
+                  limit: int = SHAPE_SURVEY_RECORDS) -> dict[tuple[int, int, int], tuple[int, str]]:
+    """`(channels, height, width)` as stored (1 channel for grey modes, 3 for colour ones; a float array's own shape) ->
+    `(how many records, the first one's name)`, over the first `limit` records, from image headers (no pixels are
+    decoded); records that do not open are left out (the transform counts them later)."""
+    shapes: dict[tuple[int, int, int], tuple[int, str]] = {}
+    for index in range(min(limit, len(dataset))):
         value = dataset[index][column]
         try:
-            if arrays:
-                array = np.asarray(value)
-                return (1 if array.ndim == 2 else array.shape[2], array.shape[0], array.shape[1])
-            image = decode_image(value)
+            shape = _stored_shape(value, arrays)
         except Exception:  # noqa: BLE001 - a bad record is counted later, by the transform
             continue
+        count, first = shapes.get(shape, (0, None))
+        path = value.get("path") if isinstance(value, dict) else None
+        shapes[shape] = (count + 1, first or (os.path.basename(path) if path else f"{name}[{index}]"))
+    return shapes
+
+
+def _stored_shape(value: Any, arrays: bool) -> tuple[int, int, int]:
+    if arrays:
+        array = np.asarray(value)
+        return (1 if array.ndim == 2 else array.shape[2], array.shape[0], array.shape[1])
+    source = io.BytesIO(value["bytes"]) if isinstance(value, dict) and value.get("bytes") else \
+        value.get("path") if isinstance(value, dict) else value
+    with PIL.Image.open(source) as image:  # reads the header only
         return (1 if image.mode in GREY_MODES else 3, image.height, image.width)
-    return None
+
+
+def most_common_shape(shapes: dict[tuple[int, int, int], tuple[int, str]]) -> tuple[int, int, int] | None:
+    return max(shapes, key=lambda shape: shapes[shape][0]) if shapes else None
 
 
 def check_masks(masks: Sequence[Any], name: str, resolution: int) -> list[float]:

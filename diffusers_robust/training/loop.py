@@ -203,7 +203,7 @@ def load_training_data(config: TrainingConfig, source: DatasetLike, held_out_pla
         num_shards=max(8, world_size * max(1, config.dataloader_num_workers)), annotations=config.annotations,
         noise_sigma=config.noise_sigma, annotations_required=config.annotations_required,
     )
-    check_image_shape(config, train_data.source_shape, channels, resolution)
+    check_image_shape(config, train_data.stored_shapes, channels, resolution)
     return train_data
 
 

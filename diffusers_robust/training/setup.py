@@ -102,21 +102,38 @@ def fit_unet(unet: UNet2DModel, channels: int, resolution: int, seed: int) -> UN
         return UNet2DModel.from_config({**unet.config, "in_channels": channels, "out_channels": channels})
 
 
-def check_image_shape(config: TrainingConfig, found: tuple[int, int, int] | None, channels: int, resolution: int) -> None:
-    """Refuse to convert the colour or size of the training images silently: `found` is `(channels, height, width)`
-    of the first image of the data (None when unknown); when it differs from what the preset takes and the recipe
-    did not set `channels` / `resolution`, `ValueError` naming the flag that trains on the images as they are."""
-    if found is None:
+def check_image_shape(config: TrainingConfig, shapes: dict | None, channels: int, resolution: int) -> None:
+    """Refuse to convert the colour or size of the training images silently. `shapes` maps each stored
+    `(channels, height, width)` to `(records, first record)` (`data.datasets.stored_shapes`; None when unknown). Unless
+    the recipe sets `channels` / `resolution`: a grey/colour mix, images of several sizes, or images unlike what the
+    preset takes are one `ValueError` naming every mismatch, examples, and the flag that decides."""
+    if not shapes:
         return
-    found_channels, height, width = found
-    if config.channels is None and found_channels != channels:
-        raise ValueError(f"the images of {config.dataset} have {found_channels} channel(s) but the preset {config.pipeline} "
-                         f"takes {channels}: pass --channels {found_channels} (the UNet is built for them) or "
-                         f"--channels {channels} to convert them")
-    if config.resolution is None and min(height, width) != resolution:
-        raise ValueError(f"the images of {config.dataset} are {width}x{height} pixels but the preset {config.pipeline} "
-                         f"takes {resolution}x{resolution}: pass --resolution {min(height, width)} (the UNet is built "
-                         f"for it) or --resolution {resolution} to resize them")
+    problems = []
+    kinds = {c: sum(n for (k, _, _), (n, _) in shapes.items() if k == c) for c, _, _ in shapes}
+    example = {c: next(first for (k, _, _), (_, first) in shapes.items() if k == c) for c in kinds}
+    if config.channels is None and len(kinds) > 1:
+        problems.append(f"they mix {kinds[1]} grey and {kinds[3]} colour images (e.g. {example[1]} and {example[3]}): "
+                        "pass --channels 3 (colour) or --channels 1 (grey) to convert them all")
+    elif config.channels is None and next(iter(kinds)) != channels:
+        found = next(iter(kinds))
+        problems.append(f"they have {found} channel(s) but the preset {config.pipeline} takes {channels}: pass "
+                        f"--channels {found} (the UNet is built for them) or --channels {channels} to convert them")
+    sizes = {}
+    for (_, height, width), (count, first) in shapes.items():
+        total, name = sizes.get((width, height), (0, first))
+        sizes[(width, height)] = (total + count, name)
+    if config.resolution is None and len(sizes) > 1:
+        listed = ", ".join(f"{w}x{h}: {n} (e.g. {first})" for (w, h), (n, first) in
+                           sorted(sizes.items(), key=lambda item: -item[1][0])[:4])
+        problems.append(f"they come in {len(sizes)} sizes ({listed}): pass --resolution N to resize and crop them all")
+    elif config.resolution is None and min(next(iter(sizes))) != resolution:
+        width, height = next(iter(sizes))
+        problems.append(f"they are {width}x{height} pixels but the preset {config.pipeline} takes "
+                        f"{resolution}x{resolution}: pass --resolution {min(height, width)} (the UNet is built for it) or "
+                        f"--resolution {resolution} to resize them")
+    if problems:
+        raise ValueError(f"the images of {config.dataset}: " + "; ".join(problems))
 
 
 def training_length(config: TrainingConfig, batches_per_epoch: int | None) -> tuple[int, int]:
