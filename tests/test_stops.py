@@ -248,10 +248,12 @@ def test_a_group_sigterm_mid_step_saves_the_last_completed_step_within_the_launc
             second = _run(tiny_training_args("ddpm-digits", out, max_train_steps=2))
             assert second.returncode == 2 and f"another run (process {socket.gethostname()}:{trainer})" in second.stderr
         wait_for(lambda: (out / "samples" / "step-1.png").exists())  # a grid per step marks each step's end
-        started = time.monotonic()
-        wait_for(lambda: (out / "samples" / "step-2.png").exists())
-        step_seconds = time.monotonic() - started
-        time.sleep(step_seconds * into_step)  # inside step 3
+        done = max(int(p.stem.split("-")[1]) for p in (out / "samples").glob("step-*.png"))
+        wait_for(lambda: (out / "samples" / f"step-{done + 1}.png").exists())
+        last = done + 1  # the last completed step; the next one is under way
+        step_seconds = (out / "samples" / f"step-{last}.png").stat().st_mtime - \
+            (out / "samples" / f"step-{done}.png").stat().st_mtime
+        time.sleep(max(0.0, (out / "samples" / f"step-{last}.png").stat().st_mtime + step_seconds * into_step - time.time()))
         signalled = time.time()
         os.killpg(launcher.pid, signal.SIGTERM)  # systemd, SLURM, `timeout`, Ctrl-C: the launcher and the trainer
         launcher.wait(timeout=120)
@@ -263,12 +265,14 @@ def test_a_group_sigterm_mid_step_saves_the_last_completed_step_within_the_launc
         except ProcessLookupError:
             pass
     text = output.finish()
-    saved = out / "checkpoints" / "checkpoint-2"
-    assert (saved / "checkpoint.json").exists(), f"steps of {step_seconds:.1f} s; no checkpoint-2:\n{text[-3000:]}"
+    saved = out / "checkpoints" / f"checkpoint-{last}"
+    assert (saved / "checkpoint.json").exists(), f"steps of {step_seconds:.1f} s; no checkpoint-{last}:\n{text[-3000:]}"
     # The stop line, or (the launcher killed the trainer in its backward pass) the watcher's early-save line.
-    assert f"stopped by SIGTERM at step 2; saved {saved}" in text or f"saved {saved} (step 2, the last completed)" in text
+    assert f"stopped by SIGTERM at step {last}; saved {saved}" in text or \
+        f"saved {saved} (step {last}, the last completed)" in text
     assert "exiting now, without a checkpoint" not in text  # the launcher's signal or death joins the first
-    assert json.loads((saved / "checkpoint.json").read_text())["batches_consumed"] == 2  # the dropped batch comes again
+    metadata = json.loads((saved / "checkpoint.json").read_text())
+    assert metadata["batches_consumed"] == last  # one batch a step: the dropped step's batch comes again
     assert not list((out / "checkpoints").glob("*.tmp"))
     OutputDirLock(str(out)).acquire().release()  # not held (a killed trainer's lock file may remain; the kernel freed it)
     saved_after = (saved / "checkpoint.json").stat().st_mtime - signalled
@@ -279,9 +283,10 @@ def test_a_group_sigterm_mid_step_saves_the_last_completed_step_within_the_launc
     if hasattr(accelerate_launch, "_terminate_process_tree"):  # 1.16+: it waits for the trainer
         assert launcher.returncode == 128 + signal.SIGTERM and launcher_exit >= signalled + saved_after
     if into_step > 0.5:  # the run goes on from the save: the dropped step is trained again
-        resumed = _run([*args, "--resume_from_checkpoint", "latest", "--max_train_steps", "3", "--validation_steps", "3"])
+        resumed = _run([*args, "--resume_from_checkpoint", "latest", "--max_train_steps", str(last + 1),
+                        "--validation_steps", "1000"])
         assert resumed.returncode == 0, resumed.stderr[-2000:]
-        assert json.loads((out / "metrics.json").read_text())["global_step"] == 3
+        assert json.loads((out / "metrics.json").read_text())["global_step"] == last + 1
 
 
 @pytest.mark.slow
