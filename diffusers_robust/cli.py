@@ -256,7 +256,7 @@ def run_make_imperfect(args: argparse.Namespace) -> list[str]:
     from torch.utils.data import DataLoader
 
     from .data.datasets import collate_image_batch, load_image_dataset
-    from .data.imperfect import make_imperfect, parse_recipe, save_imperfect
+    from .data.imperfect import make_imperfect, parse_recipe, png_names, save_imperfect
 
     recipe = parse_recipe(args.recipe)
     check_output_folder(args.output_dir, "make-imperfect", args.overwrite, _local([args.dataset]))
@@ -271,9 +271,13 @@ def run_make_imperfect(args: argparse.Namespace) -> list[str]:
         channels, resolution = channels or stored[0], resolution or stored[1]
     loaded = load_image_dataset(args.dataset, args.split, channels=channels, resolution=resolution,
                                 annotations="ignore")
-    images = torch.cat([b["pixel_values"] for b in DataLoader(loaded.dataset, batch_size=256, collate_fn=collate_image_batch)])
+    batches = list(DataLoader(loaded.dataset, batch_size=256, collate_fn=collate_image_batch))
+    images = torch.cat([batch["pixel_values"] for batch in batches])
+    records = [record for batch in batches for record in batch["record_ids"]]
+    # An image folder's files keep their names (as .png); records without a file of their own are numbered.
+    names = png_names(records, args.dataset) if all(os.path.isfile(record) for record in records) else None
     paths = save_imperfect(make_imperfect(images, recipe, args.seed), args.output_dir, recipe, args.seed,
-                           overwrite=args.overwrite, inputs=_local([args.dataset]))
+                           overwrite=args.overwrite, inputs=_local([args.dataset]), names=names)
     return [paths["float"], paths["png"]]
 
 

@@ -459,9 +459,11 @@ def test_make_imperfect_keeps_the_datas_channels_and_size_by_default(tmp_path, c
                      "--output_dir", str(tmp_path / "noisy")])
     assert code == 0, capsys.readouterr().err
     written = sorted((tmp_path / "noisy" / "png").glob("*.png"))
-    assert len(written) == 12
+    assert sorted(p.name for p in written) == sorted(f"crop_{index}.png" for index in range(12))  # was 000000.png on
     with PIL.Image.open(written[0]) as image:
         assert image.mode == "RGB" and image.size == (32, 32)  # was 8x8 grey (the digits' defaults)
+    rows = read_sidecar(tmp_path / "noisy" / "png" / "annotations.csv")
+    assert sorted(rows) == sorted(p.name for p in written)  # the sidecar names them as they are
 
 
 @pytest.mark.slow

@@ -133,12 +133,14 @@ def make_imperfect(images: torch.Tensor, recipe: list[ImperfectionGroup], seed: 
 
 
 def save_imperfect(data: ImperfectData, folder: str, recipe: list[ImperfectionGroup], seed: int,
-                   labels: list[int] | None = None, overwrite: bool = False, inputs: Sequence[str] = ()) -> dict[str, str]:
+                   labels: list[int] | None = None, overwrite: bool = False, inputs: Sequence[str] = (),
+                   names: list[str] | None = None) -> dict[str, str]:
     """
     Save `data` twice: `folder/float/train.parquet` (float `Array3D` column `image` in `[0, 1]` units, unclipped, with
     annotation columns, `mask` (`Array2D` uint8) when records miss pixels, and `label` if given) and `folder/png/`
     (8-bit PNG files, clipped, with `annotations.csv` next to them, keyed by file name, naming mask images in
     `masks/`, outside the image folder so a folder loader does not read them as images), plus `folder/recipe.json`.
+    The PNG files are named `names` (relative paths ending `.png`, see [`png_names`]), else `000000.png` on.
     Written through `output_folders.staged_output_folder`: never half-written; a folder holding the user's files, or
     one of `inputs` (the source data), is refused, and an earlier result is replaced only with `overwrite`.
 
@@ -146,12 +148,23 @@ def save_imperfect(data: ImperfectData, folder: str, recipe: list[ImperfectionGr
         `{"float": <parquet path>, "png": <image folder>}`.
     """
     with staged_output_folder(folder, "make-imperfect", overwrite, inputs) as temporary:
-        _write_imperfect(data, temporary, recipe, seed, labels)
+        _write_imperfect(data, temporary, recipe, seed, labels, names)
     return {"float": os.path.join(folder, "float", "train.parquet"), "png": os.path.join(folder, "png")}
 
 
+def png_names(record_ids: list[str], root: str) -> list[str]:
+    """The PNG names that keep the source files' names: each record's file (its record id) relative to the image folder
+    `root`, with the suffix `.png`; `ValueError` naming the files when two would share a name (`a.jpg`, `a.png`)."""
+    names = [os.path.splitext(os.path.relpath(record, root))[0].replace(os.sep, "/") + ".png" for record in record_ids]
+    if len(set(names)) < len(names):
+        clash = sorted(name for name in set(names) if names.count(name) > 1)[0]
+        raise ValueError(f"{', '.join(r for r, n in zip(record_ids, names, strict=True) if n == clash)} would all be "
+                         f"written as {clash}; rename one")
+    return names
+
+
 def _write_imperfect(data: ImperfectData, temporary: str, recipe: list[ImperfectionGroup], seed: int,
-                     labels: list[int] | None) -> None:
+                     labels: list[int] | None, names: list[str] | None) -> None:
     os.makedirs(os.path.join(temporary, "float"))
     os.makedirs(os.path.join(temporary, "png"))
     count, height, width, channels = data.images.shape
@@ -169,12 +182,14 @@ def _write_imperfect(data: ImperfectData, temporary: str, recipe: list[Imperfect
         os.path.join(temporary, "float", "train.parquet"))
     sidecar = {}
     for index in range(count):
-        name = f"{index:06d}.png"
+        name = names[index] if names is not None else f"{index:06d}.png"
         pixels = np.clip(np.round(data.images[index] * 255.0), 0, 255).astype(np.uint8)
+        os.makedirs(os.path.dirname(os.path.join(temporary, "png", name)), exist_ok=True)
         PIL.Image.fromarray(pixels[..., 0] if channels == 1 else pixels).save(os.path.join(temporary, "png", name))
         annotation = dict(data.annotations[index])
         if data.masks is not None and not data.masks[index].all():
             annotation["mask"] = f"../masks/{name}"
+            os.makedirs(os.path.dirname(os.path.join(temporary, "masks", name)), exist_ok=True)
             PIL.Image.fromarray(data.masks[index] * np.uint8(255)).save(os.path.join(temporary, "masks", name))
         if annotation:
             sidecar[name] = annotation
