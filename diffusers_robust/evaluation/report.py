@@ -253,7 +253,7 @@ def plot_restoration(rows: list[dict[str, Any]], path: str, examples: dict[str, 
     """A bar chart of PSNR per case (corrupted input, classical baseline, restored) under `title`, its legend outside
     the plot, and below it, with `examples` (case -> `(3, k, C, H, W)` clean, corrupted, restored in `[-1, 1]`), one
     captioned row per case of up to `EXAMPLES_SHOWN` images as clean | corrupted | restored, at least 4 screen pixels
-    per image pixel, grey gaps between the images."""
+    per image pixel, grey gaps between the three views and white ones between images."""
     from .images import add_caption, make_grid
 
     parts = [_psnr_chart(rows, title)]
