@@ -65,8 +65,14 @@ class OutputDirLock:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip() or "unknown"
+                holder = ""
+                for _ in range(50):  # the holder writes its name just after it locks: give it up to 0.5 s
+                    handle.seek(0)
+                    holder = handle.read().strip()
+                    if holder:
+                        break
+                    time.sleep(0.01)
+                holder = holder or "unknown"
                 handle.close()
                 elsewhere = "" if holder.startswith(f"{socket.gethostname()}:") else (
                     f"; if that machine is gone, NFS frees its lock within about 90 s, or delete {self.path} once its "
