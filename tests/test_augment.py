@@ -103,3 +103,12 @@ def test_a_recipe_that_fails_on_the_images_stops_with_its_error_instead_of_skipp
     with pytest.raises(AugmentRecipeError, match=r"the augment recipe fails on digits/train\[0\] \(1-channel images\)"):
         loaded.dataset[0]
     assert load_image_dataset("digits", "train", channels=3, resolution=8, augment=str(recipe)).dataset[0]["valid"]
+
+
+@pytest.mark.parametrize("name, permutes", [("flip", True), ("edm", False), ("noisy", False)])
+def test_only_recipes_that_move_pixels_are_safe_on_noisy_records(name, permutes):
+    pipe = AugmentPipeline.from_file(os.path.join(RECIPES, f"{name}.yaml"), seed=0)
+    assert pipe.permutes_pixels_only is permutes
+    if permutes:  # the same values, rearranged: a noisy image keeps its noise level
+        image = _image(3)
+        assert sorted(pipe(image)[0].ravel()) == sorted(image.ravel())

@@ -9,9 +9,10 @@ import subprocess
 import sys
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
-from conftest import make_tiny_unet, run_training_script, tiny_training_args, training_env
+from conftest import REPO_ROOT, make_tiny_unet, run_training_script, tiny_training_args, training_env
 from torch.utils.data import DataLoader
 
 from diffusers_robust import RobustDDIMScheduler, RobustDDPMPipeline, RobustDDPMScheduler, RobustDiffusionObjective
@@ -26,6 +27,7 @@ from diffusers_robust.data.annotations import (
 from diffusers_robust.data.datasets import collate_image_batch, load_image_dataset
 from diffusers_robust.data.imperfect import make_imperfect, measure_sigma_min, parse_recipe, save_imperfect
 from diffusers_robust.evaluation.metrics import copying_share
+from diffusers_robust.training.config import TrainingConfig
 
 
 def digits(count: int | None = None) -> torch.Tensor:
@@ -342,6 +344,27 @@ def test_training_on_noisy_only_data_saves_the_trusted_level_and_samples_above_i
 def test_options_that_contradict_annotated_data_are_refused_before_the_first_step(tiny_preset, tmp_path, noisy_parquet,
                                                                                    overrides, message):
     assert_refused_before_training(tiny_preset, tmp_path / "out", noisy_parquet, message, **overrides)
+
+
+@pytest.mark.parametrize("recipe, allowed", [("flip", True), ("edm", False)])
+def test_noisy_records_allow_augmentations_that_only_move_pixels(tmp_path, recipe, allowed):
+    from accelerate import PartialState
+
+    from diffusers_robust.training.loop import check_annotated_data
+
+    PartialState()  # the loop logs through Accelerate's logger
+    rng = np.random.default_rng(0)
+    for index in range(4):
+        PIL.Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / f"{index}.png")
+    (tmp_path / "annotations.csv").write_text("file_name,noise_sigma\n" + "".join(f"{i}.png,0.1\n" for i in range(4)))
+    data = load_image_dataset(str(tmp_path), "train", channels=1, resolution=8)
+    config = TrainingConfig(dataset=str(tmp_path), augment=os.path.join(REPO_ROOT, "training/configs/augment", f"{recipe}.yaml"))
+    scheduler = RobustDDPMScheduler(num_train_timesteps=1000)
+    if allowed:
+        assert check_annotated_data(config, data, scheduler)["noisy"] == 4
+    else:
+        with pytest.raises(ValueError, match="augment is set, but 4 training records are noisy"):
+            check_annotated_data(config, data, scheduler)
 
 
 def assert_refused_before_training(preset, output_dir, dataset: str, message: str, **overrides) -> None:

@@ -43,4 +43,4 @@ def test_wheel_installs_into_a_fresh_venv_and_imports_public_classes(tmp_path):
     out = subprocess.run([fresh_python, "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path, env=env)
     package, presets, names = out.stdout.strip().splitlines()
     assert package.startswith(str(venv)) and presets == os.path.join(package, "presets")  # installed with the package
-    assert names == "['ddpm-64', 'ddpm-cifar10-32', 'ddpm-digits']"
+    assert names == "['ddpm-64', 'ddpm-cifar10-32', 'ddpm-digits', 'ddpm-photos-32']"

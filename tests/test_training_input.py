@@ -129,3 +129,5 @@ def test_shipped_recipes_parse():
     assert config.report and config.report_samples == 256 and config.max_train_steps == 6000
     cifar = TrainingConfig.from_yaml(os.path.join(REPO_ROOT, "training", "configs", "cifar10.yaml"))
     assert cifar.pipeline == "ddpm-cifar10-32" and cifar.mixed_precision == "bf16"
+    photos = TrainingConfig.from_yaml(os.path.join(REPO_ROOT, "training", "configs", "photos.yaml"))
+    assert photos.pipeline == "ddpm-photos-32" and photos.dataset == "photos" and photos.validation_split == "test"

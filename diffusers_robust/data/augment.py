@@ -61,6 +61,12 @@ LABEL_FEATURES: dict[str, tuple[int, Callable[[dict, int, int], list[float]]]] =
 }
 
 
+# Transforms that only move pixels to other places (flips, quarter turns): an image's noise stays white with the same
+# level, so they are safe on noisy training records.
+PIXEL_PERMUTING_TRANSFORMS = frozenset({"HorizontalFlip", "VerticalFlip", "Transpose", "RandomRotate90", "D4",
+                                        "SquareSymmetry"})
+
+
 def _leaf_transforms(transform: A.BasicTransform) -> list[A.BasicTransform]:
     children = getattr(transform, "transforms", None)
     if children is None:
@@ -132,6 +138,11 @@ class AugmentPipeline:
             self._offsets.append(offset)
             offset += 1 + LABEL_FEATURES.get(name, (0, None))[0]
         self.label_dim = offset
+
+    @property
+    def permutes_pixels_only(self) -> bool:
+        """True when every transform only moves pixels (`PIXEL_PERMUTING_TRANSFORMS`): values and noise are kept."""
+        return all(name in PIXEL_PERMUTING_TRANSFORMS for name in self.leaves)
 
     @classmethod
     def from_dict(cls, recipe: dict[str, Any], seed: int | None = None, source: str = "recipe") -> AugmentPipeline:

@@ -2,6 +2,7 @@
 knows about it (its loader, split rule and labels, and the evaluation extras a labelled one enables). Nothing else in
 the package tests a dataset's name; `register_embedded_dataset` adds one."""
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -101,4 +102,24 @@ DIGITS = register_embedded_dataset(EmbeddedDataset(
     split_of=lambda index: "test" if index % 6 == 0 else "train",
     label_names=tuple(str(digit) for digit in range(10)),
     evaluation="diffusers_robust.evaluation.digits:DIGITS_EXTRAS",
+))
+
+
+@functools.cache
+def _photo_arrays() -> tuple[np.ndarray, np.ndarray]:
+    from .photos import PHOTO_SOURCES, photo_tiles
+
+    tiles, sources = photo_tiles(32, "all")
+    tiles.flags.writeable = False
+    split = np.array([PHOTO_SOURCES[index].split for index in sources])
+    split.flags.writeable = False
+    return tiles, split
+
+
+# Real photos (`data/photos.py`): RGB 32x32 tiles of seven photographs for `train` (547 tiles) and of two others for
+# `test` (192 tiles: chelsea the cat, a flower), unlabelled.
+PHOTOS = register_embedded_dataset(EmbeddedDataset(
+    name="photos",
+    load_arrays=lambda: (_photo_arrays()[0], None),
+    split_of=lambda index: str(_photo_arrays()[1][index]),
 ))

@@ -21,6 +21,7 @@ from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
 
 from ..data.annotations import lowest_usable_sigma
+from ..data.augment import AugmentPipeline
 from ..data.datasets import ImageDataset, SkippedRecords, collate_image_batch, load_image_dataset, require_decodable
 from ..data.splits import DatasetLike, HeldOutPlan, describe_source, plan_held_out
 from ..evaluation.images import make_grid, stack_images, upscale_for_display
@@ -239,7 +240,7 @@ def effective_batch_size(config: TrainingConfig, train_data: ImageDataset, world
 CLEAN_DATA_OPTIONS = {
     "corruption_p": "corrupting an image with known noise breaks its noise model",
     "restoration_training": "it needs clean targets",
-    "augment": "resampling augmentations change an image's noise level",
+    "augment": "resampling augmentations change an image's noise level (flips and quarter turns are allowed)",
     "input_perturbation": "the noisy-data target assumes white noise",
     "offset_noise": "the noisy-data target assumes white noise",
     "pyramid_noise_discount": "the noisy-data target assumes white noise",
@@ -254,6 +255,8 @@ def check_annotated_data(config: TrainingConfig, train_data: ImageDataset, sched
     if summary is None or summary.clean == summary.records:
         return summary.to_dict() if summary is not None else None
     for name, why in CLEAN_DATA_OPTIONS.items():
+        if name == "augment" and config.augment is not None and AugmentPipeline.from_file(config.augment).permutes_pixels_only:
+            continue
         if getattr(config, name) not in (None, False, 0, 0.0):
             raise ValueError(f"{name} is set, but {summary.records - summary.clean} training records are noisy or "
                              f"restricted (annotations): {why}. Turn {name} off, or train without annotations")
