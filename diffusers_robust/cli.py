@@ -124,7 +124,9 @@ def _add_restore_command(commands) -> None:
                                               "restoration option, what damaged each image is detected and restored by the "
                                               "matching method; restoration.json records the choice per image.")
     _add_pipeline_arguments(restore)
-    restore.add_argument("inputs", nargs="+", help="image files or folders of images, at the pipeline's sample size")
+    restore.add_argument("inputs", nargs="+", help="image files or folders of images, all of one size: the pipeline's "
+                                                   "sample size or any size whose sides are multiples of its UNet's "
+                                                   "downsampling factor")
     restore.add_argument("--output_dir", default="restored", help="where the restored images go")
     _add_overwrite_argument(restore)
     restore.add_argument("--corruption", default=None,
@@ -132,6 +134,8 @@ def _add_restore_command(commands) -> None:
                               "no restoration option it is detected per image (auto)")
     restore.add_argument("--severity", type=int, choices=range(1, 6), default=None, help="1..5, the corruption's severity")
     restore.add_argument("--noise_sigma", type=float, default=None, help="Gaussian noise std in [0, 1] image units")
+    restore.add_argument("--blur_sigma", type=float, default=None,
+                         help="Gaussian blur std in pixels (any tool's blur); --corruption gaussian_blur alone estimates it")
     restore.add_argument("--strength", type=float, default=None, help="SDEdit strength in (0, 1]: fresh noise, then sampling")
     restore.add_argument("--masks", default=None,
                          help="folder of mask images named like the inputs: white where a pixel is missing")
@@ -388,9 +392,9 @@ def restored_name(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0] + ".png"
 
 
-def _read_images(files: list[str], channels: int, size: tuple[int, int], what: str):
-    """Decoded images `(N, H, W, C)` in `[0, 1]` of `size` `(H, W)`; `ValueError` naming a file that is broken or the
-    wrong size."""
+def _read_images(files: list[str], channels: int, size: tuple[int, int] | None, what: str):
+    """Decoded images `(N, H, W, C)` in `[0, 1]` of `size` `(H, W)` (None: the first image's); `ValueError` naming a
+    file that is broken or of another size."""
     import numpy as np
 
     from .data.datasets import decode_image, to_mode
@@ -401,9 +405,12 @@ def _read_images(files: list[str], channels: int, size: tuple[int, int], what: s
             image = to_mode(decode_image(path), channels)
         except Exception as error:  # noqa: BLE001 - any decoding failure names the file
             raise ValueError(f"cannot read {what} {path}: {error}") from None
+        if size is None:
+            size = (image.size[1], image.size[0])
         if image.size != (size[1], size[0]):  # PIL's size is (width, height)
-            raise ValueError(f"{what} {path} is {image.size[0]}x{image.size[1]} pixels; the pipeline restores "
-                             f"{size[1]}x{size[0]} images (restoration must not resample the damage)")
+            raise ValueError(f"{what} {path} is {image.size[0]}x{image.size[1]} pixels where {files[0]} is "
+                             f"{size[1]}x{size[0]}: restore images of one size at a time (restoration must not resample "
+                             "the damage)")
         array = np.asarray(image, dtype=np.float32) / 255.0
         arrays.append(array[..., None] if array.ndim == 2 else array)
     return np.stack(arrays)
@@ -418,20 +425,22 @@ def run_restore(args: argparse.Namespace) -> list[str]:
 
     # Bad option combinations fail before any file is read (`mask` only needs to be present or absent here).
     plan_restoration(corruption=args.corruption, severity=args.severity, noise_sigma=args.noise_sigma,
-                     strength=args.strength, mask=args.masks)
+                     strength=args.strength, mask=args.masks, blur_sigma=args.blur_sigma)
     files = _image_files(args.inputs)
     rules = _output_rules(args, [*args.inputs, *([args.masks] if args.masks else [])])
     pipeline = _load_pipeline(args)
     channels, size = pipeline.image_channels, image_size(pipeline.unet.config.sample_size)
-    images = _read_images(files, channels, size, "input")
+    images = _read_images(files, channels, None, "input")
+    size = images.shape[1:3]
     masks = None
     if args.masks is not None:
         mask_files = [os.path.join(args.masks, os.path.basename(path)) for path in files]
         masks = (_read_images(mask_files, 1, size, "mask") > 0.5).astype(np.float32)
-    detect = all(value is None for value in (args.corruption, args.severity, args.noise_sigma, args.strength, args.masks))
+    detect = all(value is None for value in (args.corruption, args.severity, args.noise_sigma, args.strength, args.masks,
+                                             args.blur_sigma))
     options = {"corruption": "auto" if detect else args.corruption, "severity": args.severity,
                "noise_sigma": args.noise_sigma, "strength": args.strength, "restoration_steps": args.restoration_steps,
-               "learned_restoration": args.learned_restoration}
+               "learned_restoration": args.learned_restoration, "blur_sigma": args.blur_sigma}
     with staged_output_folder(args.output_dir, **rules) as staging:
         written, choices = [], {}
         for start in tqdm(range(0, len(files), args.batch_size), desc="restore"):

@@ -22,16 +22,19 @@ from .restoration import (
     LEARNED_RESTORATION_SIGMA,
     MAX_OPERATOR_PIXELS,
     RestorationPlan,
+    added_blur_sigma,
     data_consistency,
     denoise_from_timestep,
     detect_missing_pixels,
     estimate_noise_sigma,
+    gaussian_blur_matrix,
     noise_matched_timestep,
     noise_to_signal,
     operator_matrix,
     plan_restoration,
     pseudo_inverse,
     restoration_method,
+    separable_consistency,
 )
 
 ImageInput = PIL.Image.Image | list[PIL.Image.Image] | np.ndarray | torch.Tensor
@@ -252,8 +255,10 @@ class RobustDDPMPipeline(DiffusionPipeline):
         size = self._sample_size()
         if image.shape[1] != channels:
             raise ValueError(f"image has {image.shape[1]} channels but the UNet takes {channels}")
-        if tuple(image.shape[2:]) != size:
-            raise ValueError(f"image is {tuple(image.shape[2:])} pixels but the UNet takes {size}")
+        factor = self.size_multiple
+        if tuple(image.shape[2:]) != size and any(side < factor or side % factor for side in image.shape[2:]):
+            raise ValueError(f"image is {tuple(image.shape[2:])} pixels but the UNet takes {size}, or any size whose "
+                             f"sides are multiples of {factor} (it is convolutional)")
         return to_model_range(image).to(device=self._execution_device, dtype=self.unet.dtype)
 
     def _step_kwargs(self, generator, eta: float) -> dict:
@@ -332,6 +337,7 @@ class RobustDDPMPipeline(DiffusionPipeline):
         mask: torch.Tensor | np.ndarray | None = None,
         restoration_steps: int | None = None,
         learned_restoration: bool = False,
+        blur_sigma: float | None = None,
     ) -> "RestorationPipelineOutput | tuple":
         r"""
         Generate images, or restore corrupted ones (`image=`).
@@ -349,6 +355,9 @@ class RobustDDPMPipeline(DiffusionPipeline):
           and inpainted with RePaint; untouched pixels are kept exactly.
         - `corruption="gaussian_blur"` / `"pixelate"` / `"contrast"` with `severity`: the operator is known, so each DDIM
           step's clean estimate is projected onto the images the operator maps to the input (DDNM).
+        - `blur_sigma=S`: a Gaussian blur of std S pixels, from any tool (PIL, OpenCV, a lens), restored the same way with
+          its separable operator, at any image size; `corruption="gaussian_blur"` without `severity` estimates S per
+          image (`estimate_blur_sigma`, less exact: README, "Restoring photos").
         - other corruptions (`shot_noise`, `speckle_noise`, `jpeg_compression`, `brightness`): the noise-matched start
           with the estimated noise std.
         - `learned_restoration=True`, on a pipeline trained with `restoration_training` (it has a `condition_embedding`):
@@ -389,6 +398,8 @@ class RobustDDPMPipeline(DiffusionPipeline):
             restoration_steps (`int`, *optional*):
                 Denoiser calls of a restoration: defaults to 1 (posterior mean) for noise and 50 for inpainting and
                 data consistency.
+            blur_sigma (`float`, *optional*):
+                Gaussian blur std in pixels, in `(0, 3]`.
             learned_restoration (`bool`, *optional*, defaults to `False`):
                 Restore with the `condition_embedding` of a restoration-trained pipeline (see above); `ValueError` if
                 the pipeline has none or was not trained on `corruption`. Without `severity`, the labels say severity
@@ -427,7 +438,8 @@ class RobustDDPMPipeline(DiffusionPipeline):
         self._detections = None
         try:
             sample = self._generate_or_restore(batch_size, generator, num_inference_steps, image, strength, eta, corruption,
-                                               severity, noise_sigma, mask, restoration_steps, learned_restoration)
+                                               severity, noise_sigma, mask, restoration_steps, learned_restoration,
+                                               blur_sigma)
         finally:
             self._observed = None
         images = (sample / 2 + 0.5).clamp(0, 1)  # not to_unit_range: Diffusers' formula, so images equal DDPMPipeline's
@@ -441,11 +453,12 @@ class RobustDDPMPipeline(DiffusionPipeline):
         return RestorationPipelineOutput(images=images, detections=self._detections)
 
     def _generate_or_restore(self, batch_size, generator, num_inference_steps, image, strength, eta, corruption, severity,
-                             noise_sigma, mask, restoration_steps, learned_restoration) -> torch.Tensor:
+                             noise_sigma, mask, restoration_steps, learned_restoration, blur_sigma=None) -> torch.Tensor:
         """`__call__`'s work after the argument checks: the images `(B, C, H, W)` in `[-1, 1]`."""
         if image is None:
             given = [name for name, value in (("strength", strength), ("corruption", corruption), ("severity", severity),
-                                              ("noise_sigma", noise_sigma), ("mask", mask)) if value is not None]
+                                              ("noise_sigma", noise_sigma), ("mask", mask), ("blur_sigma", blur_sigma))
+                     if value is not None]
             if given:
                 raise ValueError(f"{', '.join(given)} need an image to restore: pass image=")
             _check_count("batch_size", batch_size)
@@ -457,7 +470,7 @@ class RobustDDPMPipeline(DiffusionPipeline):
             return self._sample(sample, self._timesteps(num_inference_steps), generator, eta)
         corrupted = self._image_to_tensor(image)
         self._check_generators(generator, corrupted.shape[0])
-        plan = plan_restoration(corruption, severity, noise_sigma, mask, strength)
+        plan = plan_restoration(corruption, severity, noise_sigma, mask, strength, blur_sigma)
         if learned_restoration and not (plan.corruption is not None and self._learned(plan.corruption)):
             known = self.condition_embedding.corruptions if self.condition_embedding is not None else []
             raise ValueError(f"learned_restoration needs a corruption this pipeline was trained to undo ({known}), "
@@ -507,6 +520,13 @@ class RobustDDPMPipeline(DiffusionPipeline):
                 plan = plan_restoration(corruption=corruption, severity=severity)
             restored[index] = self._restore(corrupted[index], plan, group_generator, num_inference_steps, eta, steps)
         return restored
+
+    @property
+    def size_multiple(self) -> int:
+        """Restoration takes images of `sample_size` or of any size whose sides are multiples of this: the UNet's
+        downsampling factor, `2 ** (number of blocks - 1)`."""
+        blocks = self.unet.config.get("block_out_channels")
+        return 2 ** (len(blocks) - 1) if blocks else 1
 
     def _sample_size(self) -> tuple[int, int]:
         return image_size(self.unet.config.sample_size)
@@ -559,6 +579,8 @@ class RobustDDPMPipeline(DiffusionPipeline):
             logger.warning(f"{plan.corruption}: images of {corrupted.shape[-2]}x{corrupted.shape[-1]} pixels exceed the "
                            f"{MAX_OPERATOR_PIXELS} pixels for which its operator is built; restoring it as noise instead "
                            "(noise-matched start), which undoes blur far less well")
+        if plan.separable_blur:
+            return self._deblur(corrupted, plan.blur_sigma, generator, steps or 50)
         if method == "linear":
             matrix = operator_matrix(plan.corruption, plan.severity, *corrupted.shape[-2:])
             projection = data_consistency(corrupted, matrix, pseudo_inverse(matrix))
@@ -572,6 +594,23 @@ class RobustDDPMPipeline(DiffusionPipeline):
             start = start.clamp(min=lowest)
         sample = alphas[start].view(-1, 1, 1, 1).sqrt().to(corrupted.dtype) * corrupted
         return denoise_from_timestep(self._denoiser(), alphas, sample, start, steps or 1)
+
+    def _deblur(self, corrupted: torch.Tensor, blur_sigma: float | None, generator, steps: int) -> torch.Tensor:
+        """Gaussian blur of `blur_sigma` pixels (per image from `added_blur_sigma` when None) undone by data consistency
+        with its separable operator; an image whose estimate is 0 comes back as it is."""
+        alphas = self.scheduler.alphas_cumprod.to(corrupted.device)
+        height, width = corrupted.shape[-2:]
+        sigmas = ([blur_sigma] * corrupted.shape[0] if blur_sigma is not None
+                  else [round(float(value), 2) for value in added_blur_sigma(corrupted)])
+        noise = randn_tensor(corrupted.shape, generator=generator, device=corrupted.device, dtype=corrupted.dtype)
+        restored = corrupted.clone()
+        for sigma in sorted(set(sigmas) - {0.0}):  # one batch per std
+            index = [i for i, value in enumerate(sigmas) if value == sigma]
+            projection = separable_consistency(corrupted[index], gaussian_blur_matrix(height, sigma),
+                                               gaussian_blur_matrix(width, sigma))
+            start = torch.full((len(index),), len(alphas) - 1, dtype=torch.long)
+            restored[index] = denoise_from_timestep(self._denoiser(), alphas, noise[index], start, steps, projection)
+        return restored
 
     def _learned(self, corruption: str) -> bool:
         return self.condition_embedding is not None and corruption in self.condition_embedding.corruptions
