@@ -429,6 +429,7 @@ def test_annotate_command_writes_the_sidecar_prints_a_histogram_and_keeps_an_exi
     result = subprocess.run(command, env=training_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "estimated noise std of 12 images" in result.stdout and "#" in result.stdout
+    assert "read as clean (below 0.027)" in result.stdout
     rows = read_sidecar(tmp_path / "data" / "annotations.csv")
     assert sorted(rows) == sorted(names) and all(0 <= r["noise_sigma"] < 0.2 for r in rows.values())
     again = subprocess.run(command, env=training_env(), capture_output=True, text=True, timeout=120)

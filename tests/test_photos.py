@@ -48,3 +48,22 @@ def test_larger_held_out_tiles_for_whole_image_restoration():
 def test_bad_tile_requests_are_named(size, split, message):
     with pytest.raises(ValueError, match=message):
         photo_tiles(size, split)
+
+
+def _eight_bit_noisy(images: np.ndarray, std: float) -> "torch.Tensor":
+    import torch
+
+    rng = np.random.default_rng(0)
+    noisy = np.round(np.clip(images / 255 + std * rng.standard_normal(images.shape), 0, 1) * 255) / 255
+    return torch.tensor(noisy, dtype=torch.float32).permute(0, 3, 1, 2) * 2 - 1
+
+
+@pytest.mark.parametrize("split, std, clean_share", [("train", 0.0, 0.91), ("test", 0.0, 0.98), ("train", 0.05, 0.03),
+                                                     ("train", 0.1, 0.0)])
+def test_annotations_call_clean_8bit_photos_clean_and_noisy_ones_noisy(split, std, clean_share):
+    """The figures `CLEAN_READING`'s comment states (and the README): at least 90% of clean 8-bit photos read clean."""
+    from diffusers_robust.data.annotations import estimated_noise_levels
+
+    tiles, _ = photo_tiles(32, split)
+    levels = estimated_noise_levels(_eight_bit_noisy(tiles, std))
+    assert float((levels == 0).float().mean()) == pytest.approx(clean_share, abs=0.005)

@@ -28,7 +28,7 @@ from .annotations import (
     attach_annotations,
     check_annotation,
     decode_mask,
-    estimate_noise_std,
+    estimated_noise_levels,
     find_sidecar,
     summarise,
 )
@@ -533,8 +533,8 @@ def check_masks(masks: Sequence[Any], name: str, resolution: int) -> list[float]
 
 
 def _noise_estimator(transform: ImageRecordTransform):
-    """`dataset -> [noise std per record]` ([`~data.annotations.estimate_noise_std`] of each decoded image; 0 for a
-    record that does not decode)."""
+    """`dataset -> [noise std per record]` ([`~data.annotations.estimated_noise_levels`] of each decoded image: 0 when
+    it reads clean or does not decode)."""
 
     def estimate(dataset: datasets.Dataset) -> list[float]:
         values = []
@@ -542,7 +542,7 @@ def _noise_estimator(transform: ImageRecordTransform):
             rows = dataset[start:start + 256][transform.image_column]
             records = [transform.record(value, start + i) for i, value in enumerate(rows)]
             pixels = torch.from_numpy(np.stack([r["pixel_values"] for r in records]))
-            sigmas = estimate_noise_std(pixels).tolist()
+            sigmas = estimated_noise_levels(pixels).tolist()
             values += [s if r["valid"] else 0.0 for s, r in zip(sigmas, records, strict=True)]
         return values
 
