@@ -56,3 +56,30 @@ def test_benchmark_step_gives_the_training_scripts_weights(tmp_path, tiny_preset
     assert any(not torch.equal(initial[name], stepped[name]) for name in stepped)  # the step trained something
     for name, value in stepped.items():
         torch.testing.assert_close(value, trained[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_restore_photos_benchmark_runs_its_smallest_configuration(tmp_path, monkeypatch, capsys):
+    import json
+    import sys
+
+    from conftest import make_tiny_unet
+
+    from diffusers_robust import RobustDDPMPipeline, RobustDDPMScheduler
+
+    RobustDDPMPipeline(unet=make_tiny_unet(sample_size=32, channels=3), scheduler=RobustDDPMScheduler(50)).save_pretrained(
+        tmp_path / "pipe")
+    benchmark = load_benchmark("restore_photos")
+    cases = ["gaussian std 0.1", "50% missing pixels (mask known)", "blur 1 px (estimated)"]
+    monkeypatch.setattr(sys, "argv", ["restore_photos.py", "--pipeline", str(tmp_path / "pipe"), "--images", "2",
+                                      "--tune_images", "2", "--output", str(tmp_path / "figures.json"), "--cases", *cases])
+    benchmark.main()
+    rows = json.loads((tmp_path / "figures.json").read_text())["rows"]
+    assert [row["case"] for row in rows] == cases
+    by_case = {row["case"]: row for row in rows}
+    assert set(by_case["gaussian std 0.1"]["classical"]) == {"non-local means", "wavelet (BayesShrink)", "total variation"}
+    assert by_case["gaussian std 0.1"]["auto"] is not None and by_case["blur 1 px (estimated)"]["auto"] is None
+    # scikit-image's inpainting, given the true mask, beats the input by far: the mask the benchmark passes is right.
+    inpainting = by_case["50% missing pixels (mask known)"]
+    assert inpainting["classical"]["biharmonic inpainting"]["scores"][0] > inpainting["input"][0] + 10
+    assert "| gaussian std 0.1 |" in capsys.readouterr().out

@@ -111,9 +111,54 @@ def test_detection_on_images_unlike_the_calibration_digits_warns_at_run_time(cap
     photos = np.random.default_rng(0).random((2, 16, 16, 3)).astype(np.float32)
     with caplog.at_level("WARNING"):
         pipe.detect_corruption(photos)
-    assert "thresholds were set on 8x8 grey digits; these are 3x16x16 images" in caplog.text
+    assert "thresholds were set on 8x8 grey digits and 32x32 RGB photos; these are 3x16x16 images" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # corruption="auto" says it too
+        pipe(image=photos, corruption="auto", output_type="np")
+    assert "these are 3x16x16 images" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING"):
         RobustDDPMPipeline(unet=make_tiny_unet(), scheduler=RobustDDPMScheduler(num_train_timesteps=100)).detect_corruption(
             np.zeros((1, 8, 8, 1), dtype=np.float32))
     assert "thresholds were set" not in caplog.text
+
+
+def _photo_damage(tiles: np.ndarray, damage: str) -> np.ndarray:
+    """8-bit damaged copies `(N, 32, 32, 3)` in `[0, 1]` of held-out photo tiles."""
+    rng = np.random.default_rng(0)
+    unit = tiles / 255
+    if damage.startswith("gaussian"):
+        unit = unit + float(damage.split()[1]) * rng.standard_normal(unit.shape)
+    elif damage == "salt-and-pepper":
+        hit = rng.random(unit.shape[:3]) < 0.05
+        unit = np.where(hit[..., None], (rng.random(unit.shape[:3]) < 0.5)[..., None].astype(float), unit)
+    elif damage == "missing":
+        unit = np.where((rng.random(unit.shape[:3]) < 0.5)[..., None], 0.0, unit)
+    return np.round(np.clip(unit, 0, 1) * 255) / 255
+
+
+@pytest.mark.parametrize("damage, corruption, misread, levels", [
+    ("clean", None, 1, None),
+    ("gaussian 0.05", "gaussian_noise", 0, (0.03, 0.065)),  # per image: clipping and texture move a 32x32 reading
+    ("gaussian 0.1", "gaussian_noise", 0, (0.06, 0.12)),
+    ("salt-and-pepper", "impulse_noise", 0, None),
+    ("missing", "masking", 0, None),
+])
+def test_photos_are_judged_by_the_photo_calibration(damage, corruption, misread, levels):
+    """Held-out 32x32 photos stored as 8-bit, with the exact prior of each photo: Gaussian noise is not read as
+    salt-and-pepper or holes (its values clipped at black and white disagree with the prior too), and its level is read
+    from the flat regions. (Noise of std 0.2 needs a trained prior, whose estimate follows the noise; an exact one
+    knows the clean photo: README, "Restoring photos", measures it.)"""
+    from diffusers_robust.data.photos import photo_tiles
+
+    tiles, _ = photo_tiles(32, "test")
+    tiles = tiles[::16]
+    alphas = RobustDDPMScheduler().alphas_cumprod
+    damaged = torch.tensor(_photo_damage(tiles, damage), dtype=torch.float32).permute(0, 3, 1, 2) * 2 - 1
+    clean = torch.tensor(tiles / 255, dtype=torch.float32).permute(0, 3, 1, 2) * 2 - 1
+    found = [detect_corruption(exact_prior(clean[i:i + 1], alphas), alphas, damaged[i:i + 1])[0] for i in range(len(tiles))]
+    assert sum(d.corruption != corruption for d in found) <= misread, [d.corruption for d in found]
+    if levels is not None:
+        assert all(levels[0] <= d.noise_sigma <= levels[1] for d in found), sorted(round(d.noise_sigma, 3) for d in found)
+        true_std = float(damage.split()[1])
+        assert np.median([d.noise_sigma for d in found]) == pytest.approx(true_std, rel=0.2)

@@ -3,6 +3,7 @@ photographs than the training split."""
 
 import numpy as np
 import pytest
+import torch
 
 from diffusers_robust.data.datasets import load_image_dataset
 from diffusers_robust.data.embedded import PHOTOS
@@ -50,9 +51,7 @@ def test_bad_tile_requests_are_named(size, split, message):
         photo_tiles(size, split)
 
 
-def _eight_bit_noisy(images: np.ndarray, std: float) -> "torch.Tensor":
-    import torch
-
+def _eight_bit_noisy(images: np.ndarray, std: float) -> torch.Tensor:
     rng = np.random.default_rng(0)
     noisy = np.round(np.clip(images / 255 + std * rng.standard_normal(images.shape), 0, 1) * 255) / 255
     return torch.tensor(noisy, dtype=torch.float32).permute(0, 3, 1, 2) * 2 - 1

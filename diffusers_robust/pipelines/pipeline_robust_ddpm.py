@@ -64,8 +64,9 @@ def installed_class(name: str) -> type:
     return COMPONENT_CLASSES[name]
 
 logger = logging.getLogger(__name__)
-# (channels, height, width) of the images the detector's thresholds were set on (`pipelines/detection.py`).
-CALIBRATED_SHAPE = (1, 8, 8)
+# (channels, height, width) of the images the detector's two calibrations were set on (`pipelines/detection.py`): the
+# 8x8 grey digits and the 32x32 RGB photos.
+CALIBRATED_SHAPES = ((1, 8, 8), (3, 32, 32))
 # The severity label of learned restoration when the caller names none: the middle of the trained range 1-5.
 LEARNED_DEFAULT_SEVERITY = 3
 
@@ -96,6 +97,14 @@ def write_diffusers_loader_files(folder: str) -> None:
     with open(index_path, "w", encoding="utf-8") as handle:
         json.dump(index, handle, indent=2, sort_keys=True)
         handle.write("\n")
+
+
+def _warn_if_uncalibrated(images: torch.Tensor) -> None:
+    """Warn when `images` `(B, C, H, W)` are of a shape neither of the detector's calibrations was set on."""
+    if tuple(images.shape[1:]) not in CALIBRATED_SHAPES:
+        logger.warning(f"the damage detector's thresholds were set on 8x8 grey digits and 32x32 RGB photos; these are "
+                       f"{images.shape[1]}x{images.shape[2]}x{images.shape[3]} images, where it can misjudge: name the "
+                       "corruption when you know it")
 
 
 class RobustDDPMPipeline(DiffusionPipeline):
@@ -485,10 +494,7 @@ class RobustDDPMPipeline(DiffusionPipeline):
         """What damaged each image (clean, Gaussian noise and its std, salt-and-pepper, holes, blur and its severity),
         as `corruption="auto"` decides it: [`~pipelines.detection.detect_corruption`] with this pipeline's prior."""
         corrupted = self._image_to_tensor(image)
-        if tuple(corrupted.shape[1:]) != CALIBRATED_SHAPE:
-            logger.warning(f"the damage detector's thresholds were set on 8x8 grey digits; these are "
-                           f"{corrupted.shape[1]}x{corrupted.shape[2]}x{corrupted.shape[3]} images, where it can "
-                           "misjudge (noise read as impulse, mild blur as clean): name the corruption when you know it")
+        _warn_if_uncalibrated(corrupted)
         try:  # a missing-pixel model sees every pixel here
             self._observed = torch.ones_like(corrupted[:, :1]) if self.masked_input else None
             return detect_corruption(self._denoiser(), self.scheduler.alphas_cumprod, corrupted)
@@ -502,6 +508,7 @@ class RobustDDPMPipeline(DiffusionPipeline):
         observed = self._observed
         if self.masked_input:
             self._observed = torch.ones_like(corrupted[:, :1])  # detection sees every pixel
+        _warn_if_uncalibrated(corrupted)
         detections = detect_corruption(self._denoiser(), self.scheduler.alphas_cumprod, corrupted)
         self._detections = detections
         restored = corrupted.clone()

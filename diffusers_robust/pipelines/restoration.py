@@ -134,29 +134,30 @@ def denoise_from_timestep(
     return clean
 
 
-def candidate_missing_pixels(images: torch.Tensor, corruption: str) -> torch.Tensor:
-    """Pixels holding a value that `corruption` writes (black, or black and white): `(B, 1, H, W)` bool, a pixel is a
-    candidate when any channel holds such a value."""
+def candidate_missing_values(images: torch.Tensor, corruption: str) -> torch.Tensor:
+    """Values a `corruption` writes (black, or black and white), per channel: `(B, C, H, W)` bool."""
     unit = to_unit_range(images)
     hit = torch.zeros_like(unit, dtype=torch.bool)
     for value in MISSING_PIXEL_CORRUPTIONS[corruption]:
         hit |= (unit - value).abs() < 0.5 / 255
-    return hit.any(dim=1, keepdim=True)
+    return hit
 
 
 def detect_missing_pixels(
     images: torch.Tensor, reference: torch.Tensor, corruption: str, threshold: float = 0.3
 ) -> torch.Tensor:
     """
-    Pixels that `corruption` most likely overwrote: candidates (see `candidate_missing_pixels`) whose value differs
-    from a reference estimate of the clean image (e.g. the prior's posterior mean) by more than `threshold`
-    in `[0, 1]` units. A black background pixel under pepper noise is not flagged, and need not be.
+    Pixels that `corruption` most likely overwrote: a channel holds a value the corruption writes (see
+    `candidate_missing_values`) and differs in that same channel from a reference estimate of the clean image (e.g.
+    the prior's posterior mean) by more than `threshold` in `[0, 1]` units. A black background pixel under pepper noise
+    is not flagged, and need not be; nor is a colour pixel whose dark channel is right where another channel is
+    textured (Gaussian noise clipped at black in a dark photo region).
 
     Returns:
         `torch.Tensor` `(B, 1, H, W)` bool: True where a pixel is treated as missing.
     """
-    distance = ((images - reference).abs() / 2).amax(dim=1, keepdim=True)
-    return candidate_missing_pixels(images, corruption) & (distance > threshold)
+    far = (images - reference).abs() / 2 > threshold
+    return (candidate_missing_values(images, corruption) & far).any(dim=1, keepdim=True)
 
 
 def operator_matrix(corruption: str, severity: int, height: int, width: int) -> torch.Tensor:
