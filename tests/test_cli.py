@@ -146,6 +146,24 @@ def test_restore_writes_each_input_under_its_name_and_keeps_unmasked_pixels(tiny
         assert not np.array_equal(after[mask > 0], before[mask > 0])
 
 
+@pytest.mark.slow
+def test_restore_takes_larger_images_and_a_blur_in_pixels(tiny_pipeline_folder, tmp_path):
+    import numpy as np
+    import PIL.Image
+
+    _write_images(tmp_path / "inputs", 2, size=16)  # the pipeline's sample size is 8: its UNet is convolutional
+    result = run_cli("restore", tiny_pipeline_folder, str(tmp_path / "inputs"), "--output_dir", str(tmp_path / "out"),
+                     "--blur_sigma", "1.5", "--restoration_steps", "3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert np.asarray(PIL.Image.open(tmp_path / "out" / "digit-0.png")).shape == (16, 16)
+    assert json.loads((tmp_path / "out" / "restoration.json").read_text())["images"]["digit-0.png"]["blur_sigma"] == 1.5
+    _write_images(tmp_path / "mixed", 1, size=16)
+    PIL.Image.fromarray(np.zeros((12, 12), dtype=np.uint8)).save(tmp_path / "mixed" / "z.png")
+    refused = run_cli("restore", tiny_pipeline_folder, str(tmp_path / "mixed"), "--output_dir", str(tmp_path / "out2"),
+                      "--blur_sigma", "1.5")
+    assert refused.returncode == 2 and "z.png is 12x12 pixels where" in refused.stderr and "one size at a time" in refused.stderr
+
+
 def test_train_subcommand_trains_the_same_run_as_the_script(tiny_preset, tmp_path):
     from conftest import tiny_training_args
 
