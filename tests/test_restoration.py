@@ -15,6 +15,7 @@ from diffusers_robust.pipelines.restoration import (
     detect_missing_pixels,
     estimate_noise_sigma,
     gaussian_blur_matrix,
+    missing_pixel_mask,
     noise_matched_timestep,
     noise_to_signal,
     operator_matrix,
@@ -274,3 +275,16 @@ def test_a_linear_corruption_above_the_operator_size_is_restored_as_noise_said_a
         rows = evaluate_restoration(pipe, images, cases=[("gaussian_blur", 3)], progress=False)
     assert rows[0]["method"] == "noise" and rows[0]["caveat"] is None  # not labelled "linear" with its caveat
     assert "72x72 pixels exceed the 4096 pixels" in caplog.text
+
+
+def test_a_large_black_hole_in_a_colour_image_is_marked_missing_whole():
+    """A prior whose smoothed estimate darkens over a large hole vouches for it (here: one that believes the damaged
+    image); on colour images a pixel black in every channel is what masking leaves, so the whole box is marked."""
+    clean = torch.full((2, 3, 8, 8), PRIOR_MEAN)
+    damaged = clean.clone()
+    damaged[:, :, 1:6, 2:7] = -1.0  # a 5x5 black box
+    assert not detect_missing_pixels(damaged, damaged, "masking").any()
+    missing = missing_pixel_mask(damaged, damaged, "masking")
+    assert missing[:, 0, 1:6, 2:7].all() and int(missing.sum()) == 2 * 25
+    grey = damaged[:, :1]  # grey images keep the prior's judgement: black is their background
+    assert not missing_pixel_mask(grey, grey, "masking").any()

@@ -25,9 +25,9 @@ from .restoration import (
     added_blur_sigma,
     data_consistency,
     denoise_from_timestep,
-    detect_missing_pixels,
     estimate_noise_sigma,
     gaussian_blur_matrix,
+    missing_pixel_mask,
     noise_matched_timestep,
     noise_to_signal,
     operator_matrix,
@@ -639,7 +639,7 @@ class RobustDDPMPipeline(DiffusionPipeline):
         start = noise_matched_timestep(alphas, torch.full((corrupted.shape[0],), DETECTION_SIGMA))
         sample = alphas[start].view(-1, 1, 1, 1).sqrt().to(corrupted.dtype) * corrupted
         reference = denoise_from_timestep(self._denoiser(), alphas, sample, start, 1)
-        return detect_missing_pixels(corrupted, reference, plan.corruption)
+        return missing_pixel_mask(corrupted, reference, plan.corruption)
 
     def _inpaint(self, corrupted: torch.Tensor, missing: torch.Tensor, generator, steps: int) -> torch.Tensor:
         """RePaint through Diffusers' `RePaintScheduler` (resampling jumps of 5 steps, twice), known pixels kept."""

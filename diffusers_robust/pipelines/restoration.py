@@ -160,6 +160,18 @@ def detect_missing_pixels(
     return (candidate_missing_values(images, corruption) & far).any(dim=1, keepdim=True)
 
 
+def missing_pixel_mask(images: torch.Tensor, reference: torch.Tensor, corruption: str) -> torch.Tensor:
+    """
+    The pixels a named missing-pixel `corruption` lost, `(B, 1, H, W)` bool: `detect_missing_pixels`, and for
+    `masking` on colour images every pixel black in all channels too. A large hole darkens the smoothed reference over
+    it, which then vouches for the hole; a truly black pixel inpainted from dark surroundings stays dark.
+    """
+    missing = detect_missing_pixels(images, reference, corruption)
+    if corruption == "masking" and images.shape[1] > 1:
+        missing |= (to_unit_range(images) < 0.5 / 255).all(dim=1, keepdim=True)
+    return missing
+
+
 def operator_matrix(corruption: str, severity: int, height: int, width: int) -> torch.Tensor:
     """
     The matrix `A` `(H*W, H*W)` of a linear corruption on one channel in `[0, 1]` units, built by corrupting each basis
