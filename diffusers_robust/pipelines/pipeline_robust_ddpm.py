@@ -18,6 +18,7 @@ from ..data.units import to_model_range
 from ..models import ConditionEmbedding, image_size
 from .detection import Detection, detect_corruption
 from .restoration import (
+    DEBLUR_REFINE_SIGMA,
     DETECTION_SIGMA,
     LEARNED_RESTORATION_SIGMA,
     MAX_OPERATOR_PIXELS,
@@ -365,8 +366,9 @@ class RobustDDPMPipeline(DiffusionPipeline):
         - `corruption="gaussian_blur"` / `"pixelate"` / `"contrast"` with `severity`: the operator is known, so each DDIM
           step's clean estimate is projected onto the images the operator maps to the input (DDNM).
         - `blur_sigma=S`: a Gaussian blur of std S pixels, from any tool (PIL, OpenCV, a lens), restored the same way with
-          its separable operator, at any image size; `corruption="gaussian_blur"` without `severity` estimates S per
-          image (`estimate_blur_sigma`, less exact: README, "Restoring photos").
+          its separable operator, at any image size: its truncated pseudo-inverse, then a few prior steps from low noise,
+          each projected; `corruption="gaussian_blur"` without `severity` estimates S per image (`added_blur_sigma`,
+          less exact: README, "Photos").
         - other corruptions (`shot_noise`, `speckle_noise`, `jpeg_compression`, `brightness`): the noise-matched start
           with the estimated noise std.
         - `learned_restoration=True`, on a pipeline trained with `restoration_training` (it has a `condition_embedding`):
@@ -405,8 +407,8 @@ class RobustDDPMPipeline(DiffusionPipeline):
             mask (`torch.Tensor` or `np.ndarray`, *optional*):
                 `(B, 1, H, W)` tensor or `(B, H, W, 1)` array (or one image's `(H, W)`), 1 where a pixel is missing.
             restoration_steps (`int`, *optional*):
-                Denoiser calls of a restoration: defaults to 1 (posterior mean) for noise and 50 for inpainting and
-                data consistency.
+                Denoiser calls of a restoration: defaults to 1 (posterior mean) for noise, 5 for `blur_sigma` and 50
+                for inpainting and the other data consistency.
             blur_sigma (`float`, *optional*):
                 Gaussian blur std in pixels, in `(0, 3]`.
             learned_restoration (`bool`, *optional*, defaults to `False`):
@@ -587,7 +589,7 @@ class RobustDDPMPipeline(DiffusionPipeline):
                            f"{MAX_OPERATOR_PIXELS} pixels for which its operator is built; restoring it as noise instead "
                            "(noise-matched start), which undoes blur far less well")
         if plan.separable_blur:
-            return self._deblur(corrupted, plan.blur_sigma, generator, steps or 50)
+            return self._deblur(corrupted, plan.blur_sigma, steps or 5)
         if method == "linear":
             matrix = operator_matrix(plan.corruption, plan.severity, *corrupted.shape[-2:])
             projection = data_consistency(corrupted, matrix, pseudo_inverse(matrix))
@@ -602,21 +604,25 @@ class RobustDDPMPipeline(DiffusionPipeline):
         sample = alphas[start].view(-1, 1, 1, 1).sqrt().to(corrupted.dtype) * corrupted
         return denoise_from_timestep(self._denoiser(), alphas, sample, start, steps or 1)
 
-    def _deblur(self, corrupted: torch.Tensor, blur_sigma: float | None, generator, steps: int) -> torch.Tensor:
-        """Gaussian blur of `blur_sigma` pixels (per image from `added_blur_sigma` when None) undone by data consistency
-        with its separable operator; an image whose estimate is 0 comes back as it is."""
+    def _deblur(self, corrupted: torch.Tensor, blur_sigma: float | None, steps: int) -> torch.Tensor:
+        """Gaussian blur of `blur_sigma` pixels (per image from `added_blur_sigma` when None) undone with its separable
+        operator: the truncated pseudo-inverse applied to the input, then `steps` deterministic DDIM steps of the prior
+        from noise `DEBLUR_REFINE_SIGMA`, each projected back onto the data. Starting from pure noise instead (DDNM)
+        lost to the blurred input on held-out photos (README, "Photos"). An image whose estimate is 0 comes back as
+        it is."""
         alphas = self.scheduler.alphas_cumprod.to(corrupted.device)
         height, width = corrupted.shape[-2:]
         sigmas = ([blur_sigma] * corrupted.shape[0] if blur_sigma is not None
                   else [round(float(value), 2) for value in added_blur_sigma(corrupted)])
-        noise = randn_tensor(corrupted.shape, generator=generator, device=corrupted.device, dtype=corrupted.dtype)
         restored = corrupted.clone()
         for sigma in sorted(set(sigmas) - {0.0}):  # one batch per std
             index = [i for i, value in enumerate(sigmas) if value == sigma]
             projection = separable_consistency(corrupted[index], gaussian_blur_matrix(height, sigma),
                                                gaussian_blur_matrix(width, sigma))
-            start = torch.full((len(index),), len(alphas) - 1, dtype=torch.long)
-            restored[index] = denoise_from_timestep(self._denoiser(), alphas, noise[index], start, steps, projection)
+            deconvolved = projection(corrupted[index]).clamp(-1, 1)
+            start = noise_matched_timestep(alphas, torch.full((len(index),), DEBLUR_REFINE_SIGMA))
+            sample = alphas[start].view(-1, 1, 1, 1).sqrt().to(corrupted.dtype) * deconvolved
+            restored[index] = denoise_from_timestep(self._denoiser(), alphas, sample, start, steps, projection)
         return restored
 
     def _learned(self, corruption: str) -> bool:
