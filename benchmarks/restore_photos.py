@@ -9,7 +9,8 @@ damaged, rounded to 8 bits, and restored by this package (the named option, and 
 classical method a user would otherwise pick, each tuned on `--tune_images` tiles of the *training* photos (a grid over
 its one parameter, best PSNR). Scores: PSNR of the set's mean squared error and mean SSIM (scikit-image's metrics,
 data range 1).
-Prints a Markdown table; `--output` also writes the figures as JSON. One thread, fixed seeds.
+Prints a Markdown table, then what `auto` detected on the clean tiles and on each case it scores (a confusion table);
+`--output` also writes the figures as JSON. One thread, fixed seeds.
 """
 
 import argparse
@@ -79,9 +80,11 @@ CASES = {
     "JPEG quality 10": (_pil(quality=10), {"corruption": "jpeg_compression"}),
     "JPEG quality 30": (_pil(quality=30), {"corruption": "jpeg_compression"}),
 }
-# Cases where `auto` (detection) is scored beside the named option.
+# Cases where `auto` (detection, with no mask) is scored beside the named option; their detections make the table.
 AUTO_CASES = ("gaussian std 0.05", "gaussian std 0.1", "gaussian std 0.2", f"salt-and-pepper {SALT_AND_PEPPER:.0%}",
-              "blur 1 px (known)", "blur 2 px (known)")
+              f"{MISSING:.0%} missing pixels (mask known)", "blur 1 px (known)", "blur 2 px (known)", "JPEG quality 10",
+              "JPEG quality 30")
+DETECTED = ("clean", "gaussian_noise", "impulse_noise", "masking", "gaussian_blur")
 
 
 def as_8bit(images: np.ndarray) -> np.ndarray:
@@ -184,17 +187,29 @@ def best_baseline(case: str, name: str, train: np.ndarray) -> object:
     return max(results, key=results.get)
 
 
-def ours(pipe: RobustDDPMPipeline, case: str, damaged: np.ndarray, masks: np.ndarray, auto: bool) -> np.ndarray:
+def ours(pipe: RobustDDPMPipeline, case: str, damaged: np.ndarray, masks: np.ndarray, auto: bool
+         ) -> tuple[np.ndarray, list[str]]:
+    """This package's restoration of `damaged` `(N, H, W, 3)`, named or `auto`, and what `auto` detected per image."""
     options = {"corruption": "auto"} if auto else dict(CASES[case][1])
     if options.get("mask"):
         options["mask"] = masks[..., None].astype(np.float32)
-    out = []
+    out, detected = [], []
     for start in range(0, len(damaged), 32):
         batch = {key: value[start:start + 32] if isinstance(value, np.ndarray) else value for key, value in options.items()}
         generator = [torch.Generator().manual_seed(start + i) for i in range(min(32, len(damaged) - start))]
-        out.append(pipe(image=damaged[start:start + 32].astype(np.float32), generator=generator, output_type="np",
-                        **batch).images)
-    return np.concatenate(out)
+        output = pipe(image=damaged[start:start + 32].astype(np.float32), generator=generator, output_type="np", **batch)
+        out.append(output.images)
+        detected += [found.corruption or "clean" for found in (output.detections or [])]
+    return np.concatenate(out), detected
+
+
+def detection_table(detections: dict[str, list[str]]) -> str:
+    """Markdown: rows the true damage, columns what `auto` found, in % of the images."""
+    lines = [f"| true damage | {' | '.join(DETECTED)} |", "|---|" + "---|" * len(DETECTED)]
+    for case, found in detections.items():
+        shares = [f"{100 * found.count(kind) / len(found):.0f}" for kind in DETECTED]
+        lines.append(f"| {case} | {' | '.join(shares)} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -218,12 +233,16 @@ def main() -> None:
     rows = []
     print(f"| damage ({len(test)} held-out {args.size}x{args.size} photos, 8-bit) | input | ours (named) | ours (auto) | "
           "best classical | each classical |\n|---|---|---|---|---|---|")
+    detections = {"clean": [found.corruption or "clean" for start in range(0, len(clean), 32)
+                            for found in pipe.detect_corruption(clean[start:start + 32].astype(np.float32))]}
     for case in args.cases or CASES:
         started = time.perf_counter()
         damaged, masks = damage(case, test, seed=0)
-        row = {"case": case, "input": scores(damaged, clean),
-               "ours": scores(ours(pipe, case, damaged, masks, auto=False), clean),
-               "auto": scores(ours(pipe, case, damaged, masks, auto=True), clean) if case in AUTO_CASES else None}
+        row = {"case": case, "input": scores(damaged, clean), "ours": scores(ours(pipe, case, damaged, masks, False)[0], clean)}
+        row["auto"] = None
+        if case in AUTO_CASES:
+            restored, detections[case] = ours(pipe, case, damaged, masks, auto=True)
+            row["auto"] = scores(restored, clean)
         contexts = _contexts(case, damaged, masks)
         row["classical"] = {}
         for name, (method, _) in baselines(case).items():
@@ -241,9 +260,11 @@ def main() -> None:
         each = "; ".join(f"{name} {cell(entry['scores'])}" for name, entry in row["classical"].items())
         print(f"| {case} | {cell(row['input'])} | {cell(row['ours'])} | {cell(row['auto'])} | "
               f"{best} {cell(row['classical'][best]['scores'])} | {each} |", flush=True)
+    print(f"\nWhat `auto` detected (% of the {len(test)} images):\n\n{detection_table(detections)}")
     if args.output:
         with open(args.output, "w", encoding="utf-8") as handle:
-            json.dump({"pipeline": args.pipeline, "size": args.size, "images": len(test), "rows": rows}, handle, indent=2)
+            json.dump({"pipeline": args.pipeline, "size": args.size, "images": len(test), "rows": rows,
+                       "detections": detections}, handle, indent=2)
 
 
 if __name__ == "__main__":

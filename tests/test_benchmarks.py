@@ -74,12 +74,17 @@ def test_restore_photos_benchmark_runs_its_smallest_configuration(tmp_path, monk
     monkeypatch.setattr(sys, "argv", ["restore_photos.py", "--pipeline", str(tmp_path / "pipe"), "--images", "2",
                                       "--tune_images", "2", "--output", str(tmp_path / "figures.json"), "--cases", *cases])
     benchmark.main()
-    rows = json.loads((tmp_path / "figures.json").read_text())["rows"]
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    rows = figures["rows"]
     assert [row["case"] for row in rows] == cases
+    # What auto found, per image, on the clean tiles and on each case it scores.
+    assert {case: len(found) for case, found in figures["detections"].items()} == {
+        "clean": 2, "gaussian std 0.1": 2, "50% missing pixels (mask known)": 2}
     by_case = {row["case"]: row for row in rows}
     assert set(by_case["gaussian std 0.1"]["classical"]) == {"non-local means", "wavelet (BayesShrink)", "total variation"}
     assert by_case["gaussian std 0.1"]["auto"] is not None and by_case["blur 1 px (estimated)"]["auto"] is None
     # scikit-image's inpainting, given the true mask, beats the input by far: the mask the benchmark passes is right.
     inpainting = by_case["50% missing pixels (mask known)"]
     assert inpainting["classical"]["biharmonic inpainting"]["scores"][0] > inpainting["input"][0] + 10
-    assert "| gaussian std 0.1 |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| gaussian std 0.1 |" in printed and "| true damage | clean | gaussian_noise |" in printed

@@ -300,8 +300,6 @@ def estimate_blur_sigma(images: torch.Tensor, reblur_sigma: float = 1.0) -> torc
         `torch.Tensor` of shape `(B,)`: the estimate in pixels, clipped to `[0.3, MAX_BLUR_SIGMA]`. A sharp photo reads
         the blur it already holds (`SHARP_PHOTO_BLUR`; see `added_blur_sigma`); noise lowers the reading.
     """
-    from ..data.corruptions import gaussian_blur
-
     def peak_gradient(unit: torch.Tensor) -> torch.Tensor:
         grey = unit.mean(1)
         gradient = torch.zeros_like(grey)
