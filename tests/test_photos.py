@@ -66,3 +66,23 @@ def test_annotations_call_clean_8bit_photos_clean_and_noisy_ones_noisy(split, st
     tiles, _ = photo_tiles(32, split)
     levels = estimated_noise_levels(_eight_bit_noisy(tiles, std))
     assert float((levels == 0).float().mean()) == pytest.approx(clean_share, abs=0.005)
+
+
+def test_photo_calibrations_are_remeasured_on_the_training_photos():
+    """Constants set on the train split, re-measured: the blur a sharp photo reads (`SHARP_PHOTO_BLUR`, the median
+    reading rounded to 0.1 px), and the share of all-black pixels that calls a hole (`HOLE_SHARE`): above what clipped
+    Gaussian noise of std 0.1-0.3 leaves in any tile, below what 20% missing pixels leave in any."""
+    from diffusers_robust.data.units import to_unit_range
+    from diffusers_robust.pipelines.detection import HOLE_SHARE
+    from diffusers_robust.pipelines.restoration import SHARP_PHOTO_BLUR, estimate_blur_sigma
+
+    tiles, _ = photo_tiles(32, "train")
+    assert round(float(estimate_blur_sigma(_eight_bit_noisy(tiles, 0.0)).median()), 1) == SHARP_PHOTO_BLUR
+
+    def black_share(images: torch.Tensor) -> torch.Tensor:
+        return (to_unit_range(images) < 0.5 / 255).all(dim=1).flatten(1).float().mean(1)
+
+    noisy = torch.stack([black_share(_eight_bit_noisy(tiles, std)) for std in (0.1, 0.2, 0.3)])
+    lost = np.random.default_rng(1).random(tiles.shape[:3]) < 0.2
+    holes = black_share(_eight_bit_noisy(np.where(lost[..., None], 0, tiles), 0.0))
+    assert float(noisy.max()) < HOLE_SHARE < float(holes.min())
