@@ -86,3 +86,17 @@ def test_photo_calibrations_are_remeasured_on_the_training_photos():
     lost = np.random.default_rng(1).random(tiles.shape[:3]) < 0.2
     holes = black_share(_eight_bit_noisy(np.where(lost[..., None], 0, tiles), 0.0))
     assert float(noisy.max()) < HOLE_SHARE < float(holes.min())
+
+
+def test_the_clipping_correction_of_noise_readings_is_remeasured_on_the_training_photos():
+    """`PHOTO_NOISE_READINGS`: the median reading of the 8-bit training photos under each std, re-measured; and the
+    mapping gives each std back from its median reading."""
+    from diffusers_robust.data.annotations import estimate_noise_std
+    from diffusers_robust.pipelines.detection import PHOTO_NOISE_READINGS, photo_noise_std
+
+    tiles, _ = photo_tiles(32, "train")
+    medians = [float(estimate_noise_std(_eight_bit_noisy(tiles, std)).median()) for _, std in PHOTO_NOISE_READINGS]
+    assert medians == pytest.approx([reading for reading, _ in PHOTO_NOISE_READINGS], abs=0.001)
+    stds = photo_noise_std(torch.tensor(medians))
+    assert stds.tolist() == pytest.approx([std for _, std in PHOTO_NOISE_READINGS], abs=0.004)
+    assert photo_noise_std(torch.tensor([0.0, 0.03, 0.4])).tolist() == pytest.approx([0.0, 0.03, 0.5])

@@ -12,7 +12,8 @@ set on the embedded photos (held-out figures for both: README, "What damaged it"
    image held Gaussian noise of std `s` and measure the change (RMS, `[0, 1]` units). Noise of std `sigma` is removed
    whole while `s >= sigma`, so the change stays near `s`; an image the prior finds clean changes by much less. The
    estimate is the largest `s` whose change is at least `NOISE_RATIO` of it (0: the prior finds it clean). From 16x16
-   up, the image's flat regions give the level (`estimated_noise_levels`, 0 under `CLEAN_READING`), as `annotate` does.
+   up, the image's flat regions give the level (`estimated_noise_levels`, 0 under `CLEAN_READING`, as `annotate` reads
+   it), corrected for 8-bit clipping by `photo_noise_std`.
 3. Blur. Blurred images also look noisy to the prior, but hold almost no finest-scale detail for that noise level: their
    Haar diagonal noise estimate is below `BLUR_HIGH_FREQUENCY` times the level found, where noise keeps it near or
    above the level. The severity is the one whose undoing (pseudo-inverse of its operator) the prior finds most like
@@ -51,6 +52,11 @@ IMPULSE_SHARE = 0.01
 # noise of std 0.1-0.3 leaves at most 12.3% (dark tiles), 20% missing pixels at least 16.3%, 50% at least 44.7%; fewer
 # lost pixels than that read as noise or clean (`tests/test_photos.py` re-measures it).
 HOLE_SHARE = 0.15
+# (reading, std): the median `estimate_noise_std` reading of the 8-bit training photos under Gaussian noise of that std.
+# Clipping at black and white lowers the reading as the noise grows (0.166 at 0.2), so from 16x16 up a reading is mapped
+# back to the std through this table (`photo_noise_std`; `tests/test_photos.py` re-measures it).
+PHOTO_NOISE_READINGS = ((0.049, 0.05), (0.073, 0.075), (0.096, 0.1), (0.116, 0.125), (0.134, 0.15), (0.166, 0.2),
+                        (0.192, 0.25), (0.215, 0.3), (0.259, 0.4))
 # Levels ([0, 1] units) at which the prior is asked how much it would change the image.
 NOISE_LEVELS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
 # Change / level at or above which the image holds at least that much noise (train split medians: clean digits at most
@@ -83,6 +89,18 @@ class Detection:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "method": self.method}
+
+
+def photo_noise_std(readings: torch.Tensor) -> torch.Tensor:
+    """The Gaussian noise std `(B,)` behind `estimate_noise_std` readings `(B,)` of 8-bit photos, through
+    `PHOTO_NOISE_READINGS` (linear between entries and beyond the last, at most 0.5); readings under the first entry,
+    where clipping does not matter, are kept."""
+    table = torch.tensor(PHOTO_NOISE_READINGS, dtype=torch.float64)
+    readings = readings.double()
+    index = torch.searchsorted(table[:, 0].contiguous(), readings).clamp(1, len(table) - 1)
+    (x0, y0), (x1, y1) = table[index - 1].unbind(-1), table[index].unbind(-1)
+    mapped = (y0 + (readings - x0) * (y1 - y0) / (x1 - x0)).clamp(max=0.5)
+    return torch.where(readings < table[0, 0], readings, mapped)
 
 
 def prior_change(denoiser: Denoiser, alphas: torch.Tensor, images: torch.Tensor, level: float) -> torch.Tensor:
@@ -180,7 +198,7 @@ def detect_corruption(denoiser: Denoiser, alphas_cumprod: torch.Tensor, images: 
     alphas = alphas_cumprod.to(images.device)
     salt, holes = missing_pixel_evidence(denoiser, alphas, images)
     small = images.shape[-1] * images.shape[-2] < FLAT_REGION_PIXELS
-    sigma = noise_level(denoiser, alphas, images) if small else estimated_noise_levels(images).double().cpu()
+    sigma = noise_level(denoiser, alphas, images) if small else photo_noise_std(estimated_noise_levels(images).cpu())
     high_frequency = estimate_noise_sigma(images).double().cpu() / sigma.clamp_min(1e-3)
     blurred = ((sigma > 0) & (high_frequency < BLUR_HIGH_FREQUENCY) & ~salt.cpu() & ~holes.cpu() & small).nonzero()
     blurred = blurred.flatten().tolist()
