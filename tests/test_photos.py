@@ -73,7 +73,7 @@ def test_photo_calibrations_are_remeasured_on_the_training_photos():
     reading rounded to 0.1 px), and the share of all-black pixels that calls a hole (`HOLE_SHARE`): above what clipped
     Gaussian noise of std 0.1-0.3 leaves in any tile, below what 20% missing pixels leave in any."""
     from diffusers_robust.data.units import to_unit_range
-    from diffusers_robust.pipelines.detection import HOLE_SHARE
+    from diffusers_robust.pipelines.detection import HOLE_EVIDENCE, HOLE_SHARE, hole_evidence
     from diffusers_robust.pipelines.restoration import SHARP_PHOTO_BLUR, estimate_blur_sigma
 
     tiles, _ = photo_tiles(32, "train")
@@ -86,6 +86,11 @@ def test_photo_calibrations_are_remeasured_on_the_training_photos():
     lost = np.random.default_rng(1).random(tiles.shape[:3]) < 0.2
     holes = black_share(_eight_bit_noisy(np.where(lost[..., None], 0, tiles), 0.0))
     assert float(noisy.max()) < HOLE_SHARE < float(holes.min())
+    # Both hole rules together, as HOLE_EVIDENCE's comment states: 3 clean tiles of 547 flagged, most of those with holes.
+    for share, flagged in ((0.0, 3 / 547), (0.2, 0.843), (0.5, 0.905)):
+        lost = np.random.default_rng(1).random(tiles.shape[:3]) < share
+        black, contrasted = hole_evidence(_eight_bit_noisy(np.where(lost[..., None], 0, tiles), 0.0))
+        assert float(((black >= HOLE_SHARE) & (contrasted >= HOLE_EVIDENCE)).float().mean()) == pytest.approx(flagged, abs=0.005)
 
 
 def test_the_clipping_correction_of_noise_readings_is_remeasured_on_the_training_photos():
