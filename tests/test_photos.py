@@ -105,3 +105,28 @@ def test_the_clipping_correction_of_noise_readings_is_remeasured_on_the_training
     stds = photo_noise_std(torch.tensor(medians))
     assert stds.tolist() == pytest.approx([std for _, std in PHOTO_NOISE_READINGS], abs=0.004)
     assert photo_noise_std(torch.tensor([0.0, 0.03, 0.4])).tolist() == pytest.approx([0.0, 0.03, 0.5])
+
+
+def test_salt_and_pepper_is_told_from_clean_and_noisy_photos():
+    """`IMPULSE_MAX_NOISE` between the readings of the 8-bit training photos under 5% salt-and-pepper (99% below) and
+    under Gaussian noise of std 0.2 (99% above), as its comment states."""
+    from diffusers_robust.data.annotations import estimated_noise_levels
+    from diffusers_robust.pipelines.detection import IMPULSE_MAX_NOISE, IMPULSE_SHARE, impulse_evidence, photo_noise_std
+
+    tiles, _ = photo_tiles(32, "train")
+    rng = np.random.default_rng(0)
+    hit = rng.random(tiles.shape[:3]) < 0.05
+    salted = np.where(hit[..., None], (rng.random(tiles.shape[:3]) < 0.5)[..., None] * 255, tiles)
+    salt_readings = photo_noise_std(estimated_noise_levels(_eight_bit_noisy(salted, 0.0)))
+    noise_readings = photo_noise_std(estimated_noise_levels(_eight_bit_noisy(tiles, 0.2)))
+    assert float(salt_readings.quantile(0.99)) < IMPULSE_MAX_NOISE < float(noise_readings.quantile(0.01))
+    # The impulse rule with the noise reading, as IMPULSE_CONTRAST's comment states.
+    for images, flagged in ((salted, 0.989), (tiles, 1 / 547)):
+        damaged = _eight_bit_noisy(images, 0.0)
+        reading = photo_noise_std(estimated_noise_levels(damaged))
+        share = ((impulse_evidence(damaged) >= IMPULSE_SHARE) & (reading < IMPULSE_MAX_NOISE)).float().mean()
+        assert float(share) == pytest.approx(flagged, abs=0.004)
+    for std in (0.1, 0.2):
+        noisy = _eight_bit_noisy(tiles, std)
+        reading = photo_noise_std(estimated_noise_levels(noisy))
+        assert not ((impulse_evidence(noisy) >= IMPULSE_SHARE) & (reading < IMPULSE_MAX_NOISE)).any()
