@@ -157,10 +157,10 @@ def _contexts(case: str, damaged: np.ndarray, masks: np.ndarray) -> list:
     if case.startswith("blur"):
         if "known" in case:
             return [float(case.split()[1])] * len(damaged)
-        from diffusers_robust.pipelines.restoration import added_blur_sigma
+        from diffusers_robust.pipelines.restoration import ESTIMATED_BLUR_SHARE, added_blur_sigma
 
         images = torch.tensor(damaged, dtype=torch.float32).permute(0, 3, 1, 2) * 2 - 1
-        return [max(float(s), 0.3) for s in added_blur_sigma(images)]
+        return [max(ESTIMATED_BLUR_SHARE * float(s), 0.3) for s in added_blur_sigma(images)]
     return [None] * len(damaged)
 
 

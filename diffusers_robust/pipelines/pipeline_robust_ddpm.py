@@ -19,6 +19,7 @@ from ..models import ConditionEmbedding, image_size
 from .detection import Detection, detect_corruption
 from .restoration import (
     DETECTION_SIGMA,
+    ESTIMATED_BLUR_SHARE,
     FILL_INPAINTING_PIXELS,
     LEARNED_RESTORATION_SIGMA,
     MAX_OPERATOR_PIXELS,
@@ -610,15 +611,15 @@ class RobustDDPMPipeline(DiffusionPipeline):
         return denoise_from_timestep(self._denoiser(), alphas, sample, start, steps or 1)
 
     def _deblur(self, corrupted: torch.Tensor, blur_sigma: float | None, steps: int) -> torch.Tensor:
-        """Gaussian blur of `blur_sigma` pixels (per image from `added_blur_sigma` when None) undone with its separable
-        operator: the truncated pseudo-inverse applied to the input, then `steps` deterministic DDIM steps of the prior
-        from noise `REFINE_SIGMA`, each projected back onto the data. Starting from pure noise instead (DDNM)
-        lost to the blurred input on held-out photos (README, "Photos"). An image whose estimate is 0 comes back as
-        it is."""
+        """Gaussian blur of `blur_sigma` pixels (per image `ESTIMATED_BLUR_SHARE` of `added_blur_sigma` when None)
+        undone with its separable operator: the truncated pseudo-inverse applied to the input, then `steps`
+        deterministic DDIM steps of the prior from noise `REFINE_SIGMA`, each projected back onto the data. Starting
+        from pure noise instead (DDNM) lost to the blurred input on held-out photos (README, "Photos"). An image whose
+        estimate is 0 comes back as it is."""
         alphas = self.scheduler.alphas_cumprod.to(corrupted.device)
         height, width = corrupted.shape[-2:]
         sigmas = ([blur_sigma] * corrupted.shape[0] if blur_sigma is not None
-                  else [round(float(value), 2) for value in added_blur_sigma(corrupted)])
+                  else [round(ESTIMATED_BLUR_SHARE * float(value), 2) for value in added_blur_sigma(corrupted)])
         restored = corrupted.clone()
         for sigma in sorted(set(sigmas) - {0.0}):  # one batch per std
             index = [i for i, value in enumerate(sigmas) if value == sigma]
