@@ -285,7 +285,7 @@ def test_a_large_black_hole_in_a_colour_image_is_marked_missing_whole():
     assert not missing_pixel_mask(grey, grey, "masking").any()
 
 
-def test_from_16x16_up_missing_pixels_are_filled_from_their_neighbours_and_known_ones_kept(exact_pipeline):
+def test_from_16x16_up_missing_pixels_are_filled_by_biharmonic_inpainting_and_known_ones_kept(exact_pipeline):
     """Smooth images with half their pixels lost: the fill recovers them (RePaint, sampling them from a prior, cannot
     know a smooth image's values; on held-out photos the fill won by far: README, "Photos")."""
     rows = torch.linspace(-0.5, 0.5, 16).view(1, 1, 16, 1)

@@ -26,10 +26,10 @@ from .restoration import (
     REFINE_SIGMA,
     RestorationPlan,
     added_blur_sigma,
+    biharmonic_fill,
     data_consistency,
     denoise_from_timestep,
     estimate_noise_sigma,
-    fill_missing,
     gaussian_blur_matrix,
     missing_pixel_mask,
     noise_matched_timestep,
@@ -365,7 +365,7 @@ class RobustDDPMPipeline(DiffusionPipeline):
           below that fits it; images found clean come back unchanged. Its thresholds were set on 8x8 digits.
         - `corruption="impulse_noise"` / `"salt_and_pepper"` / `"masking"` (severity optional), or `mask=`: the hit pixels
           are treated as missing (detected as extreme values that the prior disagrees with, or `mask` where it is 1)
-          and inpainted with RePaint; from 16x16 up, filled from their neighbours and refined by the prior from low
+          and inpainted with RePaint; from 16x16 up, filled by biharmonic inpainting and refined by the prior from low
           noise instead (far better on held-out photos: README, "Photos"); untouched pixels are kept exactly.
         - `corruption="gaussian_blur"` / `"pixelate"` / `"contrast"` with `severity`: the operator is known, so each DDIM
           step's clean estimate is projected onto the images the operator maps to the input (DDNM).
@@ -654,8 +654,8 @@ class RobustDDPMPipeline(DiffusionPipeline):
         return missing_pixel_mask(corrupted, reference, plan.corruption)
 
     def _fill_and_refine(self, corrupted: torch.Tensor, missing: torch.Tensor, steps: int) -> torch.Tensor:
-        """Missing pixels filled from their neighbours (`fill_missing`), then `steps` deterministic DDIM steps of the
-        prior from noise `REFINE_SIGMA`, the known pixels imposed on every estimate and kept exactly."""
+        """Missing pixels filled by biharmonic inpainting (`biharmonic_fill`), then `steps` deterministic DDIM steps of
+        the prior from noise `REFINE_SIGMA`, the known pixels imposed on every estimate and kept exactly."""
         alphas = self.scheduler.alphas_cumprod.to(corrupted.device)
         known = ~missing.expand_as(corrupted)
 
@@ -663,7 +663,7 @@ class RobustDDPMPipeline(DiffusionPipeline):
             return torch.where(known, corrupted, clean)
 
         start = noise_matched_timestep(alphas, torch.full((corrupted.shape[0],), REFINE_SIGMA))
-        sample = alphas[start].view(-1, 1, 1, 1).sqrt().to(corrupted.dtype) * fill_missing(corrupted, missing)
+        sample = alphas[start].view(-1, 1, 1, 1).sqrt().to(corrupted.dtype) * biharmonic_fill(corrupted, missing)
         return keep_known(denoise_from_timestep(self._denoiser(), alphas, sample, start, steps, keep_known))
 
     def _inpaint(self, corrupted: torch.Tensor, missing: torch.Tensor, generator, steps: int) -> torch.Tensor:

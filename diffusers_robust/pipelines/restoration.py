@@ -28,12 +28,12 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # Relative singular-value cutoff of the separable deblurring projection (`separable_consistency`).
 BLUR_CUTOFF = 0.1
-# Noise std ([0, 1] units) from which the prior refines a deconvolved (`blur_sigma`) or filled (`fill_missing`) image:
+# Noise std ([0, 1] units) from which the prior refines a deconvolved (`blur_sigma`) or filled (`biharmonic_fill`) image:
 # low, so the prior only polishes (held-out photos, blur of 1 px: 34.6 dB deconvolved, 34.7 refined, input 31.6).
 REFINE_SIGMA = 0.05
-# From this many pixels (16x16) up, missing pixels are filled from their neighbours (`fill_missing`) and the prior
-# refines from noise `REFINE_SIGMA`: on held-out photos this beat RePaint by far (README, "Photos"); below, on
-# the 8x8 digits, RePaint is kept as measured.
+# From this many pixels (16x16) up, missing pixels are filled by biharmonic inpainting (`biharmonic_fill`) and the
+# prior refines from noise `REFINE_SIGMA`: on held-out photos this beat RePaint by far (salt-and-pepper 5%: 39.7 against
+# 37.4 dB; README, "Photos"); below, on the 8x8 digits, RePaint is kept as measured.
 FILL_INPAINTING_PIXELS = 16 * 16
 # Largest Gaussian blur std (pixels) that `blur_sigma` takes, and the estimate's clip.
 MAX_BLUR_SIGMA = 3.0
@@ -187,7 +187,8 @@ def fill_missing(images: torch.Tensor, missing: torch.Tensor, scales: tuple[floa
                  ) -> torch.Tensor:
     """
     Missing pixels filled from their known neighbours by normalised convolution: each is the Gaussian-weighted mean of
-    the known pixels around it, at the smallest scale (std in pixels, from `scales`) that reaches one.
+    the known pixels around it, at the smallest scale (std in pixels, from `scales`) that reaches one. Fast and
+    local: the detector's test for holes (`detection.hole_evidence`).
 
     Args:
         images (`torch.Tensor` of shape `(B, C, H, W)`): values in `[-1, 1]`.
@@ -210,6 +211,32 @@ def fill_missing(images: torch.Tensor, missing: torch.Tensor, scales: tuple[floa
         filled = torch.where(reached, mean, filled)
         pending &= ~reached
     return filled
+
+
+def biharmonic_fill(images: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
+    """
+    Missing pixels filled by biharmonic inpainting (scikit-image's `inpaint_biharmonic`, per image, all channels): the
+    smoothest surface through the known pixels. On held-out photos it beat `fill_missing` as the start of the prior's
+    refinement (50% missing pixels: 33.5 against 32.6 dB; README, "Photos").
+
+    Args:
+        images (`torch.Tensor` of shape `(B, C, H, W)`): values in `[-1, 1]`.
+        missing (`torch.Tensor` of shape `(B, 1, H, W)`): True where a pixel is missing.
+
+    Returns:
+        `torch.Tensor` of shape `(B, C, H, W)`: known pixels as they were, missing ones filled.
+    """
+    from skimage.restoration import inpaint_biharmonic
+
+    filled = images.clone()
+    for index in range(images.shape[0]):
+        holes = missing[index, 0].cpu().numpy()
+        if not holes.any() or holes.all():
+            continue
+        unit = to_unit_range(images[index]).permute(1, 2, 0).double().cpu().numpy()
+        painted = torch.from_numpy(inpaint_biharmonic(unit, holes, channel_axis=-1)).permute(2, 0, 1)
+        filled[index] = to_model_range(painted.to(images)).clamp(-1, 1)
+    return torch.where(missing.expand_as(images), filled, images)
 
 
 def operator_matrix(corruption: str, severity: int, height: int, width: int) -> torch.Tensor:
