@@ -296,3 +296,25 @@ def test_from_16x16_up_missing_pixels_are_filled_by_biharmonic_inpainting_and_kn
     kept = ~missing.expand_as(out)
     assert torch.allclose(out[kept], clean[kept], atol=1e-6)
     assert float(psnr(out, clean).min()) > 30 and float(psnr(damaged, clean).max()) < 15
+
+
+def test_a_model_trained_on_noisy_data_tops_lighter_noise_up_to_its_trusted_level():
+    """Below `sampling_stop_sigma` the model was never trained: fresh noise brings the input up to that level (seeded by
+    the generator), and the average of the draws is about the posterior mean there; at or above it nothing is added."""
+    stop = 0.1  # [0, 1] units
+    pipe = RobustDDPMPipeline(unet=ExactGaussianDenoiser(), scheduler=RobustDDPMScheduler(sampling_stop_sigma=stop))
+    observed = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+
+    def restore(sigma: float, seed: int) -> torch.Tensor:
+        return pipe(image=observed, noise_sigma=sigma, generator=torch.Generator().manual_seed(seed), output_type="pt").images
+
+    assert torch.equal(restore(0.03, 0), restore(0.03, 0)) and not torch.equal(restore(0.03, 0), restore(0.03, 1))
+    alphas = pipe.scheduler.alphas_cumprod
+    levels = noise_to_signal(alphas)
+    level = float(levels[int((levels >= 2 * stop).nonzero()[0])])  # model units
+    expected = PRIOR_MEAN + PRIOR_STD**2 / (PRIOR_STD**2 + level**2) * (observed * 2 - 1 - PRIOR_MEAN)
+    top_up = (level**2 - 0.06**2) ** 0.5
+    gain = PRIOR_STD**2 / (PRIOR_STD**2 + level**2)
+    error = (restore(0.03, 0) * 2 - 1 - expected).abs()
+    assert float(error.max()) < 4 * gain * top_up / 2 and float(error.mean()) < gain * top_up / 2  # 4 draws averaged
+    assert torch.equal(restore(0.15, 0), restore(0.15, 1))  # at or above the trusted level: no fresh noise

@@ -111,6 +111,10 @@ def _warn_if_uncalibrated(images: torch.Tensor) -> None:
                        "corruption when you know it")
 
 
+# Fresh-noise draws averaged when a model trained on noisy data restores noise below its data's level (`_denoise`).
+TOP_UP_DRAWS = 4
+
+
 class RobustDDPMPipeline(DiffusionPipeline):
     r"""
     Pipeline for unconditional image generation and for restoring corrupted images (SDEdit / DiffPure).
@@ -603,12 +607,30 @@ class RobustDDPMPipeline(DiffusionPipeline):
             start = torch.full((batch,), len(alphas) - 1, dtype=torch.long)
             return denoise_from_timestep(self._denoiser(), alphas, noise, start, steps or 50, projection)
         sigma = plan.noise_sigma if plan.noise_sigma is not None else estimate_noise_sigma(corrupted)
-        start = noise_matched_timestep(alphas, torch.as_tensor(sigma).expand(batch))
-        if self._stop_level() > 0:  # a model trained on noisy data is not trusted below its data's noise level
-            lowest = int((noise_to_signal(alphas.double().cpu()) >= self._stop_level()).nonzero()[0])
-            start = start.clamp(min=lowest)
-        sample = alphas[start].view(-1, 1, 1, 1).sqrt().to(corrupted.dtype) * corrupted
-        return denoise_from_timestep(self._denoiser(), alphas, sample, start, steps or 1)
+        return self._denoise(corrupted, torch.as_tensor(sigma, dtype=torch.float64).expand(batch), generator, steps or 1)
+
+    def _denoise(self, corrupted: torch.Tensor, sigma: torch.Tensor, generator, steps: int) -> torch.Tensor:
+        """Gaussian noise of std `sigma` `(B,)` (`[0, 1]` units) removed from its noise-matched start. A model trained
+        on noisy data is not trusted below its data's noise level (`sampling_stop_sigma`): below it, fresh noise tops
+        each image up to that level and the clean estimates of `TOP_UP_DRAWS` draws are averaged (starting there
+        without the top-up, held-out photos under noise of std 0.05 came out at 27.2 dB, README "Photos")."""
+        alphas = self.scheduler.alphas_cumprod.to(corrupted.device)
+        start = noise_matched_timestep(alphas, sigma)
+        if self._stop_level() <= 0:
+            sample = alphas[start].view(-1, 1, 1, 1).sqrt().to(corrupted.dtype) * corrupted
+            return denoise_from_timestep(self._denoiser(), alphas, sample, start, steps)
+        levels = noise_to_signal(alphas.double().cpu())  # model units
+        start = start.clamp(min=int((levels >= self._stop_level()).nonzero()[0]))
+        below = 2 * sigma.cpu() < self._stop_level()
+        top_up = torch.where(below, (levels[start].pow(2) - (2 * sigma.cpu()).pow(2)).clamp_min(0).sqrt(), 0.0)
+        top_up = top_up.view(-1, 1, 1, 1)
+        estimates = []
+        for _ in range(TOP_UP_DRAWS if below.any() else 1):
+            noise = randn_tensor(corrupted.shape, generator=generator, device=corrupted.device, dtype=corrupted.dtype)
+            noisy = corrupted + top_up.to(corrupted) * noise
+            sample = alphas[start].view(-1, 1, 1, 1).sqrt().to(corrupted.dtype) * noisy
+            estimates.append(denoise_from_timestep(self._denoiser(), alphas, sample, start, steps))
+        return torch.stack(estimates).mean(0)
 
     def _deblur(self, corrupted: torch.Tensor, blur_sigma: float | None, steps: int) -> torch.Tensor:
         """Gaussian blur of `blur_sigma` pixels (per image `ESTIMATED_BLUR_SHARE` of `added_blur_sigma` when None)
