@@ -128,3 +128,17 @@ def test_memorisation_reads_copies_of_training_images_as_closer_to_train_and_rea
     assert copied["meaningful"] is True and fresh["meaningful"] is True  # both are images of the data
     assert copied["median_distance_to_train"] < 0.5 * fresh["median_distance_to_train"]
     assert copied["share_closer_to_train"] > fresh["share_closer_to_train"]
+
+
+def test_a_report_on_noisy_held_out_images_says_its_figures_compare_with_noisy_images():
+    """Training on noisy data holds out noisy images: the report must not read as if its references were clean."""
+    from diffusers_robust.data.photos import photo_tiles
+    from diffusers_robust.evaluation.report import held_out_noise, held_out_noise_warning
+
+    tiles = torch.tensor(photo_tiles(32, "test")[0][:32] / 127.5 - 1, dtype=torch.float32).permute(0, 3, 1, 2)
+    noisy = torch.round(((tiles + 0.2 * torch.randn(tiles.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+                         + 1) * 127.5) / 127.5 - 1
+    clean_reading, noisy_reading = held_out_noise(tiles), held_out_noise(noisy)
+    assert clean_reading["noisy_share"] < 0.1 and held_out_noise_warning({"held_out_noise": clean_reading}) == []
+    assert noisy_reading["noisy_share"] == 1.0 and 0.07 < noisy_reading["median_noise_std"] < 0.13
+    assert "are noisy themselves:** 100% read as noisy" in held_out_noise_warning({"held_out_noise": noisy_reading})[0]

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..data.annotations import estimated_noise_levels
 from ..data.embedded import embedded_dataset
 from ..data.splits import HoldOut, describe_source
 from ..data.units import to_model_range, to_unit_range
@@ -80,6 +81,24 @@ def generation_figures(samples: torch.Tensor, reference: Reference, metrics: Seq
     for metric in metrics:
         figures.update(metric.compute(samples, reference))
     return figures
+
+
+def held_out_noise(images: torch.Tensor) -> dict[str, float]:
+    """How noisy the held-out images `(N, C, H, W)` (`[-1, 1]`) themselves read (`estimated_noise_levels`): the share
+    read as noisy and the median std (`[0, 1]` units). A held-out part of noisy training data is noisy, and every
+    figure of the report then compares with noisy images."""
+    levels = estimated_noise_levels(images.float())
+    return {"noisy_share": float((levels > 0).float().mean()), "median_noise_std": float(levels.median())}
+
+
+def held_out_noise_warning(report: dict[str, Any]) -> list[str]:
+    """The report's warning lines when most held-out images read noisy (none otherwise)."""
+    noise = report.get("held_out_noise") or {}
+    if noise.get("noisy_share", 0.0) <= 0.5:
+        return []
+    return [f"**The held-out images are noisy themselves:** {noise['noisy_share']:.0%} read as noisy (median estimated "
+            f"std {noise['median_noise_std']:.3f}), so the figures below compare with noisy images, not clean ones. "
+            "Score the model on clean held-out images: `diffusers-robust evaluate MODEL --dataset CLEAN_DATA`.", ""]
 
 
 def pipeline_denoiser(pipeline):
@@ -165,7 +184,7 @@ def evaluate_pipeline(
         "report_version": REPORT_VERSION,
         "dataset": describe_source(dataset), "split": split,
         "held_out_share": hold_out.share if hold_out else None, "train_split": train_split, "num_images": int(held_out.shape[0]),
-        "train_images": int(train.shape[0]), "conversion": conversion,
+        "train_images": int(train.shape[0]), "conversion": conversion, "held_out_noise": held_out_noise(held_out),
         "seed": seed, "sampler": f"DDIM-{sampling_steps}",
         "restoration": restoration, "generation": generation, "losses": losses,
         "_samples": samples,  # for the sample grid; not written to report.json
@@ -210,6 +229,7 @@ def report_markdown(report: dict[str, Any], title: str = "Evaluation") -> str:
         + (f"; training images compared with: the first {report['train_images']}." if "train_images" in report else "."),
         "",
         *([f"**Converted:** {report['conversion']}.", ""] if report.get("conversion") else []),
+        *held_out_noise_warning(report),
         "## Restoration", "",
         "PSNR of the set's mean squared error (dB, [0, 1] scale) and mean SSIM, against the clean images. "
         "Corrupted inputs are rounded to 8 bits.", "",
