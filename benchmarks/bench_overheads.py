@@ -4,10 +4,11 @@ to the first step plus the end of the run), on the same preset, data, batch and 
 Usage: python benchmarks/bench_overheads.py [--preset pipelines/ddpm-digits] [--steps 40 120] [--repeats 2]
 
 The peer is `benchmarks/peer_train_unconditional.py` (the Diffusers example's loop). Ours is
-`training/train_robust_ddpm.py` with the same batch (16), learning rate and warm-up, no validation split, no report and
-no logger; it still ends with what every run of ours does: a final checkpoint, a validation grid (here one image of one
-DDIM step, since the peer's loop as written here generates none: the example's own end-of-training grid is 16 images of
-1000 DDPM steps), the pipeline and the model card. Each configuration runs as its own process with one thread
+`training/train_robust_ddpm.py` with the same batch (16), learning rate and warm-up, the digits converted to the
+preset's channels and size as the peer converts them, no validation split, no report and no logger; it still ends with
+what every run of ours does: a final checkpoint, a validation grid (here one image of one DDIM step, since the peer's
+loop as written here generates none: the example's own end-of-training grid is 16 images of 1000 DDPM steps), the
+pipeline and the model card. Each configuration runs as its own process with one thread
 (`OMP_NUM_THREADS=1`), alternating peer and ours. Peak memory is the process's maximum resident set size (`wait4`).
 With two step counts per program, time per step is the slope and the fixed cost the intercept of wall time over steps;
 start-up is the time from launch to the end of the first step (each program records it: ours in `metrics.json`,
@@ -28,6 +29,14 @@ import time
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
+def preset_shape(preset: str) -> tuple[int, int]:
+    """`(channels, side)` of a preset folder's UNet: the peer converts the digits to them, so ours is told to as well."""
+    with open(os.path.join(ROOT, preset, "unet", "config.json"), encoding="utf-8") as handle:
+        config = json.load(handle)
+    side = config["sample_size"]
+    return config["in_channels"], side if isinstance(side, int) else side[0]
+
+
 def command(program: str, preset: str, steps: int, output_dir: str) -> list[str]:
     if program == "peer":
         return [sys.executable, os.path.join(ROOT, "benchmarks", "peer_train_unconditional.py"), "--preset", preset,
@@ -36,15 +45,17 @@ def command(program: str, preset: str, steps: int, output_dir: str) -> list[str]
             "--output_dir", output_dir, "--max_train_steps", str(steps), "--train_batch_size", "16",
             "--learning_rate", "1e-4", "--lr_warmup_steps", "500", "--validation_split", "null", "--report", "false",
             "--logger", "none", "--checkpointing_steps", "1000000", "--validation_steps", "1000000", "--num_threads", "1",
-            "--num_grid_images", "1", "--num_inference_steps", "1"]
+            "--num_grid_images", "1", "--num_inference_steps", "1",
+            *("--channels", str(preset_shape(preset)[0]), "--resolution", str(preset_shape(preset)[1]))]
 
 
 def run(program: str, preset: str, steps: int) -> tuple[float, float, float]:
     """`(wall seconds, peak RSS MiB, seconds from launch to the end of the first step)` of one whole process."""
-    output_dir = tempfile.mkdtemp(prefix=f"bench-{program}-")
+    scratch = tempfile.mkdtemp(prefix=f"bench-{program}-")
+    output_dir = os.path.join(scratch, "run")  # a new folder: ours refuses a folder holding files it did not write
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "NO_ALBUMENTATIONS_UPDATE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    log = os.path.join(output_dir, "stderr.txt")  # a file, not a pipe: a full pipe would stall the process
+    log = os.path.join(scratch, "stderr.txt")  # a file, not a pipe: a full pipe would stall the process
     launched, started = time.time(), time.perf_counter()
     with open(log, "wb") as handle:
         process = subprocess.Popen(command(program, preset, steps, output_dir), env=env, stdout=subprocess.DEVNULL,
@@ -61,7 +72,7 @@ def run(program: str, preset: str, steps: int) -> tuple[float, float, float]:
     else:
         with open(os.path.join(output_dir, "metrics.json")) as handle:
             first_step = json.load(handle)["seconds_to_first_step"]
-    shutil.rmtree(output_dir, ignore_errors=True)
+    shutil.rmtree(scratch, ignore_errors=True)
     return wall, usage.ru_maxrss / 1024, first_step
 
 

@@ -88,3 +88,26 @@ def test_restore_photos_benchmark_runs_its_smallest_configuration(tmp_path, monk
     assert inpainting["classical"]["biharmonic inpainting"]["scores"][0] > inpainting["input"][0] + 10
     printed = capsys.readouterr().out
     assert "| gaussian std 0.1 |" in printed and "| true damage | clean | gaussian_noise |" in printed
+
+
+@pytest.mark.slow
+def test_bench_overheads_runs_both_programs_on_a_colour_preset(tmp_path, monkeypatch, capsys):
+    """Its smallest configuration on an RGB preset (the CIFAR-10 preset's case, made small): ours used to stop where
+    the peer converts the grey digits to the preset's channels."""
+    import shutil
+    import sys
+
+    from conftest import make_tiny_unet
+
+    from diffusers_robust import RobustDDPMScheduler
+
+    preset = tmp_path / "rgb-preset"
+    make_tiny_unet(sample_size=16, channels=3).save_config(preset / "unet")
+    RobustDDPMScheduler(num_train_timesteps=100).save_config(preset / "scheduler")
+    shutil.copy(os.path.join(REPO_ROOT, "pipelines", "ddpm-digits", "model_index.json"), preset)
+    benchmark = load_benchmark("bench_overheads")
+    assert benchmark.preset_shape(str(preset)) == (3, 16)
+    monkeypatch.setattr(sys, "argv", ["bench_overheads.py", "--preset", str(preset), "--steps", "1", "2", "--repeats", "1"])
+    benchmark.main()
+    printed = capsys.readouterr().out
+    assert "| ours / peer |" in printed and printed.count("steps:") == 4
