@@ -14,15 +14,16 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, RePaintScheduler, 
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import hf_hub_download, snapshot_download
 
+from ..data.corruptions import corruption_parameter
 from ..data.units import to_model_range
 from ..models import ConditionEmbedding, image_size
 from .detection import Detection, detect_corruption
 from .restoration import (
     DETECTION_SIGMA,
     ESTIMATED_BLUR_SHARE,
-    FILL_INPAINTING_PIXELS,
     LEARNED_RESTORATION_SIGMA,
     MAX_OPERATOR_PIXELS,
+    PHOTO_METHODS_PIXELS,
     REFINE_SIGMA,
     RestorationPlan,
     added_blur_sigma,
@@ -39,6 +40,7 @@ from .restoration import (
     pseudo_inverse,
     restoration_method,
     separable_consistency,
+    uses_separable_blur,
 )
 
 ImageInput = PIL.Image.Image | list[PIL.Image.Image] | np.ndarray | torch.Tensor
@@ -590,7 +592,7 @@ class RobustDDPMPipeline(DiffusionPipeline):
             return self._restore_learned(corrupted, labels, generator, steps or 1)
         if plan.method == "inpaint":
             missing = self._missing_pixels(corrupted, plan, alphas)
-            if corrupted.shape[-1] * corrupted.shape[-2] >= FILL_INPAINTING_PIXELS:
+            if corrupted.shape[-1] * corrupted.shape[-2] >= PHOTO_METHODS_PIXELS:
                 return self._fill_and_refine(corrupted, missing, steps or 5)
             return self._inpaint(corrupted, missing, generator, steps or 50)
         method = restoration_method(plan, *corrupted.shape[-2:])
@@ -598,8 +600,9 @@ class RobustDDPMPipeline(DiffusionPipeline):
             logger.warning(f"{plan.corruption}: images of {corrupted.shape[-2]}x{corrupted.shape[-1]} pixels exceed the "
                            f"{MAX_OPERATOR_PIXELS} pixels for which its operator is built; restoring it as noise instead "
                            "(noise-matched start), which undoes blur far less well")
-        if plan.separable_blur:
-            return self._deblur(corrupted, plan.blur_sigma, steps or 5)
+        if uses_separable_blur(plan, *corrupted.shape[-2:]):
+            sigma = plan.blur_sigma if plan.separable_blur else corruption_parameter("gaussian_blur", plan.severity)
+            return self._deblur(corrupted, sigma, steps or 5)
         if method == "linear":
             matrix = operator_matrix(plan.corruption, plan.severity, *corrupted.shape[-2:])
             projection = data_consistency(corrupted, matrix, pseudo_inverse(matrix))
