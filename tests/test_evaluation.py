@@ -142,3 +142,12 @@ def test_a_report_on_noisy_held_out_images_says_its_figures_compare_with_noisy_i
     assert clean_reading["noisy_share"] < 0.1 and held_out_noise_warning({"held_out_noise": clean_reading}) == []
     assert noisy_reading["noisy_share"] == 1.0 and 0.07 < noisy_reading["median_noise_std"] < 0.13
     assert "are noisy themselves:** 100% read as noisy" in held_out_noise_warning({"held_out_noise": noisy_reading})[0]
+
+
+def test_the_progress_bar_weighs_each_case_by_the_denoiser_calls_its_method_takes_at_that_size():
+    from diffusers_robust.evaluation.restoration import case_cost
+
+    assert case_cost("impulse_noise", 3, 10) == 10 * 101  # RePaint on 8x8 digits
+    assert case_cost("gaussian_blur", 3, 10) == 10 * 51  # DDNM
+    assert case_cost("impulse_noise", 3, 10, size=(32, 32)) == case_cost("gaussian_blur", 3, 10, size=(32, 32)) == 10 * 6
+    assert case_cost("pixelate", 3, 10, size=(72, 72)) == case_cost("gaussian_noise", 3, 10) == 10 * 2  # noise-matched

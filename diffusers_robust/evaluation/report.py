@@ -163,7 +163,7 @@ def evaluate_pipeline(
     features = InceptionFeatures(inception_weights, pipeline.device) if inception_weights else PixelFeatures()
 
     # One bar in denoiser calls x images, so its ETA weighs a RePaint case (about 100 calls) against a one-call one.
-    costs = {case: case_cost(*case, held_out.shape[0]) for case in cases}
+    costs = {case: case_cost(*case, held_out.shape[0], size=tuple(held_out.shape[-2:])) for case in cases}
     generation_cost, loss_cost = num_samples * sampling_steps, held_out.shape[0] * (1 + 2 * 3 * len(LOSS_CORRUPTIONS))
     steps = tqdm(total=sum(costs.values()) + generation_cost + loss_cost, desc="evaluate", disable=not progress,
                  unit="calls", unit_scale=True)

@@ -10,7 +10,7 @@ import torch
 
 from ..data.corruptions import apply_corruption, gaussian_blur, gaussian_noise
 from ..data.units import to_model_range, to_unit_range
-from ..pipelines.restoration import plan_restoration, restoration_method
+from ..pipelines.restoration import PHOTO_METHODS_PIXELS, plan_restoration, restoration_method, uses_separable_blur
 from .defaults import DEFAULT_RESTORATION_CASES
 from .metrics import Metric, Reference, mean_psnr, median_filter, restoration_metrics
 
@@ -143,10 +143,14 @@ def evaluate_restoration(
     return rows
 
 
-def case_cost(corruption: str, level: int | float, images: int, steps: int | None = None) -> int:
-    """Denoiser calls (times images) that restoring one case costs, for a progress bar whose ETA holds: the noise method
-    takes `steps or 1` calls, data consistency 50, RePaint inpainting about 100 (50 steps and their resampling jumps)."""
+def case_cost(corruption: str, level: int | float, images: int, steps: int | None = None, size: tuple[int, int] = (8, 8)
+              ) -> int:
+    """Denoiser calls (times images) that restoring one case costs on images of `size` pixels, for a progress bar whose
+    ETA holds: the noise method takes `steps or 1` calls, data consistency 50, RePaint inpainting about 100 (50 steps
+    and their resampling jumps); from `PHOTO_METHODS_PIXELS` up inpainting and a Gaussian blur take 5."""
     plan = plan_restoration(**({"noise_sigma": level} if isinstance(level, float) else
                                {"corruption": corruption, "severity": level}))
-    calls = {"inpaint": 100, "linear": 50}.get(plan.method, steps or 1)
+    calls = {"inpaint": 100, "linear": 50}.get(restoration_method(plan, *size), steps or 1)
+    if size[0] * size[1] >= PHOTO_METHODS_PIXELS and (plan.method == "inpaint" or uses_separable_blur(plan, *size)):
+        calls = 5
     return images * (calls + 1)  # + 1: the smoothed reference or the baseline's share of the work
