@@ -15,7 +15,7 @@ from diffusers_robust.output_folders import MARKER_FILE
 pytestmark = pytest.mark.slow  # every test here runs the `diffusers-robust` command in a fresh process
 
 REPORT_KEYS = {"report_version", "dataset", "split", "held_out_share", "train_split", "num_images", "seed", "sampler",
-               "train_images", "conversion", "restoration", "generation", "losses"}
+               "train_images", "conversion", "held_out_noise", "restoration", "generation", "losses"}
 ROW_KEYS = {"case", "method", "baseline", "caveat", "psnr_input", "psnr", "psnr_baseline", "ssim_input", "ssim",
             "ssim_baseline", "accuracy_input", "accuracy", "accuracy_baseline"}
 
@@ -41,6 +41,8 @@ def test_evaluate_writes_report_json_markdown_and_plots(tiny_pipeline_folder, tm
     report = json.loads((out / "report.json").read_text())
     assert set(report) == REPORT_KEYS
     assert report["num_images"] == 16 and report["split"] == "test" and report["sampler"] == "DDIM-3"
+    # Clean held-out digits: most read clean, and the report does not call them noisy.
+    assert report["held_out_noise"]["noisy_share"] < 0.5 and "noisy themselves" not in (out / "report.md").read_text()
     assert [row["case"] for row in report["restoration"]] == [
         "gaussian_noise/s3", "gaussian_noise/sigma0.3", "impulse_noise/s5", "gaussian_blur/s3"]
     assert [row["method"] for row in report["restoration"]] == ["noise", "noise", "inpaint", "linear"]
