@@ -219,8 +219,12 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=96, help="held-out tiles per case (spread over both photos)")
     parser.add_argument("--tune_images", type=int, default=32, help="training tiles the baselines are tuned on")
     parser.add_argument("--cases", nargs="*", default=None, help=f"a subset of: {list(CASES)}")
-    parser.add_argument("--output", default=None, help="JSON file for the figures")
+    parser.add_argument("--output", default=None, help="JSON file for the figures (a new file: an existing one is refused)")
     args = parser.parse_args()
+    if args.output and os.path.exists(args.output):
+        parser.error(f"--output {args.output} exists: this benchmark never replaces a file; name a new one")
+    if args.cases and set(args.cases) - set(CASES):
+        parser.error(f"unknown --cases {sorted(set(args.cases) - set(CASES))}; known: {list(CASES)}")
     torch.set_num_threads(1)
     pipe = RobustDDPMPipeline.from_pretrained(args.pipeline)
     pipe.set_progress_bar_config(disable=True)

@@ -88,6 +88,12 @@ def test_restore_photos_benchmark_runs_its_smallest_configuration(tmp_path, monk
     assert inpainting["classical"]["biharmonic inpainting"]["scores"][0] > inpainting["input"][0] + 10
     printed = capsys.readouterr().out
     assert "| gaussian std 0.1 |" in printed and "| true damage | clean | gaussian_noise |" in printed
+    # The figures it wrote are never replaced, and an unknown case is named before any work.
+    for extra, message in ((["--output", str(tmp_path / "figures.json")], "exists"), (["--cases", "gaussian 0.3"], "unknown")):
+        monkeypatch.setattr(sys, "argv", ["restore_photos.py", "--pipeline", str(tmp_path / "pipe"), *extra])
+        with pytest.raises(SystemExit):
+            benchmark.main()
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.slow
