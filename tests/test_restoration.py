@@ -335,3 +335,39 @@ def test_a_model_trained_on_noisy_data_tops_lighter_noise_up_to_its_trusted_leve
     error = (restore(0.03, 0) * 2 - 1 - expected).abs()
     assert float(error.max()) < 4 * gain * top_up / 2 and float(error.mean()) < gain * top_up / 2  # 4 draws averaged
     assert torch.equal(restore(0.15, 0), restore(0.15, 1))  # at or above the trusted level: no fresh noise
+
+
+def test_the_dihedral_average_keeps_an_equivariant_denoiser_and_makes_any_denoiser_equivariant():
+    from diffusers_robust.pipelines.restoration import dihedral_average
+
+    sample = torch.randn(2, 3, 8, 12, generator=torch.Generator().manual_seed(0))  # not square
+    t = torch.tensor([5, 7])
+
+    def smoothing(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:  # symmetric kernel: equivariant
+        return torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1) * timesteps.view(-1, 1, 1, 1)
+
+    def shifting(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:  # a shift to the right: not equivariant
+        return torch.roll(x, 1, dims=3) * timesteps.view(-1, 1, 1, 1)
+
+    assert torch.allclose(dihedral_average(smoothing)(sample, t), smoothing(sample, t), atol=1e-6)
+    averaged = dihedral_average(shifting)
+    out = averaged(sample, t)
+    assert out.shape == sample.shape and not torch.allclose(out, shifting(sample, t), atol=0.1)
+    for turns in (1, 2, 3):
+        assert torch.allclose(averaged(torch.rot90(sample, turns, (2, 3)), t), torch.rot90(out, turns, (2, 3)), atol=1e-6)
+    assert torch.allclose(averaged(sample.flip(2), t), out.flip(2), atol=1e-6)
+
+
+def test_from_16x16_up_restoration_averages_the_eight_views_and_below_it_takes_one():
+    """With a real, untrained (so not equivariant) UNet, restoring a turned photo-sized image gives the restoration
+    turned; at 8x8 (the digits) it does not: one pass, as the digits' figures were measured."""
+    from conftest import make_tiny_unet
+
+    for size, equivariant in ((16, True), (8, False)):
+        pipe = RobustDDPMPipeline(unet=make_tiny_unet(sample_size=size, channels=3, seed=1), scheduler=RobustDDPMScheduler())
+        pipe.set_progress_bar_config(disable=True)
+        image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(2))
+
+        turned = pipe(image=torch.rot90(image, 1, (2, 3)), noise_sigma=0.1, output_type="pt").images
+        restored = pipe(image=image, noise_sigma=0.1, output_type="pt").images
+        assert torch.allclose(turned, torch.rot90(restored, 1, (2, 3)), atol=1e-5) == equivariant

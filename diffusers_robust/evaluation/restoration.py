@@ -147,10 +147,14 @@ def case_cost(corruption: str, level: int | float, images: int, steps: int | Non
               ) -> int:
     """Denoiser calls (times images) that restoring one case costs on images of `size` pixels, for a progress bar whose
     ETA holds: the noise method takes `steps or 1` calls, data consistency 50, RePaint inpainting about 100 (50 steps
-    and their resampling jumps); from `PHOTO_METHODS_PIXELS` up inpainting and a Gaussian blur take 5."""
+    and their resampling jumps); from `PHOTO_METHODS_PIXELS` up inpainting and a Gaussian blur take 5, and all but data
+    consistency average 8 views of the image per call (`dihedral_average`)."""
     plan = plan_restoration(**({"noise_sigma": level} if isinstance(level, float) else
                                {"corruption": corruption, "severity": level}))
     calls = {"inpaint": 100, "linear": 50}.get(restoration_method(plan, *size), steps or 1)
-    if size[0] * size[1] >= PHOTO_METHODS_PIXELS and (plan.method == "inpaint" or uses_separable_blur(plan, *size)):
+    photo = size[0] * size[1] >= PHOTO_METHODS_PIXELS
+    if photo and (plan.method == "inpaint" or uses_separable_blur(plan, *size)):
         calls = 5
+    if photo and calls != 50:
+        calls *= 8
     return images * (calls + 1)  # + 1: the smoothed reference or the baseline's share of the work

@@ -30,6 +30,7 @@ from .restoration import (
     biharmonic_fill,
     data_consistency,
     denoise_from_timestep,
+    dihedral_average,
     estimate_noise_sigma,
     gaussian_blur_matrix,
     missing_pixel_mask,
@@ -309,6 +310,13 @@ class RobustDDPMPipeline(DiffusionPipeline):
             raise ValueError(f"restoration supports prediction_type epsilon, v_prediction or sample, got '{prediction_type}'")
 
         return predict
+
+    def _restoration_denoiser(self, image: torch.Tensor):
+        """The denoiser restoration uses on `image` `(B, C, H, W)`: from `PHOTO_METHODS_PIXELS` up, averaged over the
+        square's 8 symmetries (`dihedral_average`, measured in `restoration.py`); below, on the 8x8 digits, one pass."""
+        if image.shape[-1] * image.shape[-2] >= PHOTO_METHODS_PIXELS:
+            return dihedral_average(self._denoiser())
+        return self._denoiser()
 
     def _unet_output(self, sample: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """The UNet's raw prediction (what `prediction_type` says), with `labels` embedded when given; a missing-pixel
@@ -621,7 +629,7 @@ class RobustDDPMPipeline(DiffusionPipeline):
         start = noise_matched_timestep(alphas, sigma)
         if self._stop_level() <= 0:
             sample = alphas[start].view(-1, 1, 1, 1).sqrt().to(corrupted.dtype) * corrupted
-            return denoise_from_timestep(self._denoiser(), alphas, sample, start, steps)
+            return denoise_from_timestep(self._restoration_denoiser(corrupted), alphas, sample, start, steps)
         levels = noise_to_signal(alphas.double().cpu())  # model units
         start = start.clamp(min=int((levels >= self._stop_level()).nonzero()[0]))
         below = 2 * sigma.cpu() < self._stop_level()
@@ -632,7 +640,7 @@ class RobustDDPMPipeline(DiffusionPipeline):
             noise = randn_tensor(corrupted.shape, generator=generator, device=corrupted.device, dtype=corrupted.dtype)
             noisy = corrupted + top_up.to(corrupted) * noise
             sample = alphas[start].view(-1, 1, 1, 1).sqrt().to(corrupted.dtype) * noisy
-            estimates.append(denoise_from_timestep(self._denoiser(), alphas, sample, start, steps))
+            estimates.append(denoise_from_timestep(self._restoration_denoiser(corrupted), alphas, sample, start, steps))
         return torch.stack(estimates).mean(0)
 
     def _deblur(self, corrupted: torch.Tensor, blur_sigma: float | None, steps: int) -> torch.Tensor:
@@ -653,7 +661,8 @@ class RobustDDPMPipeline(DiffusionPipeline):
             deconvolved = projection(corrupted[index]).clamp(-1, 1)
             start = noise_matched_timestep(alphas, torch.full((len(index),), REFINE_SIGMA))
             sample = alphas[start].view(-1, 1, 1, 1).sqrt().to(corrupted.dtype) * deconvolved
-            restored[index] = denoise_from_timestep(self._denoiser(), alphas, sample, start, steps, projection)
+            restored[index] = denoise_from_timestep(self._restoration_denoiser(corrupted), alphas, sample, start, steps,
+                                                    projection)
         return restored
 
     def _learned(self, corruption: str) -> bool:
@@ -689,7 +698,7 @@ class RobustDDPMPipeline(DiffusionPipeline):
 
         start = noise_matched_timestep(alphas, torch.full((corrupted.shape[0],), REFINE_SIGMA))
         sample = alphas[start].view(-1, 1, 1, 1).sqrt().to(corrupted.dtype) * biharmonic_fill(corrupted, missing)
-        return keep_known(denoise_from_timestep(self._denoiser(), alphas, sample, start, steps, keep_known))
+        return keep_known(denoise_from_timestep(self._restoration_denoiser(corrupted), alphas, sample, start, steps, keep_known))
 
     def _inpaint(self, corrupted: torch.Tensor, missing: torch.Tensor, generator, steps: int) -> torch.Tensor:
         """RePaint through Diffusers' `RePaintScheduler` (resampling jumps of 5 steps, twice), known pixels kept."""

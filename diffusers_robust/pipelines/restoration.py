@@ -37,6 +37,11 @@ REFINE_SIGMA = 0.05
 # (`uses_separable_blur`; 48 held-out 32x32 photos, severity 3 / 5: 44.2 / 36.4 dB against DDNM's 41.3 / 31.7, inputs
 # 35.1 / 32.2). Below, on the 8x8 digits, RePaint and DDNM are kept as measured.
 PHOTO_METHODS_PIXELS = 16 * 16
+# From PHOTO_METHODS_PIXELS up, restoration averages the denoiser over the 8 flips and quarter turns of its input
+# (`dihedral_average`; "self-ensemble", as in EDSR): 96 held-out 32x32 photos, one-step denoising of Gaussian noise of std
+# 0.05 / 0.1 / 0.2: 32.89 / 29.09 / 24.90 dB against 32.65 / 28.88 / 24.74 with one pass (the horizontal flip alone gave
+# +0.10 at 0.1, flip and half turn +0.17); 50% missing pixels 33.83 against 33.75. Eight UNet calls instead of one.
+# Detection keeps the single pass its thresholds were measured with.
 # Largest Gaussian blur std (pixels) that `blur_sigma` takes, and the estimate's clip.
 MAX_BLUR_SIGMA = 3.0
 # The blur a sharp photo already holds as `estimate_blur_sigma` reads it (pixels): the median over the train split of
@@ -145,6 +150,24 @@ def denoise_from_timestep(
             eps = (sample - alpha.view(-1, 1, 1, 1).sqrt() * clean) / (1 - alpha.view(-1, 1, 1, 1)).sqrt()
             sample = alpha_next.sqrt() * clean + (1 - alpha_next).sqrt() * eps
     return clean
+
+
+def dihedral_average(denoiser: Denoiser) -> Denoiser:
+    """`denoiser` averaged over the 8 symmetries of the square (4 quarter turns, each with and without a horizontal
+    flip): each transformed input `(B, C, H, W)` is denoised and its noise prediction transformed back. A convolutional
+    prior trained on photos is nearly equivariant to them, so the average keeps its estimate and halves part of its
+    error. Images need not be square (a quarter turn of an `H x W` image is `W x H`)."""
+
+    def averaged(sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros_like(sample)
+        for turns in range(4):
+            for flip in (False, True):
+                view = torch.rot90(sample, turns, dims=(2, 3))
+                eps = denoiser(view.flip(3) if flip else view, timesteps)
+                total += torch.rot90(eps.flip(3) if flip else eps, -turns, dims=(2, 3))
+        return total / 8
+
+    return averaged
 
 
 def candidate_missing_values(images: torch.Tensor, corruption: str) -> torch.Tensor:
