@@ -16,10 +16,12 @@ inputs), `clean-only` (plain on the clean 10%: the same records in every 90/10 s
 clean train split). Every arm is `training/configs/digits.yaml` (same UNet, EMA, learning-rate schedule) with the
 same `--max_train_steps`; each process runs one thread.
 
-Figures on 512 samples per arm (DDIM 50 steps, evaluation seed 1234, independent of the training seed): share of samples
-the digits classifier (fitted on the clean train split only) reads with p >= 0.8, classes present, Fréchet distance in
-that classifier's feature space against the 300 held-out digits (floor: the clean train split against them), the
-samples' estimated noise std (`estimate_noise_std`, median; samples are clipped to [0, 1] like any pipeline output), and
+Figures on 512 samples per arm (DDIM 50 steps, evaluation seed 1234, independent of the training seed), in the feature
+space of the digits classifier (fitted on the clean train split only) against the 300 held-out digits (floor: the clean
+train split against them): coverage, precision and recall (`manifold_figures`, k = 5; coverage is the figure a model
+collapsed onto typical digits cannot win), Fréchet distance; the share of samples the classifier reads with p >= 0.8,
+classes present; background noise (RMS where digits are blank: 0.003 for held-out digits), the samples' estimated noise
+std (`estimate_noise_std`, median; samples are clipped to [0, 1] like any pipeline output), and
 copying: the share of samples whose nearest clean train image is 3x closer than the second nearest (held-out digits:
 the same figure, for comparison). Finished arms (their `figures.json` exists) are not run again.
 """
@@ -171,43 +173,56 @@ def table(root: str, names: list[str]) -> tuple[str, dict]:
     groups: dict[str, list[str]] = {}
     for name in results:
         groups.setdefault(name.rsplit("-seed", 1)[0], []).append(name)
-    lines = ["| setting / arm | seeds | confident samples | classes | Fréchet (classifier features) | sample noise std | "
-             "copying (d1/d2 < 1/3) | NN distance to the 150 clean images |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| setting / arm | seeds | coverage | precision | recall | confident samples | classes | Fréchet (classifier "
+             "features) | background noise | sample noise std | copying (d1/d2 < 1/3) | NN distance to the 150 clean images |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for group, members in groups.items():
         figs = [results[m] for m in members]
 
         def cell(get, fmt, figs=figs):
             return " / ".join(fmt(get(f)) for f in figs)
 
-        lines.append(f"| {group} | {len(figs)} | {cell(lambda f: f['digits']['confident_fraction'], lambda v: f'{v:.1%}')} | "
+        def share(key):
+            return cell(lambda f: f.get(key, math.nan), lambda v: f"{v:.1%}")
+
+        lines.append(f"| {group} | {len(figs)} | {share('coverage')} | {share('precision')} | {share('recall')} | "
+                     f"{cell(lambda f: f['digits']['confident_fraction'], lambda v: f'{v:.1%}')} | "
                      f"{cell(lambda f: f['digits']['classes_present'], str)} | "
                      f"{cell(lambda f: f['frechet_classifier'], lambda v: f'{v:.2f}')} | "
+                     f"{cell(lambda f: f.get('background_noise', math.nan), lambda v: f'{v:.3f}')} | "
                      f"{cell(lambda f: f['noise_std'], lambda v: f'{v:.3f}')} | "
                      f"{cell(lambda f: f['copying'], lambda v: f'{v:.1%}')} | "
                      f"{cell(lambda f: f.get('distance_clean_subset', math.nan), lambda v: f'{v:.3f}')} |")
         rows.append(group)
-    floor_path = os.path.join(root, "floors.json")
-    if not os.path.isfile(floor_path):
-        with open(floor_path, "w", encoding="utf-8") as handle:
-            json.dump(floors(), handle, indent=2)
-    with open(floor_path, encoding="utf-8") as handle:
-        floor = json.load(handle)
+    floor = floors()
+    with open(os.path.join(root, "floors.json"), "w", encoding="utf-8") as handle:
+        json.dump(floor, handle, indent=2)
     key = "distance_clean_subset_held_out"
     held_out_distance = next((f[key] for f in results.values() if key in f), math.nan)
-    lines.append(f"| floor: clean train split vs held-out | - | - | - | {floor['frechet_classifier']:.2f} | "
+    lines.append(f"| floor: clean train split vs held-out | - | {floor['coverage']:.1%} | {floor['precision']:.1%} | "
+                 f"{floor['recall']:.1%} | - | - | {floor['frechet_classifier']:.2f} | {floor['background_noise']:.3f} | "
                  f"{floor['noise_std']:.3f} | held-out digits: {floor['copying_held_out']:.1%} | held-out digits: "
                  f"{held_out_distance:.3f} |")
     return "\n".join(lines) + "\n", results
 
 
+# The figures `write_reference` keeps per arm: their mean over training seeds and their spread (max - min).
+REFERENCE_KEYS = ("coverage", "precision", "recall", "confident_fraction", "classes_present", "frechet_classifier",
+                  "background_noise", "noise_std", "copying")
+
+
 def write_reference(results: dict, path: str, steps: int) -> None:
-    """Mean over training seeds of the `noisy90` comparison arms (trained `steps` steps), for `scripts/main_job.sh`."""
-    keys = ("confident_fraction", "classes_present", "frechet_classifier", "noise_std", "copying")
+    """Mean and spread over training seeds of the `noisy90` comparison arms (trained `steps` steps), for `scripts/main_job.sh`."""
     arms = {}
     for label, prefix in (("plain DDPM", "noisy90-plain"), ("clean 10% only", "clean-only"), ("all-clean oracle", "oracle")):
         runs = [{**f["digits"], **f} for name, f in results.items() if name.rsplit("-seed", 1)[0] == prefix]
         if runs:
-            arms[label] = {key: sum(run[key] for run in runs) / len(runs) for key in keys} | {"seeds": len(runs)}
+            arms[label] = {"seeds": len(runs)}
+            for key in REFERENCE_KEYS:
+                values = [run[key] for run in runs]
+                mean = sum(values) / len(values)
+                arms[label][key] = mean
+                arms[label][f"{key}_spread"] = max(values) - min(values)
     seeds = ", ".join(f"{label}: {figures['seeds']}" for label, figures in arms.items())
     source = (f"benchmarks/imperfect_data.py --max_train_steps {steps}, setting noisy90 (the data of this job), training "
               f"seeds per arm: {seeds}; the same recipe, budget and evaluation seed as this job")

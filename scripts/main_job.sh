@@ -32,12 +32,18 @@ print(f"trained {metrics['global_step']} steps on {metrics['annotations']['recor
       f"({metrics['annotations']['noisy']} noisy ({levels}; recipe seed {recipe['seed']}), "
       f"{metrics['annotations']['clean']} clean)")
 print(f"{'held-out figures of 512 samples':<46} {'this model':>12} " + " ".join(f"{k:>14}" for k in reference["arms"]))
-rows = [("samples classified with p >= 0.8", "confident_fraction", "{:.1%}"), ("classes present (of 10)", "classes_present", "{:.1f}"),
+rows = [("coverage of held-out digits (headline)", "coverage", "{:.1%}"), ("precision", "precision", "{:.1%}"),
+        ("recall", "recall", "{:.1%}"), ("samples classified with p >= 0.8", "confident_fraction", "{:.1%}"),
+        ("classes present (of 10)", "classes_present", "{:.1f}"),
         ("Frechet distance (classifier features)", "frechet_classifier", "{:.2f}"),
+        ("background noise (held-out digits: 0.003)", "background_noise", "{:.3f}"),
         ("estimated noise std of samples", "noise_std", "{:.3f}"), ("samples copying a train image", "copying", "{:.1%}")]
+def reference_cell(arm: dict, key: str, fmt: str) -> str:  # the mean over seeds, +- half their range
+    spread = arm.get(f"{key}_spread", 0.0) if arm["seeds"] > 1 else 0.0
+    return fmt.format(arm[key]) + (f"±{fmt.format(spread / 2)}" if spread else "")
 for label, key, fmt in rows:
-    print(f"{label:<46} {fmt.format(ours[key]):>12} " + " ".join(f"{fmt.format(v[key]):>14}" for v in reference["arms"].values()))
-print(f"(other columns: {reference['source']})")
+    print(f"{label:<46} {fmt.format(ours[key]):>12} " + " ".join(f"{reference_cell(v, key, fmt):>14}" for v in reference["arms"].values()))
+print(f"(other columns: mean ± half the range over training seeds; {reference['source']})")
 for row in report["restoration"]:
     print(f"restoration {row['case']:<24} {row['method']:<8} PSNR {row['psnr_input']:5.2f} -> {row['psnr']:5.2f} dB "
           f"({row['psnr'] - row['psnr_input']:+.2f}); accuracy {row['accuracy_input']:.3f} -> {row['accuracy']:.3f}")

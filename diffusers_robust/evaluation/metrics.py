@@ -135,6 +135,42 @@ def kernel_inception_distance(features_a: torch.Tensor, features_b: torch.Tensor
     return total / subsets
 
 
+def manifold_figures(features: torch.Tensor, real_features: torch.Tensor, k: int = 5) -> dict[str, float]:
+    r"""
+    Fidelity and diversity of samples apart, from k-nearest-neighbour balls in a feature space: each point's ball
+    reaches its `k`-th nearest neighbour in its own set.
+
+    - `precision` (Kynkäänniemi et al. 2019): share of samples inside some real image's ball (fidelity).
+    - `recall`: share of real images inside some sample's ball (diversity).
+    - `density` (Naeem et al. 2020): real balls holding a sample, counted per sample, divided by `k` (1 on average
+      when the samples are distributed as the real images; a sample in many balls counts for more).
+    - `coverage` (Naeem et al. 2020): share of real images whose ball holds at least one sample. A model that collapses
+      onto a few typical images keeps a high precision (and confident share) but covers little of the real data.
+
+    Args:
+        features (`torch.Tensor` of shape `(M, D)`): the samples' features; `real_features` `(N, D)` the held-out
+            images'; both need more than `k` points.
+        k (`int`, defaults to 5): the neighbour that sets a ball's radius (Naeem et al.'s choice).
+
+    Returns:
+        `dict` of the four figures, each in `[0, 1]` except `density` (`[0, N / k]`).
+    """
+    if min(features.shape[0], real_features.shape[0]) <= k:
+        raise ValueError(f"manifold_figures needs more than k={k} points on each side, got {features.shape[0]} and "
+                         f"{real_features.shape[0]}")
+    fake, real = features.double(), real_features.double()
+    real_radius = torch.cdist(real, real).kthvalue(k + 1, dim=1).values  # (N,); the 1st "neighbour" is the point itself
+    fake_radius = torch.cdist(fake, fake).kthvalue(k + 1, dim=1).values  # (M,)
+    distance = torch.cdist(fake, real)  # (M, N)
+    inside_real = distance <= real_radius.unsqueeze(0)
+    return {
+        "precision": float(inside_real.any(dim=1).double().mean()),
+        "recall": float((distance <= fake_radius.unsqueeze(1)).any(dim=0).double().mean()),
+        "density": float(inside_real.sum(dim=1).double().mean() / k),
+        "coverage": float(inside_real.any(dim=0).double().mean()),
+    }
+
+
 def nearest_neighbour_distance(queries: torch.Tensor, references: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Per query image, the RMS pixel distance (`[0, 1]` units) to its nearest reference image; `(N,)`."""
     refs = to_unit_range(references.float()).flatten(1)

@@ -246,9 +246,14 @@ def report_markdown(report: dict[str, Any], title: str = "Evaluation") -> str:
                   f"{digits['class_entropy_bits']:.3f} bits (uniform: {math.log2(10):.3f})."]
     if "clean_samples" in generation:
         clean = generation["clean_samples"]
-        lines += ["", f"Clean samples: Fréchet distance in the classifier's feature space {clean['frechet_classifier']:.2f}; "
-                  f"estimated noise std {clean['noise_std']:.3f} ([0, 1] units); {clean['copying']:.1%} of samples copy a "
-                  f"train image (nearest 3x closer than the second; held-out digits: {clean['copying_held_out']:.1%})."]
+        lines += ["", f"Clean samples, against the held-out digits in the classifier's feature space: coverage "
+                  f"{clean['coverage']:.1%} (share of held-out digits with a sample closer than their 5th nearest held-out "
+                  f"neighbour; a model collapsed onto typical digits scores low), precision {clean['precision']:.1%}, "
+                  f"recall {clean['recall']:.1%}, density {clean['density']:.2f}, Fréchet distance "
+                  f"{clean['frechet_classifier']:.2f}; background noise {clean['background_noise']:.3f} (RMS where digits "
+                  f"are blank; held-out digits: about 0.003), estimated noise std {clean['noise_std']:.3f} ([0, 1] units); "
+                  f"{clean['copying']:.1%} of samples copy a train image (nearest 3x closer than the second; held-out "
+                  f"digits: {clean['copying_held_out']:.1%})."]
     lines += [
         "", f"Memorisation: median nearest-neighbour RMS distance of samples to train images "
         f"{memorisation['median_distance_to_train']:.4f}, to held-out images {memorisation['median_distance_to_held_out']:.4f} "
