@@ -48,8 +48,9 @@ ARMS = {"noisy90": ["plain", "ambient", "clean-only"], "noisy100": ["plain", "am
 DATA_SEED, EVALUATION_SEED, NUM_SAMPLES = 0, 1234, 512
 
 
-def prepare_data(root: str) -> dict[str, dict[str, str]]:
-    """Make each setting's data once (float parquet, PNG folder) and the clean subset; returns the paths."""
+def prepare_data(root: str, settings: list[str]) -> dict[str, dict[str, str]]:
+    """Make the data of each of `settings` once (float parquet, PNG folder), and of `noisy90` for the clean subset;
+    returns the paths."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -60,7 +61,8 @@ def prepare_data(root: str) -> dict[str, dict[str, str]]:
     loaded = load_image_dataset("digits", channels=1, resolution=8)
     clean = torch.cat([b["pixel_values"] for b in DataLoader(loaded.dataset, batch_size=512, collate_fn=collate_image_batch)])
     labels = load_digits_dataset()["train"]["label"]
-    for setting, text in SETTINGS.items():
+    for setting in dict.fromkeys([*settings, "noisy90"]):
+        text = SETTINGS[setting]
         folder = os.path.join(root, "data", "noisy90" if setting == "png90" else setting)
         if not os.path.isdir(folder):
             recipe = parse_recipe(text)
@@ -86,17 +88,19 @@ def arm_arguments(setting: str, arm: str, paths: dict) -> list[str]:
     return ["--dataset", source, *extra, "--annotations", "ignore" if arm == "plain" else "null"]
 
 
-def train_and_score(root: str, name: str, arguments: list[str], seed: int, steps: int) -> None:
+def train_and_score(root: str, name: str, arguments: list[str], seed: int, steps: int, pipeline: str | None = None,
+                    num_samples: int = NUM_SAMPLES) -> None:
     folder = os.path.join(root, name)
     if os.path.isfile(os.path.join(folder, "figures.json")):
         return
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
-        run([sys.executable, "training/train_robust_ddpm.py", "--config", "training/configs/digits.yaml", *arguments,
+        preset = ["--pipeline", pipeline] if pipeline else []
+        run([sys.executable, "training/train_robust_ddpm.py", "--config", "training/configs/digits.yaml", *arguments, *preset,
              "--validation_split", "null", "--report", "false", "--logger", "none", "--seed", str(seed),
              "--max_train_steps", str(steps), "--checkpointing_steps", str(steps), "--validation_steps", str(steps),
              "--num_threads", "1", "--output_dir", folder, "--overwrite_output_dir"], os.path.join(root, f"{name}.log"))
-    run([sys.executable, __file__, "--score", folder, "--clean_subset", os.path.join(root, "data", "clean-only.parquet")],
-        os.path.join(root, f"{name}.score.log"))
+    run([sys.executable, __file__, "--score", folder, "--clean_subset", os.path.join(root, "data", "clean-only.parquet"),
+         "--num_samples", str(num_samples)], os.path.join(root, f"{name}.score.log"))
     print(f"done: {name}", flush=True)
 
 
@@ -110,7 +114,7 @@ def load_clean_subset(path: str):
     return torch.cat([b["pixel_values"] for b in DataLoader(loaded.dataset, batch_size=512, collate_fn=collate_image_batch)])
 
 
-def score(folder: str, clean_subset: str | None = None) -> dict:
+def score(folder: str, clean_subset: str | None = None, num_samples: int = NUM_SAMPLES) -> dict:
     """The figures of one trained arm (see the module docstring), written to `folder/figures.json`."""
     import torch
 
@@ -123,7 +127,7 @@ def score(folder: str, clean_subset: str | None = None) -> dict:
     pipe = RobustDDPMPipeline.from_pretrained(folder)
     pipe.scheduler = RobustDDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    samples = pipe(batch_size=NUM_SAMPLES, generator=torch.Generator().manual_seed(EVALUATION_SEED),
+    samples = pipe(batch_size=num_samples, generator=torch.Generator().manual_seed(EVALUATION_SEED),
                    num_inference_steps=50, output_type="pt").images * 2 - 1
     train, held_out = reference_digits()
     classifier = digits_classifier()
@@ -239,14 +243,16 @@ def main() -> None:
     parser.add_argument("--max_train_steps", type=int, default=2000, help="optimizer steps of every arm")
     parser.add_argument("--write_reference", default=None,
                         help="also write the noisy90 arms' mean figures here (the main job prints them next to its own)")
+    parser.add_argument("--pipeline", default=None, help="the preset every arm trains (default: the config's, ddpm-digits)")
+    parser.add_argument("--num_samples", type=int, default=NUM_SAMPLES, help="samples scored per arm")
     parser.add_argument("--score", default=None, help=argparse.SUPPRESS)  # internal: score one trained folder
     parser.add_argument("--clean_subset", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.score:
-        print(json.dumps(score(args.score, args.clean_subset)))
+        print(json.dumps(score(args.score, args.clean_subset, args.num_samples)))
         return
     os.makedirs(args.output_dir, exist_ok=True)
-    paths = prepare_data(args.output_dir)
+    paths = prepare_data(args.output_dir, args.settings)
     jobs = []
     for seed in args.seeds:
         jobs.append((f"oracle-seed{seed}", arm_arguments("", "oracle", paths), seed))
@@ -255,8 +261,8 @@ def main() -> None:
                 name = f"clean-only-seed{seed}" if arm == "clean-only" else f"{setting}-{arm}-seed{seed}"
                 jobs.append((name, arm_arguments(setting, arm, paths), seed))
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for future in [pool.submit(train_and_score, args.output_dir, name, arguments, seed, args.max_train_steps)
-                       for name, arguments, seed in jobs]:
+        for future in [pool.submit(train_and_score, args.output_dir, name, arguments, seed, args.max_train_steps,
+                                   args.pipeline, args.num_samples) for name, arguments, seed in jobs]:
             future.result()
     markdown, results = table(args.output_dir, [name for name, _, _ in jobs])
     if args.write_reference:

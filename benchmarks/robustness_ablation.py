@@ -57,7 +57,8 @@ def run(command: list[str], log: str) -> None:
         raise RuntimeError(f"{' '.join(command[:4])} ... failed with exit code {result.returncode}; see {log}")
 
 
-def train_and_evaluate(name: str, output_dir: str, extra: list[str], evaluate_only: bool = False) -> None:
+def train_and_evaluate(name: str, output_dir: str, extra: list[str], evaluate_only: bool = False,
+                       evaluate_args: tuple[str, ...] = ()) -> None:
     folder = os.path.join(output_dir, name)
     if evaluate_only:
         if name not in DERIVED_ARMS and not os.path.isfile(os.path.join(folder, "model_index.json")):
@@ -74,7 +75,7 @@ def train_and_evaluate(name: str, output_dir: str, extra: list[str], evaluate_on
              "--output_dir", folder, "--logger", "none", "--quality_samples", "0", "--report", "false",
              *extra], os.path.join(output_dir, f"{name}.train.log"))
     run([sys.executable, "-m", "diffusers_robust", "evaluate", folder, "--output_dir", os.path.join(folder, "evaluation"),
-         "--cases", *CASES, *evaluate_extra], os.path.join(output_dir, f"{name}.evaluate.log"))
+         "--cases", *CASES, *evaluate_extra, *evaluate_args], os.path.join(output_dir, f"{name}.evaluate.log"))
     print(f"done: {name}", flush=True)
 
 
@@ -113,17 +114,22 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=[*ARMS, *DERIVED_ARMS], choices=[*ARMS, *DERIVED_ARMS])
     parser.add_argument("--max_train_steps", type=int, default=None, help="override the budget (all arms alike)")
     parser.add_argument("--evaluate_only", action="store_true", help="evaluate the trained arms again, train nothing")
+    parser.add_argument("--pipeline", default=None, help="the preset every arm trains (default: the config's, ddpm-digits)")
+    parser.add_argument("--num_images", type=int, default=None, help="held-out images per restoration case (evaluate's)")
+    parser.add_argument("--num_samples", type=int, default=None, help="samples scored per arm (evaluate's default)")
     args = parser.parse_args()
     os.makedirs(args.output_dir, exist_ok=True)
     extra = ["--max_train_steps", str(args.max_train_steps)] if args.max_train_steps else []
+    extra += ["--pipeline", args.pipeline] if args.pipeline else []
+    evaluate_args = tuple(f"--{key}={getattr(args, key)}" for key in ("num_images", "num_samples") if getattr(args, key))
     trained = [name for name in args.arms if name in ARMS]
     derived = [name for name in args.arms if name in DERIVED_ARMS]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for future in [pool.submit(train_and_evaluate, name, args.output_dir, extra, args.evaluate_only)
+        for future in [pool.submit(train_and_evaluate, name, args.output_dir, extra, args.evaluate_only, evaluate_args)
                        for name in trained]:
             future.result()
     for name in derived:
-        train_and_evaluate(name, args.output_dir, extra, args.evaluate_only)
+        train_and_evaluate(name, args.output_dir, extra, args.evaluate_only, evaluate_args)
     markdown, results = table(args.output_dir, args.arms)
     with open(os.path.join(args.output_dir, "ablation.md"), "w", encoding="utf-8") as handle:
         handle.write(markdown)

@@ -16,9 +16,15 @@ from diffusers_robust.training.distributed import step_seed
 
 
 def load_benchmark(name: str):
-    """A module of `benchmarks/` (a folder of scripts, not a package)."""
+    """A module of `benchmarks/` (a folder of scripts, not a package), importing its siblings as a script run does."""
+    import sys
+
+    folder = os.path.join(REPO_ROOT, "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
     spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, "benchmarks", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # so a spawned process that unpickles its functions finds this same module
     spec.loader.exec_module(module)
     return module
 
@@ -117,3 +123,108 @@ def test_bench_overheads_runs_both_programs_on_a_colour_preset(tmp_path, monkeyp
     benchmark.main()
     printed = capsys.readouterr().out
     assert "| ours / peer |" in printed and printed.count("steps:") == 4
+
+
+def _main_job_reference_keys() -> set[str]:
+    """The figures `scripts/main_job.sh` prints for each reference arm (its `rows`)."""
+    import re
+
+    with open(os.path.join(REPO_ROOT, "scripts", "main_job.sh"), encoding="utf-8") as handle:
+        script = handle.read()
+    rows = script[script.index("rows = ["):script.index("for label, key, fmt in rows")]
+    return set(re.findall(r'\("[^"]+", "(\w+)", "\{', rows))
+
+
+def test_the_main_jobs_reference_holds_every_figure_the_job_prints():
+    import json
+
+    keys = _main_job_reference_keys()
+    assert {"coverage", "recall", "background_noise", "frechet_classifier"} <= keys
+    assert keys <= set(load_benchmark("imperfect_data").REFERENCE_KEYS)
+    with open(os.path.join(REPO_ROOT, "benchmarks", "imperfect_data_reference.json"), encoding="utf-8") as handle:
+        arms = json.load(handle)["arms"]
+    assert set(arms) == {"plain DDPM", "clean 10% only", "all-clean oracle"}
+    for figures in arms.values():
+        assert keys <= set(figures) and {f"{key}_spread" for key in keys} <= set(figures) and figures["seeds"] >= 2
+
+
+@pytest.mark.slow
+def test_imperfect_data_benchmark_runs_its_smallest_configuration(tmp_path, tiny_preset, monkeypatch, capsys):
+    """Two steps per arm on a tiny preset, 16 samples each: the table, the files and the main job's reference."""
+    import json
+    import sys
+
+    benchmark = load_benchmark("imperfect_data")
+    reference = tmp_path / "reference.json"
+    monkeypatch.setattr(sys, "argv", ["imperfect_data.py", "--output_dir", str(tmp_path / "runs"), "--settings", "noisy90",
+                                      "--seeds", "0", "--max_train_steps", "2", "--jobs", "1", "--pipeline", tiny_preset,
+                                      "--num_samples", "16", "--write_reference", str(reference)])
+    benchmark.main()
+    printed = capsys.readouterr().out
+    for arm in ("oracle", "noisy90-plain", "noisy90-ambient", "clean-only"):
+        assert f"| {arm} | 1 |" in printed
+        assert os.path.isfile(tmp_path / "runs" / f"{arm}-seed0" / "figures.json")
+    assert "| floor: clean train split vs held-out |" in printed
+    arms = json.loads(reference.read_text())["arms"]
+    assert set(arms) == {"plain DDPM", "clean 10% only", "all-clean oracle"}
+    for figures in arms.values():
+        assert figures["seeds"] == 1 and _main_job_reference_keys() <= set(figures)
+        assert 0 <= figures["coverage"] <= 1 and figures["coverage_spread"] == 0
+
+
+@pytest.mark.slow
+def test_bench_data_runs_its_smallest_configuration(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["bench_data.py", "--images", "32", "--batch-size", "16"])
+    load_benchmark("bench_data").main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| map-style", "| streaming"))]
+    assert len(rows) == 6 and all(float(row.split("|")[3].replace(",", "")) > 0 for row in rows)
+
+
+@pytest.mark.slow
+def test_bench_time_to_quality_runs_its_smallest_configuration(tmp_path, monkeypatch, capsys):
+    import json
+    import sys
+
+    output = tmp_path / "ttq.json"
+    monkeypatch.setattr(sys, "argv", ["bench_time_to_quality.py", "--arms", "peer", "ours", "--max-images", "128",
+                                      "--eval-every-images", "64", "--samples", "16", "--output", str(output)])
+    load_benchmark("bench_time_to_quality").main()
+    printed = capsys.readouterr().out
+    assert "| peer |" in printed and "| ours |" in printed
+    results = json.loads(output.read_text())
+    assert set(results) == {"peer", "ours"} and all(result["history"] for result in results.values())
+
+
+@pytest.mark.slow
+def test_restore_detector_runs_its_smallest_configuration(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from conftest import make_tiny_unet
+
+    from diffusers_robust import RobustDDPMPipeline, RobustDDPMScheduler
+    from diffusers_robust.data.corruptions import CORRUPTIONS
+
+    RobustDDPMPipeline(unet=make_tiny_unet(), scheduler=RobustDDPMScheduler(50)).save_pretrained(tmp_path / "pipe")
+    monkeypatch.setattr(sys, "argv", ["restore_detector.py", "--pipeline", str(tmp_path / "pipe"), "--images", "2",
+                                      "--psnr_images", "2"])
+    load_benchmark("restore_detector").main()
+    printed = capsys.readouterr().out
+    assert printed.count("\n| ") >= 1 + 5 * len(CORRUPTIONS) + 3  # clean, every corruption at s1-s5, three PSNR rows
+    assert "| gaussian_noise/s3 |" in printed and "| impulse_noise/s3 |" in printed
+
+
+@pytest.mark.slow
+def test_robustness_ablation_runs_its_smallest_configuration(tmp_path, tiny_preset, monkeypatch, capsys):
+    """Two steps of one trained arm and one derived from it, on a tiny preset, each evaluated on a few images."""
+    import sys
+
+    output = tmp_path / "ablation"
+    monkeypatch.setattr(sys, "argv", ["robustness_ablation.py", "--output_dir", str(output), "--arms", "plain",
+                                      "epsilon-scaling", "--max_train_steps", "2", "--jobs", "1", "--pipeline", tiny_preset,
+                                      "--num_images", "8", "--num_samples", "8"])
+    load_benchmark("robustness_ablation").main()
+    printed = capsys.readouterr().out
+    assert "| plain |" in printed and "| epsilon-scaling |" in printed
+    assert (output / "ablation.json").is_file() and (output / "epsilon-scaling" / "evaluation" / "report.json").is_file()

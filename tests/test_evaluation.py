@@ -186,3 +186,14 @@ def test_the_progress_bar_weighs_each_case_by_the_denoiser_calls_its_method_take
     assert case_cost("pixelate", 3, 10, size=(32, 32)) == 10 * 51  # DDNM, one view
     assert case_cost("pixelate", 3, 10, size=(72, 72)) == case_cost("gaussian_noise", 3, 10, size=(32, 32)) == 10 * 9
     assert case_cost("gaussian_noise", 3, 10) == 10 * 2  # noise-matched, one view on the digits
+
+
+def test_evaluate_refuses_too_few_images_for_the_neighbourhood_figures_before_any_work(tmp_path):
+    from conftest import make_tiny_unet
+
+    from diffusers_robust import RobustDDPMPipeline
+    from diffusers_robust.evaluation.report import evaluate_pipeline
+
+    pipeline = RobustDDPMPipeline(unet=make_tiny_unet(), scheduler=RobustDDPMScheduler(num_train_timesteps=20))
+    with pytest.raises(ValueError, match="need at least 6 held-out images and samples, got 8 and 4"):
+        evaluate_pipeline(pipeline, "digits", num_images=8, num_samples=4, progress=False)

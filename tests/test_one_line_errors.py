@@ -86,7 +86,7 @@ def test_inception_weights_that_are_not_torchscript_are_one_line(tmp_path, capsy
     RobustDDPMPipeline(unet=make_tiny_unet(), scheduler=RobustDDPMScheduler(num_train_timesteps=20)).save_pretrained(pipeline)
     weights = tmp_path / "inception.pt"
     weights.write_bytes(b"not a zip archive")
-    code = cli_main(["evaluate", pipeline, "--output_dir", str(tmp_path / "ev"), "--num_samples", "4", "--num_images", "8",
+    code = cli_main(["evaluate", pipeline, "--output_dir", str(tmp_path / "ev"), "--num_samples", "8", "--num_images", "8",
                      "--sampling_steps", "2", "--cases", "gaussian_noise/s1", "--inception_weights", str(weights)])
     assert code == 2 and "are not a TorchScript file" in _one_line(capsys.readouterr().err)
     assert not (tmp_path / "ev").exists()

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.units import to_model_range, to_unit_range
-from .metrics import DatasetExtras, Reference, copying_share, frechet_distance, manifold_figures
+from .metrics import MANIFOLD_NEIGHBOURS, DatasetExtras, Reference, copying_share, frechet_distance, manifold_figures
 
 
 @dataclass
@@ -157,4 +157,5 @@ DIGITS_EXTRAS = DatasetExtras(
     generation_metrics=lambda classifier: [DigitsScore(classifier), CleanSampleFigures(classifier)],
     sample_quality=lambda images, classifier: digits_quality(images, classifier=classifier),
     scorer="a classifier trained on the real digits",
+    minimum_images=MANIFOLD_NEIGHBOURS + 1,  # the neighbourhood figures of `clean_sample_figures`
 )

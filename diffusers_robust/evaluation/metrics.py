@@ -135,7 +135,11 @@ def kernel_inception_distance(features_a: torch.Tensor, features_b: torch.Tensor
     return total / subsets
 
 
-def manifold_figures(features: torch.Tensor, real_features: torch.Tensor, k: int = 5) -> dict[str, float]:
+# The neighbour whose distance sets a k-NN ball's radius in `manifold_figures` (Naeem et al.'s choice).
+MANIFOLD_NEIGHBOURS = 5
+
+
+def manifold_figures(features: torch.Tensor, real_features: torch.Tensor, k: int = MANIFOLD_NEIGHBOURS) -> dict[str, float]:
     r"""
     Fidelity and diversity of samples apart, from k-nearest-neighbour balls in a feature space: each point's ball
     reaches its `k`-th nearest neighbour in its own set.
@@ -150,7 +154,7 @@ def manifold_figures(features: torch.Tensor, real_features: torch.Tensor, k: int
     Args:
         features (`torch.Tensor` of shape `(M, D)`): the samples' features; `real_features` `(N, D)` the held-out
             images'; both need more than `k` points.
-        k (`int`, defaults to 5): the neighbour that sets a ball's radius (Naeem et al.'s choice).
+        k (`int`, defaults to `MANIFOLD_NEIGHBOURS`, 5): the neighbour that sets a ball's radius.
 
     Returns:
         `dict` of the four figures, each in `[0, 1]` except `density` (`[0, N / k]`).
@@ -315,12 +319,15 @@ class DatasetExtras:
         sample_quality (`Callable[[np.ndarray, Any], dict]`): the score of samples `(N, H, W, C)` in `[0, 1]` that the
             run summary and the model card show (`quality_samples`).
         scorer (`str`): what scores the samples, for the card ("a classifier trained on the real digits").
+        minimum_images (`int`, defaults to 1): the fewest held-out images and samples its figures take (`evaluate`
+            refuses fewer before any work).
     """
 
     classifier: Callable[[], ImageClassifier]
     generation_metrics: Callable[[Any], list[Metric]]
     sample_quality: Callable[[np.ndarray, Any], dict[str, Any]]
     scorer: str
+    minimum_images: int = 1
 
 
 def dataset_extras(source: Any) -> DatasetExtras | None:

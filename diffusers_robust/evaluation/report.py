@@ -158,6 +158,9 @@ def evaluate_pipeline(
     train, _ = load_evaluation_images(dataset if train_dataset is None else train_dataset, train_split,
                                       pipeline.image_channels, size, train_images, hold_out.other() if hold_out else None)
     extras, entry = dataset_extras(dataset), embedded_dataset(dataset)
+    if extras is not None and min(held_out.shape[0], num_samples) < extras.minimum_images:
+        raise ValueError(f"the figures of {describe_source(dataset)} need at least {extras.minimum_images} held-out images "
+                         f"and samples, got {held_out.shape[0]} and {num_samples}")
     labels = entry.labels(split)[:held_out.shape[0]] if extras is not None and hold_out is None else None
     classifier = extras.classifier() if extras is not None else None
     features = InceptionFeatures(inception_weights, pipeline.device) if inception_weights else PixelFeatures()
