@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""The main job's recipe at its own budget: one option changed at a time, each variant scored on the train split only.
+
+    python benchmarks/recipe_sweep.py --output_dir runs/sweep --jobs 2
+
+Every variant trains the noisy-data objective on the main job's data (`noisy90` of `benchmarks/imperfect_data.py`: the
+digits' train split, 90% under Gaussian noise of std 0.2, 10% clean) with `training/configs/imperfect-digits.yaml` and
+the options below changed, for `--max_train_steps` (the job's 1200), training seed 0, one thread per process. Its 512
+samples (DDIM 50 steps, seed 1234) are scored against 300 images of the *clean train split* (a fixed draw), never the
+held-out digits, which the main job's table scores and which therefore choose nothing: coverage, precision, recall and
+Fréchet distance in the digits classifier's feature space, the confident share, background noise
+(`evaluation.digits.clean_sample_figures`). Finished variants (their `figures.json` exists) are not run again.
+"""
+
+import argparse
+import json
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from imperfect_data import EVALUATION_SEED, NUM_SAMPLES, prepare_data, reference_digits
+from robustness_ablation import run  # one thread per process, offline, output to a log; raises naming the log
+
+VARIANTS: dict[str, list[str]] = {
+    "job": [],
+    "learning rate 2e-3": ["--learning_rate", "0.002"],
+    "learning rate 5e-4": ["--learning_rate", "0.0005"],
+    "warm-up 100 steps": ["--lr_warmup_steps", "100"],
+    "EMA max decay 0.999": ["--ema_max_decay", "0.999"],
+    "EMA warm-up power 2/3": ["--ema_power", "0.6667"],
+    "no EMA": ["--use_ema", "false"],
+    "weight cap 2": ["--noisy_data_max_weight", "2"],
+    "weight cap 8": ["--noisy_data_max_weight", "8"],
+}
+REFERENCE_IMAGES, REFERENCE_SEED = 300, 0
+
+
+def folder_name(variant: str) -> str:
+    return variant.replace(" ", "-").replace("/", "-")
+
+
+def train_and_score(root: str, variant: str, data: str, steps: int, num_samples: int) -> None:
+    folder = os.path.join(root, folder_name(variant))
+    if os.path.isfile(os.path.join(folder, "figures.json")):
+        return
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        run([sys.executable, "training/train_robust_ddpm.py", "--config", "training/configs/imperfect-digits.yaml",
+             "--dataset", data, *VARIANTS[variant], "--seed", "0", "--max_train_steps", str(steps), "--checkpointing_steps",
+             str(steps), "--validation_steps", str(steps), "--logger", "none", "--num_threads", "1", "--output_dir", folder,
+             "--overwrite_output_dir"], os.path.join(root, f"{folder_name(variant)}.log"))
+    run([sys.executable, __file__, "--score", folder, "--num_samples", str(num_samples)],
+        os.path.join(root, f"{folder_name(variant)}.score.log"))
+    print(f"done: {variant}", flush=True)
+
+
+def score(folder: str, num_samples: int) -> dict:
+    """The figures of one trained variant against the train-split reference, written to `folder/figures.json`."""
+    import torch
+
+    from diffusers_robust import RobustDDIMScheduler, RobustDDPMPipeline
+    from diffusers_robust.data.units import to_unit_range
+    from diffusers_robust.evaluation.digits import clean_sample_figures, digits_classifier, digits_quality
+
+    torch.set_num_threads(1)
+    pipe = RobustDDPMPipeline.from_pretrained(folder)
+    pipe.scheduler = RobustDDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    samples = pipe(batch_size=num_samples, generator=torch.Generator().manual_seed(EVALUATION_SEED),
+                   num_inference_steps=50, output_type="pt").images * 2 - 1
+    train, _ = reference_digits()
+    reference = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(REFERENCE_SEED))[:REFERENCE_IMAGES]]
+    classifier = digits_classifier()
+    figures = clean_sample_figures(samples, train, reference, classifier)
+    figures["confident_fraction"] = digits_quality(to_unit_range(samples).permute(0, 2, 3, 1).numpy(),
+                                                   classifier=classifier)["confident_fraction"]
+    with open(os.path.join(folder, "figures.json"), "w", encoding="utf-8") as handle:
+        json.dump(figures, handle, indent=2)
+    return figures
+
+
+def table(root: str, variants: list[str]) -> str:
+    lines = ["| variant | coverage | precision | recall | confident | Fréchet | background noise |",
+             "|---|---|---|---|---|---|---|"]
+    for variant in variants:
+        with open(os.path.join(root, folder_name(variant), "figures.json"), encoding="utf-8") as handle:
+            f = json.load(handle)
+        lines.append(f"| {variant} | {f['coverage']:.1%} | {f['precision']:.1%} | {f['recall']:.1%} | "
+                     f"{f['confident_fraction']:.1%} | {f['frechet_classifier']:.2f} | {f['background_noise']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="runs/sweep")
+    parser.add_argument("--jobs", type=int, default=2, help="variants trained at once (one thread each)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--max_train_steps", type=int, default=1200, help="optimizer steps of every variant")
+    parser.add_argument("--num_samples", type=int, default=NUM_SAMPLES, help="samples scored per variant")
+    parser.add_argument("--score", default=None, help=argparse.SUPPRESS)  # internal: score one trained folder
+    args = parser.parse_args()
+    if args.score:
+        print(json.dumps(score(args.score, args.num_samples)))
+        return
+    os.makedirs(args.output_dir, exist_ok=True)
+    data = prepare_data(args.output_dir, ["noisy90"])["noisy90"]["float"]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for future in [pool.submit(train_and_score, args.output_dir, variant, data, args.max_train_steps, args.num_samples)
+                       for variant in args.variants]:
+            future.result()
+    markdown = table(args.output_dir, args.variants)
+    with open(os.path.join(args.output_dir, "sweep.md"), "w", encoding="utf-8") as handle:
+        handle.write(markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
