@@ -5,7 +5,8 @@
 
 Every variant trains the noisy-data objective on the main job's data (`noisy90` of `benchmarks/imperfect_data.py`: the
 digits' train split, 90% under Gaussian noise of std 0.2, 10% clean) with `training/configs/imperfect-digits.yaml` and
-the options below changed, for `--max_train_steps` (the job's 1200), training seed 0, one thread per process. Its 512
+the options below changed, for `--max_train_steps` (the job's 1200), training seed 0 unless a variant says otherwise,
+one thread per process. Its 512
 samples (DDIM 50 steps, seed 1234) are scored against 300 images of the *clean train split* (a fixed draw), never the
 held-out digits, which the main job's table scores and which therefore choose nothing: coverage, precision, recall and
 Fréchet distance in the digits classifier's feature space, the confident share, background noise
@@ -23,6 +24,7 @@ from robustness_ablation import run  # one thread per process, offline, output t
 
 VARIANTS: dict[str, list[str]] = {
     "job": [],
+    "job, training seed 1": ["--seed", "1"],  # run-to-run noise: how far apart two seeds of one recipe land
     "learning rate 2e-3": ["--learning_rate", "0.002"],
     "learning rate 5e-4": ["--learning_rate", "0.0005"],
     "warm-up 100 steps": ["--lr_warmup_steps", "100"],
@@ -31,12 +33,14 @@ VARIANTS: dict[str, list[str]] = {
     "no EMA": ["--use_ema", "false"],
     "weight cap 2": ["--noisy_data_max_weight", "2"],
     "weight cap 8": ["--noisy_data_max_weight", "8"],
+    "learning rate 2e-3, training seed 1": ["--learning_rate", "0.002", "--seed", "1"],
+    "learning rate 3e-3": ["--learning_rate", "0.003"],
 }
 REFERENCE_IMAGES, REFERENCE_SEED = 300, 0
 
 
 def folder_name(variant: str) -> str:
-    return variant.replace(" ", "-").replace("/", "-")
+    return variant.replace(",", "").replace(" ", "-").replace("/", "-")
 
 
 def train_and_score(root: str, variant: str, data: str, steps: int, num_samples: int) -> None:
@@ -45,7 +49,7 @@ def train_and_score(root: str, variant: str, data: str, steps: int, num_samples:
         return
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         run([sys.executable, "training/train_robust_ddpm.py", "--config", "training/configs/imperfect-digits.yaml",
-             "--dataset", data, *VARIANTS[variant], "--seed", "0", "--max_train_steps", str(steps), "--checkpointing_steps",
+             "--dataset", data, "--seed", "0", *VARIANTS[variant], "--max_train_steps", str(steps), "--checkpointing_steps",
              str(steps), "--validation_steps", str(steps), "--logger", "none", "--num_threads", "1", "--output_dir", folder,
              "--overwrite_output_dir"], os.path.join(root, f"{folder_name(variant)}.log"))
     run([sys.executable, __file__, "--score", folder, "--num_samples", str(num_samples)],

@@ -17,8 +17,8 @@ from diffusers_robust.data.imperfect import make_imperfect, parse_recipe, save_i
 from diffusers_robust.training.objective import MASKED_SNR_GAMMA, min_snr_weights
 
 
-def _masked_unet(channels: int = 1):
-    unet = make_tiny_unet(channels=channels)
+def _masked_unet(channels: int = 1, sample_size: int = 8):
+    unet = make_tiny_unet(sample_size=sample_size, channels=channels)
     return type(unet).from_config({**unet.config, "in_channels": 2 * channels})
 
 
@@ -183,3 +183,18 @@ def test_training_on_masked_records_builds_a_missing_pixel_model_that_loads_and_
 def test_options_that_contradict_masked_records_are_refused_before_the_first_step(tiny_preset, tmp_path, masked_parquet,
                                                                                    overrides, message):
     assert_refused_before_training(tiny_preset, tmp_path / "out", masked_parquet, message, **overrides)
+
+
+def test_a_missing_pixel_pipeline_restores_photo_sized_images_through_its_mask_in_one_pass():
+    """From 16x16 up restoration averages 8 turned views, but a missing-pixel model's fixed mask does not turn with
+    them: it keeps one pass, with a mask drawn at the image's size (it used to be drawn at the model's sample size, so
+    any other size failed)."""
+    scheduler = RobustDDIMScheduler(prediction_type="sample", sampling_observed_share=0.5)
+    pipe = RobustDDPMPipeline(unet=_masked_unet(sample_size=16), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    shapes = []
+    handle = pipe.unet.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    image = torch.rand(2, 1, 16, 24, generator=torch.Generator().manual_seed(0))
+    restored = pipe(image=image, noise_sigma=0.1, output_type="pt", generator=torch.Generator().manual_seed(1)).images
+    handle.remove()
+    assert restored.shape == (2, 1, 16, 24) and shapes == [(2, 2, 16, 24)]

@@ -313,8 +313,9 @@ class RobustDDPMPipeline(DiffusionPipeline):
 
     def _restoration_denoiser(self, image: torch.Tensor):
         """The denoiser restoration uses on `image` `(B, C, H, W)`: from `PHOTO_METHODS_PIXELS` up, averaged over the
-        square's 8 symmetries (`dihedral_average`, measured in `restoration.py`); below, on the 8x8 digits, one pass."""
-        if image.shape[-1] * image.shape[-2] >= PHOTO_METHODS_PIXELS:
+        square's 8 symmetries (`dihedral_average`, measured in `restoration.py`); below, on the 8x8 digits, one pass. A
+        missing-pixel model keeps one pass at any size: it sees the image through this call's fixed mask."""
+        if image.shape[-1] * image.shape[-2] >= PHOTO_METHODS_PIXELS and not self.masked_input:
             return dihedral_average(self._denoiser())
         return self._denoiser()
 
@@ -333,13 +334,15 @@ class RobustDDPMPipeline(DiffusionPipeline):
         finally:
             handle.remove()
 
-    def _draw_observed(self, batch: int, generator, device: torch.device) -> torch.Tensor | None:
+    def _draw_observed(self, batch: int, generator, device: torch.device, size: tuple[int, int] | None = None
+                       ) -> torch.Tensor | None:
         """Missing-pixel models: one random mask per image `(B, 1, H, W)` (1 = seen) keeping `sampling_observed_share`
-        of the pixels, drawn after the initial noise so the noise stream is unchanged; `None` for other models."""
+        of the pixels, at `size` (default: the model's sample size), drawn after the initial noise so the noise stream
+        is unchanged; `None` for other models."""
         if not self.masked_input:
             return None
         share = float(self.scheduler.config.get("sampling_observed_share", 1.0) or 1.0)
-        shape = (1, *self._sample_size())
+        shape = (1, *(size or self._sample_size()))
         if isinstance(generator, list):
             draws = [torch.rand((1, *shape), generator=g, device=g.device) for g in generator]
         else:
@@ -504,7 +507,7 @@ class RobustDDPMPipeline(DiffusionPipeline):
             known = self.condition_embedding.corruptions if self.condition_embedding is not None else []
             raise ValueError(f"learned_restoration needs a corruption this pipeline was trained to undo ({known}), "
                              f"got {plan.corruption!r}")
-        self._observed = self._draw_observed(corrupted.shape[0], generator, corrupted.device)
+        self._observed = self._draw_observed(corrupted.shape[0], generator, corrupted.device, tuple(corrupted.shape[-2:]))
         if plan.method == "auto":
             return self._restore_detected(corrupted, generator, num_inference_steps, eta, restoration_steps)
         return self._restore(corrupted, plan, generator, num_inference_steps, eta, restoration_steps, learned_restoration)

@@ -155,8 +155,8 @@ def denoise_from_timestep(
 def dihedral_average(denoiser: Denoiser) -> Denoiser:
     """`denoiser` averaged over the 8 symmetries of the square (4 quarter turns, each with and without a horizontal
     flip): each transformed input `(B, C, H, W)` is denoised and its noise prediction transformed back. A convolutional
-    prior trained on photos is nearly equivariant to them, so the average keeps its estimate and halves part of its
-    error. Images need not be square (a quarter turn of an `H x W` image is `W x H`)."""
+    prior trained on photos is nearly equivariant to them, so the average keeps what the views agree on and averages
+    out the errors they do not share. Images need not be square (a quarter turn of an `H x W` image is `W x H`)."""
 
     def averaged(sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         total = torch.zeros_like(sample)
