@@ -39,8 +39,9 @@ rows = [("coverage of held-out digits (headline)", "coverage", "{:.1%}"), ("prec
         ("background noise (held-out digits: 0.003)", "background_noise", "{:.3f}"),
         ("estimated noise std of samples", "noise_std", "{:.3f}"), ("samples copying a train image", "copying", "{:.1%}")]
 def reference_cell(arm: dict, key: str, fmt: str) -> str:  # the mean over seeds, +- half their range
-    spread = arm.get(f"{key}_spread", 0.0) if arm["seeds"] > 1 else 0.0
-    return fmt.format(arm[key]) + (f"±{fmt.format(spread / 2)}" if spread else "")
+    if arm["seeds"] < 2 or key in ("classes_present", "copying"):
+        return fmt.format(arm[key])
+    return f"{fmt.format(arm[key])}±{fmt.format(arm[f'{key}_spread'] / 2)}"
 for label, key, fmt in rows:
     print(f"{label:<46} {fmt.format(ours[key]):>12} " + " ".join(f"{reference_cell(v, key, fmt):>14}" for v in reference["arms"].values()))
 print(f"(other columns: mean ± half the range over training seeds; {reference['source']})")
