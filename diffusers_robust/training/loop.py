@@ -565,12 +565,20 @@ def stop_with_checkpoint(saved: str, step: int, signals: StopSignals | None) -> 
     raise TrainingStopped(f"stopped by {name} at step {step}; {saved}. Resume with --resume_from_checkpoint latest", code)
 
 
+# Images of the last batch on which `outputs_are_finite` probes the weights: broken weights (NaN, Inf, blown up) give a
+# non-finite loss on any image, and the probe runs twice at the end of every run (the final checkpoint, the export).
+# On the CIFAR-10 preset, batch 16, one thread, the whole batch cost 1.5 s per probe, 3.1 s of the run's end.
+FINITE_PROBE_IMAGES = 2
+
+
 def outputs_are_finite(run: TrainingRun, batch: tuple, everywhere: bool = True) -> bool:
-    """Whether the current weights give a finite loss on `batch` (`StepStats.last_batch`), with noise from a fixed seed;
-    `everywhere`: on every rank (a collective: all ranks call it), else on this one."""
+    """Whether the current weights give a finite loss on the first `FINITE_PROBE_IMAGES` images of `batch`
+    (`StepStats.last_batch`), with noise from a fixed seed; `everywhere`: on every rank (a collective: all ranks call
+    it), else on this one."""
     model = run.accelerator.unwrap_model(run.model)
+    probe = tuple(part[:FINITE_PROBE_IMAGES] if torch.is_tensor(part) else part for part in batch)
     with torch.no_grad():
-        loss = run.objective(model, batch[0], batch[1], torch.Generator().manual_seed(0), *batch[2:]).loss
+        loss = run.objective(model, probe[0], probe[1], torch.Generator().manual_seed(0), *probe[2:]).loss
     finite = torch.tensor([float(torch.isfinite(loss).all())], device=run.accelerator.device)
     return bool(run.accelerator.gather(finite).all()) if everywhere else bool(finite.item())
 
