@@ -128,6 +128,9 @@ def test_memorisation_reads_copies_of_training_images_as_closer_to_train_and_rea
     assert copied["meaningful"] is True and fresh["meaningful"] is True  # both are images of the data
     assert copied["median_distance_to_train"] < 0.5 * fresh["median_distance_to_train"]
     assert copied["share_closer_to_train"] > fresh["share_closer_to_train"]
+    # Calibrated on known answers: copies read all nearer than held-out images come, unseen digits about the quantile.
+    assert copied["share_nearer_than_held_out"] == 1.0 and fresh["share_nearer_than_held_out"] < 0.1
+    assert copied["distance_ratio_to_held_out"] < 0.3 and 0.8 < fresh["distance_ratio_to_held_out"] < 1.25
 
 
 def test_precision_recall_density_and_coverage_tell_a_faithful_set_from_a_collapsed_and_a_far_one():

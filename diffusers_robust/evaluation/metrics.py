@@ -247,7 +247,9 @@ class Memorisation:
         train, held_out = reference.train_images, reference.images
         subset = train[torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(self.seed))[: held_out.shape[0]]]
         to_train, to_held_out = nearest_neighbour_distance(images, subset), nearest_neighbour_distance(images, held_out)
-        data_spacing = float(nearest_neighbour_distance(held_out, subset).median())
+        held_out_to_train = nearest_neighbour_distance(held_out, subset)
+        data_spacing = float(held_out_to_train.median())
+        nearer = float((to_train < torch.quantile(held_out_to_train, MEMORISATION_QUANTILE)).float().mean())
         return {"memorisation": {
             "median_distance_to_train": float(to_train.median()),
             "median_distance_to_held_out": float(to_held_out.median()),
@@ -255,10 +257,17 @@ class Memorisation:
             # Held-out images to the train subset: how far apart real images are. Samples much farther than that from
             # every image are not images of the data (noise, say), and which side is nearer then means nothing.
             "median_distance_held_out_to_train": data_spacing,
+            # Samples nearer a train image than all but MEMORISATION_QUANTILE of the held-out images are: unseen real
+            # images read MEMORISATION_QUANTILE, copies of train images 1.0; and the median distances' ratio.
+            "share_nearer_than_held_out": nearer,
+            "distance_ratio_to_held_out": float(to_train.median()) / max(data_spacing, 1e-12),
             "meaningful": bool(float(to_held_out.median()) <= MEMORISATION_DISTANCE_FACTOR * data_spacing),
         }}
 
 
+# The quantile of held-out images' distances to the train images below which a sample counts as nearer a train image
+# than unseen real images come (`share_nearer_than_held_out`).
+MEMORISATION_QUANTILE = 0.05
 # Samples whose median distance to the held-out images exceeds this many times the held-out images' own distance to
 # the train images are not images of the data: the memorisation share is then flagged as meaningless.
 MEMORISATION_DISTANCE_FACTOR = 1.5

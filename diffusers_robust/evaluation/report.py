@@ -261,7 +261,10 @@ def report_markdown(report: dict[str, Any], title: str = "Evaluation") -> str:
         "", f"Memorisation: median nearest-neighbour RMS distance of samples to train images "
         f"{memorisation['median_distance_to_train']:.4f}, to held-out images {memorisation['median_distance_to_held_out']:.4f} "
         f"(a train subset as large as the held-out set); {memorisation['share_closer_to_train']:.1%} of samples are closer "
-        "to a train image than to a held-out one (50% for a model that does not memorise)." + (
+        "to a train image than to a held-out one (50% for a model that does not memorise); "
+        f"{memorisation['share_nearer_than_held_out']:.1%} are nearer a train image than 95% of held-out images are "
+        f"(5% for unseen images, 100% for copies), at {memorisation['distance_ratio_to_held_out']:.2f}x the held-out "
+        "images' median distance." + (
             "" if memorisation.get("meaningful", True) else
             f" **Not meaningful here**: the samples lie farther from every image than held-out images lie from train "
             f"images ({memorisation['median_distance_held_out_to_train']:.4f}) by more than 1.5x, so they are not images "
