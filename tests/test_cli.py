@@ -57,7 +57,8 @@ def test_evaluate_writes_report_json_markdown_and_plots(tiny_pipeline_folder, tm
     assert generation["samples"] == 8 and generation["feature_extractor"].startswith("pixels-16x16")
     assert set(generation["digits"]) == {"confident_fraction", "classes_present", "class_counts", "class_entropy_bits"}
     assert set(generation["memorisation"]) == {"median_distance_to_train", "median_distance_to_held_out",
-                                               "share_closer_to_train", "median_distance_held_out_to_train", "meaningful"}
+                                               "share_closer_to_train", "median_distance_held_out_to_train", "meaningful",
+                                               "share_nearer_than_held_out", "distance_ratio_to_held_out"}
     assert generation["memorisation"]["meaningful"] is False  # an untrained model's samples are noise, not digits
     assert "**Not meaningful here**" in (out / "report.md").read_text()
     assert {"clean", "restore/impulse_noise/s5"} <= set(report["losses"])
