@@ -114,14 +114,12 @@ def load_clean_subset(path: str):
     return torch.cat([b["pixel_values"] for b in DataLoader(loaded.dataset, batch_size=512, collate_fn=collate_image_batch)])
 
 
-def score(folder: str, clean_subset: str | None = None, num_samples: int = NUM_SAMPLES) -> dict:
-    """The figures of one trained arm (see the module docstring), written to `folder/figures.json`."""
+def draw_samples(folder: str, num_samples: int):
+    """The trained pipeline in `folder` (DDIM scheduler) and its `num_samples` samples `(N, 1, 8, 8)` in `[-1, 1]`:
+    50 DDIM steps from `EVALUATION_SEED`, one thread."""
     import torch
 
     from diffusers_robust import RobustDDIMScheduler, RobustDDPMPipeline
-    from diffusers_robust.data.units import to_unit_range
-    from diffusers_robust.evaluation.digits import clean_sample_figures, digits_classifier, digits_quality
-    from diffusers_robust.evaluation.metrics import copying_share, nearest_neighbour_distance
 
     torch.set_num_threads(1)
     pipe = RobustDDPMPipeline.from_pretrained(folder)
@@ -129,6 +127,17 @@ def score(folder: str, clean_subset: str | None = None, num_samples: int = NUM_S
     pipe.set_progress_bar_config(disable=True)
     samples = pipe(batch_size=num_samples, generator=torch.Generator().manual_seed(EVALUATION_SEED),
                    num_inference_steps=50, output_type="pt").images * 2 - 1
+    return pipe, samples
+
+
+def score(folder: str, clean_subset: str | None = None, num_samples: int = NUM_SAMPLES) -> dict:
+    """The figures of one trained arm (see the module docstring), written to `folder/figures.json`."""
+
+    from diffusers_robust.data.units import to_unit_range
+    from diffusers_robust.evaluation.digits import clean_sample_figures, digits_classifier, digits_quality
+    from diffusers_robust.evaluation.metrics import copying_share, nearest_neighbour_distance
+
+    pipe, samples = draw_samples(folder, num_samples)
     train, held_out = reference_digits()
     classifier = digits_classifier()
     figures = clean_sample_figures(samples, train, held_out, classifier)

@@ -19,7 +19,7 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from imperfect_data import EVALUATION_SEED, NUM_SAMPLES, prepare_data, reference_digits
+from imperfect_data import NUM_SAMPLES, draw_samples, prepare_data, reference_digits
 from robustness_ablation import run  # one thread per process, offline, output to a log; raises naming the log
 
 VARIANTS: dict[str, list[str]] = {
@@ -61,16 +61,10 @@ def score(folder: str, num_samples: int) -> dict:
     """The figures of one trained variant against the train-split reference, written to `folder/figures.json`."""
     import torch
 
-    from diffusers_robust import RobustDDIMScheduler, RobustDDPMPipeline
     from diffusers_robust.data.units import to_unit_range
     from diffusers_robust.evaluation.digits import clean_sample_figures, digits_classifier, digits_quality
 
-    torch.set_num_threads(1)
-    pipe = RobustDDPMPipeline.from_pretrained(folder)
-    pipe.scheduler = RobustDDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    samples = pipe(batch_size=num_samples, generator=torch.Generator().manual_seed(EVALUATION_SEED),
-                   num_inference_steps=50, output_type="pt").images * 2 - 1
+    _, samples = draw_samples(folder, num_samples)
     train, _ = reference_digits()
     reference = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(REFERENCE_SEED))[:REFERENCE_IMAGES]]
     classifier = digits_classifier()
