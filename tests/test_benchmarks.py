@@ -216,6 +216,29 @@ def test_restore_detector_runs_its_smallest_configuration(tmp_path, monkeypatch,
 
 
 @pytest.mark.slow
+def test_calibrate_detector_runs_its_smallest_configuration(tmp_path, monkeypatch, capsys):
+    import json
+    import sys
+
+    from conftest import make_tiny_unet
+
+    from diffusers_robust import RobustDDPMPipeline, RobustDDPMScheduler
+
+    RobustDDPMPipeline(unet=make_tiny_unet(), scheduler=RobustDDPMScheduler(50)).save_pretrained(tmp_path / "pipe")
+    monkeypatch.setattr(sys, "argv", ["calibrate_detector.py", "--pipeline", str(tmp_path / "pipe"), "--images", "3",
+                                      "--write", str(tmp_path / "calibration.json")])
+    calibrate = load_benchmark("calibrate_detector")
+    calibrate.main()
+    assert "NOISE_RATIO" in capsys.readouterr().out
+    written = json.loads((tmp_path / "calibration.json").read_text())
+    with open(os.path.join(REPO_ROOT, "benchmarks", "detector_calibration.json")) as handle:
+        recorded = json.load(handle)
+    assert written.keys() == recorded.keys() and written["noise_ratio"].keys() == recorded["noise_ratio"].keys()
+    assert written["severity_right"].keys() == recorded["severity_right"].keys() and written["images"] == 3
+    calibrate.severity_cutoff(written), calibrate.noise_ratio_bounds(written)  # the rules read what the script writes
+
+
+@pytest.mark.slow
 def test_robustness_ablation_runs_its_smallest_configuration(tmp_path, tiny_preset, monkeypatch, capsys):
     """Two steps of one trained arm and one derived from it, on a tiny preset, each evaluated on a few images."""
     import sys

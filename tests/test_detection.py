@@ -1,6 +1,7 @@
 """The damage detector behind `corruption="auto"` and `diffusers-robust restore` with no option."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import PIL.Image
 import PIL.ImageFilter
 import pytest
 import torch
-from conftest import make_tiny_unet, training_env
+from conftest import REPO_ROOT, make_tiny_unet, training_env
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput
@@ -201,3 +202,25 @@ def test_photos_are_judged_by_the_photo_calibration(damage, corruption, misread,
         assert all(levels[0] <= d.noise_sigma <= levels[1] for d in found), sorted(round(d.noise_sigma, 3) for d in found)
         true_std = float(damage.split()[1])
         assert np.median([d.noise_sigma for d in found]) == pytest.approx(true_std, rel=0.2)
+
+
+def test_the_digits_detector_constants_are_what_their_recorded_calibration_picks():
+    """`benchmarks/calibrate_detector.py` re-measures NOISE_RATIO, BLUR_HIGH_FREQUENCY and SEVERITY_TEST_CUTOFF on the
+    digits' train split with a trained clean prior and records the figures; this fails when the code and the record
+    part: a constant changed without re-measuring, or figures that no longer support it."""
+    from test_benchmarks import load_benchmark
+
+    from diffusers_robust.pipelines import detection
+
+    calibrate = load_benchmark("calibrate_detector")
+    with open(os.path.join(REPO_ROOT, "benchmarks", "detector_calibration.json")) as handle:
+        recorded = json.load(handle)
+    assert recorded["split"] == "train" and recorded["images"] >= 300
+    assert recorded["constants"] == {"NOISE_RATIO": detection.NOISE_RATIO, "NOISE_LEVELS": list(detection.NOISE_LEVELS),
+                                     "BLUR_HIGH_FREQUENCY": detection.BLUR_HIGH_FREQUENCY,
+                                     "SEVERITY_TEST_CUTOFF": detection.SEVERITY_TEST_CUTOFF}
+    clean_peak, own_least, own_most = calibrate.noise_ratio_bounds(recorded)
+    assert clean_peak + 0.1 < detection.NOISE_RATIO and own_least <= detection.NOISE_RATIO <= own_most
+    fewest = min(calibrate.worst_blur_error(recorded, t) for t in np.arange(0.2, 0.6, 0.01))
+    assert calibrate.worst_blur_error(recorded, detection.BLUR_HIGH_FREQUENCY) <= fewest + 0.01
+    assert detection.SEVERITY_TEST_CUTOFF == calibrate.severity_cutoff(recorded)
