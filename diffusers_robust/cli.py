@@ -21,7 +21,13 @@ import json
 import os
 import sys
 
-from .evaluation.defaults import DEFAULT_RESTORATION_CASES, EVALUATION_SEED, QUICK_RESTORATION_CASES
+from .evaluation.defaults import (
+    DEFAULT_RESTORATION_CASES,
+    EVALUATION_SEED,
+    FULL_EVALUATION_IMAGES,
+    QUICK_EVALUATION_IMAGES,
+    QUICK_RESTORATION_CASES,
+)
 from .output_folders import check_output_folder, staged_output_folder, staged_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -162,11 +168,12 @@ def _add_evaluate_command(commands) -> None:
     evaluate.add_argument("--validation_holdout_seed", type=int, default=0, help="seed of that hold-out (training's default: 0)")
     evaluate.add_argument("--train_split", default="train", help="train split, for memorisation distances")
     evaluate.add_argument("--full", action="store_true",
-                          help=f"today's full depth: {len(DEFAULT_RESTORATION_CASES)} restoration cases on 300 images "
-                               f"(default: {len(QUICK_RESTORATION_CASES)} cases on 200 images, about 2 minutes for 8x8 "
+                          help=f"today's full depth: {len(DEFAULT_RESTORATION_CASES)} restoration cases on "
+                               f"{FULL_EVALUATION_IMAGES} images (default: {len(QUICK_RESTORATION_CASES)} cases on "
+                               f"{QUICK_EVALUATION_IMAGES} images, about 2 minutes for 8x8 "
                                "digits on 2 cores; the generation and loss figures are the same)")
     evaluate.add_argument("--num_images", type=_positive, default=argparse.SUPPRESS,
-                          help="held-out images (default 200; --full 300)")
+                          help=f"held-out images (default {QUICK_EVALUATION_IMAGES}; --full {FULL_EVALUATION_IMAGES})")
     evaluate.add_argument("--num_samples", type=_positive, default=256, help="generated samples for FID/KID and digits figures")
     evaluate.add_argument("--sampling_steps", type=_positive, default=50, help="DDIM steps per sample")
     evaluate.add_argument("--cases", type=_case, nargs="+", default=argparse.SUPPRESS,
@@ -474,9 +481,10 @@ def _describe_choice(choice: dict) -> str:
 
 def evaluation_depth(args: argparse.Namespace) -> tuple[list[tuple[str, int | float]], int]:
     """The restoration cases and held-out image count `evaluate` scores: `--cases` / `--num_images` when given, else the
-    quick default (8 cases, 200 images) or, with `--full`, every case of the table on 300 images."""
+    quick default (`QUICK_RESTORATION_CASES` on `QUICK_EVALUATION_IMAGES`) or, with `--full`, every case of the table on
+    `FULL_EVALUATION_IMAGES`."""
     cases = getattr(args, "cases", None) or list(DEFAULT_RESTORATION_CASES if args.full else QUICK_RESTORATION_CASES)
-    return cases, getattr(args, "num_images", None) or (300 if args.full else 200)
+    return cases, getattr(args, "num_images", None) or (FULL_EVALUATION_IMAGES if args.full else QUICK_EVALUATION_IMAGES)
 
 
 def run_evaluate(args: argparse.Namespace) -> list[str]:

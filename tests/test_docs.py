@@ -66,3 +66,19 @@ def test_docstring_example_runs_as_written(example, monkeypatch):
     report: list[str] = []
     result = runner.run(example, out=report.append)
     assert result.failed == 0, "".join(report)
+
+
+def test_readme_states_the_evaluations_default_depth_as_the_code_has_it():
+    from diffusers_robust.evaluation.defaults import (
+        DEFAULT_RESTORATION_CASES,
+        FULL_EVALUATION_IMAGES,
+        QUICK_EVALUATION_IMAGES,
+        QUICK_RESTORATION_CASES,
+    )
+
+    readme = " ".join(open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8").read().split())
+XX
+    assert stated, "README's evaluate section lost its sentence on the default depth"
+    assert (int(stated[1]), int(stated[2])) == (len(QUICK_RESTORATION_CASES), QUICK_EVALUATION_IMAGES)
+    assert (int(stated[4]), int(stated[5])) == (len(DEFAULT_RESTORATION_CASES), FULL_EVALUATION_IMAGES)
+    assert f"all {len(DEFAULT_RESTORATION_CASES)} cases on {FULL_EVALUATION_IMAGES} images" in readme

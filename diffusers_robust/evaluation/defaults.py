@@ -18,3 +18,7 @@ QUICK_RESTORATION_CASES: tuple[tuple[str, int | float], ...] = (
     ("gaussian_noise", 1), ("gaussian_noise", 3), ("gaussian_noise", 5), ("gaussian_noise", 0.3), ("impulse_noise", 3),
     ("masking", 3), ("gaussian_blur", 3), ("jpeg_compression", 3),
 )
+
+# Held-out images the restoration cases are scored on: by default, and with `--full`.
+QUICK_EVALUATION_IMAGES = 200
+FULL_EVALUATION_IMAGES = 300
