@@ -77,7 +77,8 @@ def test_readme_states_the_evaluations_default_depth_as_the_code_has_it():
     )
 
     readme = " ".join(open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8").read().split())
-XX
+    stated = re.search(r"by default (\d+) cases on (\d+) held-out images: (.*?); `--full`: (\d+) cases on (\d+) images",
+                       readme)
     assert stated, "README's evaluate section lost its sentence on the default depth"
     assert (int(stated[1]), int(stated[2])) == (len(QUICK_RESTORATION_CASES), QUICK_EVALUATION_IMAGES)
     assert (int(stated[4]), int(stated[5])) == (len(DEFAULT_RESTORATION_CASES), FULL_EVALUATION_IMAGES)
