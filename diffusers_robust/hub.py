@@ -50,7 +50,6 @@ def write_model_card(
     """
     dataset = str(training_config.get("dataset"))
     robust_lines, scheduler_lines = _robust_option_lines(training_config, summary.scheduler_robust_options)
-    validation = summary.validation_losses
     quality_text = _quality_text(summary.sample_quality)
     report_text = _report_text(summary.report)
     body = f"""
@@ -77,7 +76,8 @@ the noise std, in [0, 1] units, below which sampling stops and returns the clean
 Denoising loss on {summary.validation_images} held-out images ({_held_out_text(summary.held_out, training_config)}),
 clean and with the validation corruptions at severities {training_config.get("validation_severities")}:
 
-{_format_losses(validation) if validation else "No validation split was configured."}
+{_format_losses(summary.validation_losses) if summary.validation_losses else "No validation split was configured."}
+{_monitor_text(summary.monitor_history)}
 {quality_text}
 ![samples](samples/final.png)
 {report_text}
@@ -101,6 +101,19 @@ Training configuration: `training_config.yaml`; all figures: `metrics.json`.
     path = os.path.join(output_dir, "README.md")
     card.save(path)
     return path
+
+
+def _monitor_text(history: dict[int, dict[str, float]] | None) -> str:
+    """The memorisation monitor at the last validation, as a paragraph ("" without one)."""
+    if not history:
+        return ""
+    step = max(history)
+    figures = history[step]
+    return (f"\nMemorisation monitor at step {step}: generalisation gap {figures['generalisation_gap']:+.4f} (the held-out "
+            f"clean loss minus the same loss on as many training images, {figures['train_loss']:.4f}; it grows as a "
+            f"model memorises); {figures['memorisation_share']:.0%} of the sample grid nearer a training image than 95% "
+            "of held-out images are (about 5% for a model that does not copy). Every validation's figures: "
+            "`metrics.json`, `monitor_history`.\n")
 
 
 def _card_data(dataset: str, license: str) -> ModelCardData:

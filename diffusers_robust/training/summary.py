@@ -53,12 +53,15 @@ class RunSummary:
     report: dict[str, Any] | None = field(default=None)  # the held-out report (diffusers-robust evaluate), if written
     annotations: dict[str, Any] | None = None  # imperfect data: counts of clean / noisy / restricted records, trusted level
     held_out: dict[str, Any] | None = None  # where the held-out images came from: source, split, held-out share and seed
+    # per validation step: train_loss, generalisation_gap, memorisation_share, memorisation_distance_ratio
+    # (`training.monitor.monitor_figures`); None without held-out images
+    monitor_history: dict[int, dict[str, float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form. `lr_history` and `loss_history` keep at most `HISTORY_POINTS` evenly spaced steps (the last
         included), so `metrics.json` stays small on long runs; TensorBoard logs keep every step."""
         values = {key: value for key, value in dataclasses.asdict(self).items()
-                  if value is not None or key not in ("sample_quality", "report", "annotations", "held_out")}
+                  if value is not None or key not in ("sample_quality", "report", "annotations", "held_out", "monitor_history")}
         for key in ("lr_history", "loss_history"):
             values[key] = thin_history(values[key], HISTORY_POINTS)
         return values
@@ -79,8 +82,9 @@ class RunSummary:
         values = dict(values)
         if "digits_quality" in values:  # its name in 0.1.0's metrics.json
             values["sample_quality"] = {"scorer": "a classifier trained on the real digits", **values.pop("digits_quality")}
-        for key in ("lr_history", "loss_history", "validation_history"):  # JSON object keys are strings
-            values[key] = {int(step): value for step, value in values.get(key, {}).items()}
+        for key in ("lr_history", "loss_history", "validation_history", "monitor_history"):  # JSON keys are strings
+            if key in values or key != "monitor_history":
+                values[key] = {int(step): value for step, value in values.get(key, {}).items()}
         return cls(**values)
 
     @classmethod
