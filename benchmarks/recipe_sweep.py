@@ -11,6 +11,8 @@ samples (DDIM 50 steps, seed 1234) are scored against 300 images of the *clean t
 held-out digits, which the main job's table scores and which therefore choose nothing: coverage, precision, recall and
 Fréchet distance in the digits classifier's feature space, the confident share, background noise
 (`evaluation.digits.clean_sample_figures`). Finished variants (their `figures.json` exists) are not run again.
+The batch-size variants (`EQUAL_TIME_BATCHES`) change the batch, and the steps and warm-up with it, so that training
+takes the job's wall time.
 """
 
 import argparse
@@ -36,7 +38,22 @@ VARIANTS: dict[str, list[str]] = {
     "learning rate 2e-3, training seed 1": ["--learning_rate", "0.002", "--seed", "1"],
     "learning rate 3e-3": ["--learning_rate", "0.003"],
 }
+# Batch size against steps at the job's wall time: (batch, share of the job's steps and warm-up). A step of batch 128
+# costs 1.68x one of 64, batch 32 0.635x (`python benchmarks/bench_train_step.py --recipe
+# training/configs/imperfect-digits.yaml --threads 1 --batch-size B`, 2026-12-04: 734 / 618 / 486 images/s).
+EQUAL_TIME_BATCHES: dict[str, tuple[int, float]] = {"batch 128, 0.59x the steps (equal time)": (128, 0.594),
+                                                    "batch 32, 1.57x the steps (equal time)": (32, 1.574)}
+JOB_WARMUP_STEPS = 300
 REFERENCE_IMAGES, REFERENCE_SEED = 300, 0
+
+
+def variant_options(variant: str, steps: int) -> list[str]:
+    """The command-line options of a variant at a budget of `steps` job steps (its own steps last, so they win)."""
+    if variant in EQUAL_TIME_BATCHES:
+        batch, share = EQUAL_TIME_BATCHES[variant]
+        return ["--train_batch_size", str(batch), "--max_train_steps", str(max(1, round(steps * share))),
+                "--lr_warmup_steps", str(round(JOB_WARMUP_STEPS * share))]
+    return VARIANTS[variant]
 
 
 def folder_name(variant: str) -> str:
@@ -49,9 +66,9 @@ def train_and_score(root: str, variant: str, data: str, steps: int, num_samples:
         return
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         run([sys.executable, "training/train_robust_ddpm.py", "--config", "training/configs/imperfect-digits.yaml",
-             "--dataset", data, "--seed", "0", *VARIANTS[variant], "--max_train_steps", str(steps), "--checkpointing_steps",
-             str(steps), "--validation_steps", str(steps), "--logger", "none", "--num_threads", "1", "--output_dir", folder,
-             "--overwrite_output_dir"], os.path.join(root, f"{folder_name(variant)}.log"))
+             "--dataset", data, "--seed", "0", "--max_train_steps", str(steps), "--checkpointing_steps", str(steps),
+             "--validation_steps", str(steps), "--logger", "none", "--num_threads", "1", "--output_dir", folder,
+             "--overwrite_output_dir", *variant_options(variant, steps)], os.path.join(root, f"{folder_name(variant)}.log"))
     run([sys.executable, __file__, "--score", folder, "--num_samples", str(num_samples)],
         os.path.join(root, f"{folder_name(variant)}.score.log"))
     print(f"done: {variant}", flush=True)
@@ -91,7 +108,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="runs/sweep")
     parser.add_argument("--jobs", type=int, default=2, help="variants trained at once (one thread each)")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS) + list(EQUAL_TIME_BATCHES),
+                        choices=list(VARIANTS) + list(EQUAL_TIME_BATCHES))
     parser.add_argument("--max_train_steps", type=int, default=1200, help="optimizer steps of every variant")
     parser.add_argument("--num_samples", type=int, default=NUM_SAMPLES, help="samples scored per variant")
     parser.add_argument("--score", default=None, help=argparse.SUPPRESS)  # internal: score one trained folder

@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import re
 
 import numpy as np
 import pytest
@@ -62,6 +63,21 @@ def test_benchmark_step_gives_the_training_scripts_weights(tmp_path, tiny_preset
     assert any(not torch.equal(initial[name], stepped[name]) for name in stepped)  # the step trained something
     for name, value in stepped.items():
         torch.testing.assert_close(value, trained[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_bench_train_step_runs_its_smallest_configuration_with_the_profile(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["bench_train_step.py", "--steps", "2", "--block", "1", "--batch-size", "8",
+                                      "--threads", "1", "--profile"])
+    load_benchmark("bench_train_step").main()
+    printed = capsys.readouterr().out
+    assert "| diffusers example |" in printed and "ratio (diffusers-robust / diffusers example)" in printed
+    parts = dict(re.findall(r"^\| ([^|]+) \| ([0-9.]+) \| [0-9.]+% \|$", printed, re.MULTILINE))
+    assert {"UNet forward", "backward", "optimizer step, zero_grad", "EMA"} <= set(parts)
+    whole = float(re.search(r"^\| whole step \(sum\) \| ([0-9.]+) \|", printed, re.MULTILINE)[1])
+    assert sum(float(v) for k, v in parts.items() if k != "whole step (sum)") == pytest.approx(whole, abs=0.05)
 
 
 @pytest.mark.slow
