@@ -89,3 +89,42 @@ def test_a_run_on_few_images_warns_and_records_the_monitor_at_each_validation(tm
         assert figures["generalisation_gap"] == pytest.approx(validation[step]["clean"] - figures["train_loss"])
         assert 0.0 <= figures["memorisation_share"] <= 1.0 and figures["memorisation_distance_ratio"] > 0
     assert "Memorisation monitor at step 500" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_the_best_pipeline_is_replaced_only_by_a_lower_loss_and_a_resumed_run_carries_it_on(tmp_path, tiny_unet):
+    from diffusers_robust import RobustDDPMPipeline
+    from diffusers_robust.training.monitor import BestCheckpoint
+
+    pipeline = RobustDDPMPipeline(unet=tiny_unet, scheduler=RobustDDPMScheduler(50))
+    best = BestCheckpoint(str(tmp_path), resuming=False)
+    assert best.offer(100, 0.5, pipeline) and not best.offer(200, 0.6, pipeline)
+    assert json.loads((tmp_path / "best" / "best.json").read_text()) == {"step": 100, "clean_loss": 0.5}
+    assert best.offer(300, 0.4, pipeline) and best.record == {"step": 300, "clean_loss": 0.4}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]  # no staging folder left behind
+    loaded = RobustDDPMPipeline.from_pretrained(tmp_path / "best")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.unet.state_dict().values(), tiny_unet.state_dict().values(),
+                                                 strict=True))
+    assert BestCheckpoint(str(tmp_path), resuming=True).record == {"step": 300, "clean_loss": 0.4}
+    assert BestCheckpoint(str(tmp_path), resuming=False).record is None and not (tmp_path / "best").exists()
+    (tmp_path / "best").mkdir()  # a folder of the user's, not a run's best: never deleted
+    with pytest.raises(ValueError, match="no best pipeline of a run"):
+        BestCheckpoint(str(tmp_path), resuming=False)
+
+
+@pytest.mark.slow
+def test_keep_best_saves_the_validation_with_the_lowest_held_out_loss(tmp_path, tiny_preset):
+    result = run_training_script(tiny_training_args(tiny_preset, tmp_path / "out", max_train_steps=9, validation_steps=3,
+                                                    keep_best="true"), check=True)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    losses = {int(step): figures["clean"] for step, figures in metrics["validation_history"].items()}
+    lowest = min(losses, key=losses.get)
+    assert metrics["best"] == {"step": lowest, "clean_loss": losses[lowest]}
+    assert json.loads((tmp_path / "out" / "best" / "best.json").read_text()) == metrics["best"]
+    assert f"best so far: step {lowest}" in result.stderr
+    from diffusers_robust import RobustDDPMPipeline
+
+    RobustDDPMPipeline.from_pretrained(tmp_path / "out" / "best")
+    refused = run_training_script(tiny_training_args(tiny_preset, tmp_path / "none", keep_best="true",
+                                                     validation_split="null"))
+    assert refused.returncode == 2 and "keep_best chooses by the held-out loss" in refused.stderr
+    assert not (tmp_path / "none" / "checkpoints").exists()

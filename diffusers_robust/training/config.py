@@ -183,6 +183,8 @@ class TrainingConfig:
     validation_severities: list[int] = VALIDATION([1, 3, 5], "severities for the validation loss",
                                                   bounds=Bounds(1, 5), resumable=True)
     num_grid_images: int = VALIDATION(16, "images in the sample grid", bounds=at_least(1), resumable=True)
+    keep_best: bool = VALIDATION(False, "save the EMA weights of the validation with the lowest held-out clean loss as a "
+                                        "pipeline in output_dir/best (needs held-out images)", resumable=True)
     num_inference_steps: int = VALIDATION(50, "DDIM steps for sample grids", bounds=at_least(1), resumable=True)
     quality_samples: int = VALIDATION(0, "labelled embedded datasets (digits): score N samples with a classifier of "
                                          "the real images; 0 = off", bounds=at_least(0), resumable=True)

@@ -46,7 +46,7 @@ from .checkpoints import (
 )
 from .config import TrainingConfig
 from .distributed import parameter_checksum, step_seed
-from .monitor import few_images_warning, load_monitor_images, monitor_figures
+from .monitor import BestCheckpoint, few_images_warning, load_monitor_images, monitor_figures
 from .objective import RobustDiffusionObjective
 from .progress import StepProgress, quiet_third_party_logs
 from .run_guard import (
@@ -349,6 +349,9 @@ class Validator:
         config = run.config
         self.corruptions = config.validation_corruptions if config.validation_corruptions is not None else config.corruptions
         self.monitor_images = None  # as many training images as held-out ones: the monitor's training side
+        self.best = None  # keep_best: the best validation's pipeline so far
+        if config.keep_best and run.is_main_process:
+            self.best = BestCheckpoint(config.output_dir, config.resume_from_checkpoint is not None)
         if run.validation_images is not None and run.is_main_process:
             self.monitor_images = load_monitor_images(config, run.train_source, run.held_out_plan, run.channels,
                                                       run.resolution, run.validation_images.shape[0], run.accelerator.device)
@@ -393,6 +396,7 @@ class Validator:
                 shown = ", ".join(f"{name} {value:.4f}" for name, value in losses.items())
                 logger.info(f"validation at step {step} ({run.validation_images.shape[0]} held-out images): {shown}")
                 self.monitor(step, unwrapped, losses["clean"], to_model_range(torch.from_numpy(samples).permute(0, 3, 1, 2)))
+                self.keep_if_best(step, losses["clean"], sampler)
             unwrapped.train()
         if run.ema is not None:
             run.ema.restore(run.model.parameters())
@@ -415,6 +419,15 @@ class Validator:
                     f"{figures['memorisation_share']:.0%} of {samples.shape[0]} grid samples nearer a training image than "
                     f"95% of held-out images are (about 5% without copying), median distance "
                     f"{figures['memorisation_distance_ratio']:.2f}x the held-out images' own")
+
+
+    def keep_if_best(self, step: int, clean_loss: float, sampler: RobustDDPMPipeline) -> None:
+        """`keep_best`: save the current (EMA) weights as `output_dir/best` when `clean_loss` is the lowest so far."""
+        pipeline = RobustDDPMPipeline(unet=sampler.unet, scheduler=self.run.scheduler,
+                                      condition_embedding=sampler.condition_embedding)
+        if self.best is not None and self.best.offer(step, clean_loss, pipeline):
+            logger.info(f"best so far: step {step} (held-out clean loss {clean_loss:.4f}), saved to "
+                        f"{self.best.folder}")
 
 
 def run_steps(
@@ -703,6 +716,7 @@ def write_export(run: TrainingRun, end: TrainingPosition, stats: StepStats, vali
         validation_losses=stats.validation.get(end.step) or {},
         validation_history=stats.validation,
         monitor_history=stats.monitor or None,
+        best=validate.best.record if validate.best is not None else None,
         validation_images=0 if run.validation_images is None else int(run.validation_images.shape[0]),
         scheduler_robust_options={k: run.scheduler.config[k] for k in ("prediction_type", *ROBUST_OPTION_NAMES)},
         training_wall_time_seconds=time.perf_counter() - run.started,
@@ -739,6 +753,9 @@ def train(config: TrainingConfig, accelerator: Accelerator, signals: StopSignals
     `dataset` / `validation_dataset`: Datasets objects in place of `config.dataset` / `config.validation_data`."""
     try:
         run = set_up(config, accelerator, dataset, validation_dataset)
+        if config.keep_best and run.validation_images is None:
+            raise ValueError("keep_best chooses by the held-out loss, and this run holds no images out: set "
+                             "validation_split, validation_data or validation_share")
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         raise BadTrainingInput(str(error)) from error
     stream_loader = run.dataloader if run.train_data.streaming else None

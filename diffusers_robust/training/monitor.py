@@ -2,7 +2,10 @@
 held-out one (the generalisation gap) and how near the sample grid comes to the training images; and a warning when a
 run starts on few images for many epochs."""
 
+import json
 import math
+import os
+import shutil
 
 import torch
 from torch.utils.data import DataLoader
@@ -12,8 +15,12 @@ from ..data.splits import HeldOutPlan
 from ..evaluation.images import stack_images
 from ..evaluation.losses import Denoiser, denoising_loss
 from ..evaluation.metrics import Memorisation, Reference
+from ..pipelines.pipeline_robust_ddpm import RobustDDPMPipeline
+from .checkpoints import explain_full_disk, sync_directory, sync_tree
 from .config import TrainingConfig
 
+# `keep_best`: the folder of the best validation's pipeline in output_dir, and the record of which validation it was.
+BEST_FOLDER, BEST_RECORD = "best", "best.json"
 # A run on fewer training images than this, for at least `MANY_EPOCHS` passes over them, is warned about at its start.
 # The imperfect-data benchmark's clean-only arm (150 digits, 853 epochs) put its samples nearer its training images
 # (median 0.143) than held-out digits come (0.173); the main job (1,497 digits, 51 epochs) does not.
@@ -71,3 +78,43 @@ def few_images_warning(train_data: ImageDataset, max_train_steps: int, images_pe
              if monitored else "hold images out (validation_split or validation_share) to monitor it")
     return (f"training on {records} images for {math.floor(epochs)} epochs ({max_train_steps} steps of {images_per_step} "
             f"images): a DDPM can memorise a data set this small; {watch}")
+
+
+class BestCheckpoint:
+    """`keep_best`: the pipeline of the validation with the lowest held-out clean loss so far, in `output_dir/best`
+    with `best.json` (`step`, `clean_loss`). Each new best is written beside it and swapped in by renames, so a crash
+    leaves the previous one whole. A resumed run carries on from the recorded best; a fresh one removes an earlier
+    run's."""
+
+    def __init__(self, output_dir: str, resuming: bool):
+        self.folder = os.path.join(output_dir, BEST_FOLDER)
+        self.record: dict | None = None
+        record = os.path.join(self.folder, BEST_RECORD)
+        if resuming and os.path.isfile(record):
+            with open(record, encoding="utf-8") as handle:
+                self.record = json.load(handle)
+        elif os.path.isfile(record):
+            shutil.rmtree(self.folder)
+        elif os.path.lexists(self.folder):
+            raise ValueError(f"{self.folder} exists and is no best pipeline of a run (no {BEST_RECORD}): move it, or "
+                             "set keep_best: false")
+
+    def offer(self, step: int, clean_loss: float, pipeline: RobustDDPMPipeline) -> bool:
+        """Save `pipeline` as the best when `clean_loss` is below the best so far; returns whether it was."""
+        if self.record is not None and clean_loss >= self.record["clean_loss"]:
+            return False
+        staging, replaced = f"{self.folder}.tmp", f"{self.folder}.replaced"
+        shutil.rmtree(staging, ignore_errors=True)
+        with explain_full_disk(staging, "the best pipeline"):
+            pipeline.save_pretrained(staging, safe_serialization=True)
+            with open(os.path.join(staging, BEST_RECORD), "w", encoding="utf-8") as handle:
+                json.dump({"step": step, "clean_loss": clean_loss}, handle)
+            sync_tree(staging)
+        shutil.rmtree(replaced, ignore_errors=True)
+        if os.path.lexists(self.folder):
+            os.replace(self.folder, replaced)
+        os.replace(staging, self.folder)
+        sync_directory(os.path.dirname(self.folder))
+        shutil.rmtree(replaced, ignore_errors=True)
+        self.record = {"step": step, "clean_loss": clean_loss}
+        return True

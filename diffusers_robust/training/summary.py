@@ -11,6 +11,8 @@ SUMMARY_FILE = "metrics.json"
 
 # Steps kept per history in `metrics.json`.
 HISTORY_POINTS = 500
+# Fields left out of `metrics.json` when None (what a run without them never had).
+OPTIONAL = ("sample_quality", "report", "annotations", "held_out", "monitor_history", "best")
 
 
 def thin_history(history: dict[int, float], points: int) -> dict[int, float]:
@@ -56,12 +58,12 @@ class RunSummary:
     # per validation step: train_loss, generalisation_gap, memorisation_share, memorisation_distance_ratio
     # (`training.monitor.monitor_figures`); None without held-out images
     monitor_history: dict[int, dict[str, float]] | None = None
+    best: dict[str, Any] | None = None  # keep_best: the step and held-out clean loss of the pipeline in output_dir/best
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form. `lr_history` and `loss_history` keep at most `HISTORY_POINTS` evenly spaced steps (the last
         included), so `metrics.json` stays small on long runs; TensorBoard logs keep every step."""
-        values = {key: value for key, value in dataclasses.asdict(self).items()
-                  if value is not None or key not in ("sample_quality", "report", "annotations", "held_out", "monitor_history")}
+        values = {key: value for key, value in dataclasses.asdict(self).items() if value is not None or key not in OPTIONAL}
         for key in ("lr_history", "loss_history"):
             values[key] = thin_history(values[key], HISTORY_POINTS)
         return values
