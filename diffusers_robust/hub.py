@@ -170,10 +170,21 @@ a classical baseline (PSNR in dB of the set's mean squared error; evaluation see
 ![restoration](evaluation/restoration.png)
 
 Generation ({generation["samples"]} samples, {report["sampler"]}): FID {generation["fid"]:.3f} and KID {generation["kid"]:.5f}
-against the held-out images with {generation["feature_extractor"]} features. Full report: `evaluation/report.md`.
+against the held-out images with {generation["feature_extractor"]} features.{_memorisation_text(generation)} Full report:
+`evaluation/report.md`.
 
 ![evaluation samples](evaluation/samples.png)
 """
+
+
+def _memorisation_text(generation: dict) -> str:
+    """The report's memorisation figure as a sentence ("" for a report written before it existed)."""
+    memorisation = generation.get("memorisation", {})
+    if "share_nearer_than_held_out" not in memorisation:
+        return ""
+    return (f" Memorisation: {memorisation['share_nearer_than_held_out']:.1%} of the samples are nearer a training image "
+            "than 95% of held-out images are (5% for unseen images, 100% for copies of training images), at "
+            f"{memorisation['distance_ratio_to_held_out']:.2f}x the held-out images' median distance.")
 
 
 def _held_out_text(held_out: dict | None, training_config: dict) -> str:

@@ -109,6 +109,9 @@ def test_run_ends_with_the_held_out_evaluation_report(trained):
         assert (output_dir / "evaluation" / name).is_file()
     metrics = json.loads((output_dir / "metrics.json").read_text())
     assert metrics["report"]["restoration"] == report["restoration"]
+    share = report["generation"]["memorisation"]["share_nearer_than_held_out"]
+    card = " ".join((output_dir / "README.md").read_text().split())
+    assert f"Memorisation: {share:.1%} of the samples are nearer a training image than 95% of held-out images" in card
 
 
 @pytest.fixture(scope="module")
