@@ -1,6 +1,7 @@
 """The benchmarks time what training runs: their steps are built by the training loop's factories."""
 
 import importlib.util
+import json
 import os
 import re
 
@@ -252,6 +253,25 @@ def test_calibrate_detector_runs_its_smallest_configuration(tmp_path, monkeypatc
     assert written.keys() == recorded.keys() and written["noise_ratio"].keys() == recorded["noise_ratio"].keys()
     assert written["severity_right"].keys() == recorded["severity_right"].keys() and written["images"] == 3
     calibrate.severity_cutoff(written), calibrate.noise_ratio_bounds(written)  # the rules read what the script writes
+
+
+@pytest.mark.slow
+def test_small_data_benchmark_runs_its_smallest_configuration(tmp_path, monkeypatch, capsys):
+    """Two steps of one arm on a balanced subset of 10 digits annotated with sigma_min, scored last and best."""
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["small_data.py", "--output_dir", str(tmp_path), "--images", "10",
+                                      "--max_train_steps", "2", "--seeds", "0", "--jobs", "1", "--num_samples", "8",
+                                      "--arms", "sigma_min 0.05"])
+    load_benchmark("small_data").main()
+    printed = capsys.readouterr().out
+    assert "| sigma_min 0.05 |" in printed and "| sigma_min 0.05: best checkpoint (step " in printed
+    train = sorted((tmp_path / "data" / "digits-10-sigma0.05" / "train").glob("*.png"))
+    assert len(train) == 10 and len(list((tmp_path / "data" / "digits-10-sigma0.05" / "test").glob("*.png"))) == 300
+    sidecar = (tmp_path / "data" / "digits-10-sigma0.05" / "annotations.csv").read_text()
+    assert sidecar.count("0.05") == 10
+    figures = json.loads((tmp_path / "n10" / "sigma_min-0.05-seed0" / "figures.json").read_text())
+    assert 0 <= figures["memorisation"]["share_nearer_than_held_out"] <= 1 and figures["digits"]["classes_present"] >= 1
 
 
 @pytest.mark.slow
