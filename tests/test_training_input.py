@@ -131,3 +131,5 @@ def test_shipped_recipes_parse():
     assert cifar.pipeline == "ddpm-cifar10-32" and cifar.mixed_precision == "bf16"
     photos = TrainingConfig.from_yaml(os.path.join(REPO_ROOT, "training", "configs", "photos.yaml"))
     assert photos.pipeline == "ddpm-photos-32" and photos.dataset == "photos" and photos.validation_split == "test"
+    small = TrainingConfig.from_yaml(os.path.join(REPO_ROOT, "training", "configs", "small-data.yaml"))
+    assert small.keep_best and small.augment_conditioning and small.augment.endswith("edm.yaml")
