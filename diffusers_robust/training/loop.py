@@ -403,7 +403,6 @@ class Validator:
         run.accelerator.wait_for_everyone()
         return losses
 
-
     def monitor(self, step: int, unwrapped: torch.nn.Module, held_out_loss: float, samples: torch.Tensor) -> None:
         """The memorisation monitor (`training.monitor.monitor_figures`): logged as a line and to the trackers, kept for
         `metrics.json`. `samples`: the grid `(S, C, H, W)` in `[-1, 1]`."""
@@ -419,7 +418,6 @@ class Validator:
                     f"{figures['memorisation_share']:.0%} of {samples.shape[0]} grid samples nearer a training image than "
                     f"95% of held-out images are (about 5% without copying), median distance "
                     f"{figures['memorisation_distance_ratio']:.2f}x the held-out images' own")
-
 
     def keep_if_best(self, step: int, clean_loss: float, sampler: RobustDDPMPipeline) -> None:
         """`keep_best`: save the current (EMA) weights as `output_dir/best` when `clean_loss` is the lowest so far."""
@@ -756,6 +754,8 @@ def train(config: TrainingConfig, accelerator: Accelerator, signals: StopSignals
         if config.keep_best and run.validation_images is None:
             raise ValueError("keep_best chooses by the held-out loss, and this run holds no images out: set "
                              "validation_split, validation_data or validation_share")
+        stats = StepStats()
+        validate = Validator(run, stats)  # loads the monitor's training images; keep_best checks output_dir/best
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         raise BadTrainingInput(str(error)) from error
     stream_loader = run.dataloader if run.train_data.streaming else None
@@ -769,8 +769,6 @@ def train(config: TrainingConfig, accelerator: Accelerator, signals: StopSignals
     if warning:
         logger.warning(warning)
     start = resume(run, checkpointer)
-    stats = StepStats()
-    validate = Validator(run, stats)
     end = run_steps(run, start, checkpointer, validate, stats, signals)
     return export(run, end, stats, validate, signals)
 
