@@ -107,6 +107,7 @@ def train_and_score(root: str, name: str, arguments: list[str], seed: int, steps
 
 
 def load_clean_subset(path: str):
+    """The `train` split of `path` (a parquet file, an image folder or `digits`) as `(N, 1, 8, 8)` in `[-1, 1]`."""
     import torch
     from torch.utils.data import DataLoader
 

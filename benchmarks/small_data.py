@@ -23,16 +23,18 @@ share (`Memorisation`: samples nearer a training image than 95% of held-out digi
 unseen digits, 100% for copies) and the median distance ratio; Fréchet distance, precision, recall and coverage in
 the digits classifier's feature space; the confident share and classes present. Reference row: the same figures for
 `plain` trained on the full train split (`--images 0` runs only that). Finished arms (`figures.json`) are not run
-again.
+again. `--outside_check` scores the trained arms again against 300 train digits outside the subset, which neither
+training nor `keep_best`'s choice (made on the held-out digits) saw.
 """
 
 import argparse
+import glob
 import json
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from imperfect_data import NUM_SAMPLES, draw_samples, reference_digits
+from imperfect_data import NUM_SAMPLES, draw_samples, load_clean_subset, reference_digits
 from robustness_ablation import run  # one thread per process, offline, output to a log; raises naming the log
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,23 +102,50 @@ def train_and_score(root: str, arm: str, seed: int, images: int, steps: int, num
 
 def score(folder: str, train_source: str, num_samples: int) -> dict:
     """The figures of the module docstring for the pipeline in `folder`, its training images read from `train_source`."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    from diffusers_robust.data.datasets import collate_image_batch, load_image_dataset
     from diffusers_robust.data.units import to_unit_range
     from diffusers_robust.evaluation.digits import clean_sample_figures, digits_classifier, digits_quality
     from diffusers_robust.evaluation.metrics import Memorisation, Reference
 
     _, samples = draw_samples(folder, num_samples)
     _, held_out = reference_digits()
-    loaded = load_image_dataset(train_source, "train", channels=1, resolution=8, annotations="ignore")
-    train = torch.cat([b["pixel_values"] for b in DataLoader(loaded.dataset, batch_size=512, collate_fn=collate_image_batch)])
+    train = load_clean_subset(train_source)  # the train split of the folder (or of the digits), 8x8 grey
     classifier = digits_classifier()
     figures = clean_sample_figures(samples, train, held_out, classifier)
     figures["memorisation"] = Memorisation().compute(samples, Reference(held_out, train_images=train))["memorisation"]
     figures["digits"] = digits_quality(to_unit_range(samples).permute(0, 2, 3, 1).numpy(), classifier=classifier)
     return figures
+
+
+def outside_subset_check(root: str, images: int, num_samples: int) -> str:
+    """The selection-bias check: each trained arm's last and best weights scored against 300 train digits outside the
+    subset, which neither training nor the checkpoint choice saw (memorisation share, Fréchet distance), as lines."""
+    import numpy as np
+    import torch
+
+    from diffusers_robust.data.datasets import load_digits_dataset
+    from diffusers_robust.evaluation.digits import digits_classifier
+    from diffusers_robust.evaluation.metrics import Memorisation, Reference, frechet_distance
+
+    train_split = load_digits_dataset()["train"]
+    labels = train_split["label"]
+    chosen = {i for label in range(10) for i in [j for j, y in enumerate(labels) if y == label][: images // 10]}
+
+    def as_tensor(indices) -> torch.Tensor:
+        stacked = np.stack([np.asarray(train_split[i]["image"], dtype=np.float32) for i in indices])
+        return torch.from_numpy(stacked)[:, None] / 127.5 - 1
+
+    train, reference = as_tensor(sorted(chosen)), as_tensor([i for i in range(len(labels)) if i not in chosen][:300])
+    classifier, lines = digits_classifier(), []
+    for folder in sorted(glob.glob(os.path.join(root, f"n{images}", "*-seed*"))):
+        for label, path in (("last", folder), ("best", os.path.join(folder, "best"))):
+            if not os.path.isfile(os.path.join(path, "model_index.json")):
+                continue
+            _, samples = draw_samples(path, num_samples)
+            share = Memorisation().compute(samples, Reference(reference, train_images=train))["memorisation"]
+            fd = frechet_distance(classifier.features(samples), classifier.features(reference))
+            lines.append(f"{os.path.basename(folder)} {label}: memorisation share "
+                         f"{share['share_nearer_than_held_out']:.1%}, Fréchet {fd:.2f}")
+    return "\n".join(lines)
 
 
 def table(folders: dict[str, list[str]]) -> str:
@@ -159,6 +188,8 @@ def main() -> None:
     parser.add_argument("--max_train_steps", type=int, default=4000)
     parser.add_argument("--jobs", type=int, default=2, help="arms trained at once (one thread each)")
     parser.add_argument("--num_samples", type=int, default=NUM_SAMPLES, help="samples scored per arm")
+    parser.add_argument("--outside_check", action="store_true",
+                        help="score the trained arms against 300 train digits outside the subset instead (no training)")
     parser.add_argument("--score", default=None, help=argparse.SUPPRESS)  # internal: score one pipeline folder
     parser.add_argument("--train_images", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--figures", default=None, help=argparse.SUPPRESS)
@@ -169,6 +200,9 @@ def main() -> None:
         return
     if args.images % 10:
         parser.error(f"--images {args.images}: a multiple of 10 (the subset is balanced over the 10 classes)")
+    if args.outside_check:
+        print(outside_subset_check(args.output_dir, args.images, args.num_samples))
+        return
     arms = ["plain"] if args.images == 0 else args.arms
     os.makedirs(args.output_dir, exist_ok=True)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:

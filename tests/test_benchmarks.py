@@ -272,6 +272,8 @@ def test_small_data_benchmark_runs_its_smallest_configuration(tmp_path, monkeypa
     assert sidecar.count("0.05") == 10
     figures = json.loads((tmp_path / "n10" / "sigma_min-0.05-seed0" / "figures.json").read_text())
     assert 0 <= figures["memorisation"]["share_nearer_than_held_out"] <= 1 and figures["digits"]["classes_present"] >= 1
+    checked = load_benchmark("small_data").outside_subset_check(str(tmp_path), 10, 8)
+    assert [line.split(":")[0] for line in checked.splitlines()] == ["sigma_min-0.05-seed0 last", "sigma_min-0.05-seed0 best"]
 
 
 @pytest.mark.slow

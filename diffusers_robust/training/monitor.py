@@ -104,7 +104,8 @@ class BestCheckpoint:
         """Save `pipeline` as the best when `clean_loss` is below the best so far; returns whether it was."""
         if self.record is not None and clean_loss >= self.record["clean_loss"]:
             return False
-        staging, replaced = f"{self.folder}.tmp", f"{self.folder}.replaced"
+        parent = os.path.dirname(self.folder)  # hidden names beside best/, as the export stages in .export.tmp
+        staging, replaced = os.path.join(parent, f".{BEST_FOLDER}.tmp"), os.path.join(parent, f".{BEST_FOLDER}.replaced")
         shutil.rmtree(staging, ignore_errors=True)
         with explain_full_disk(staging, "the best pipeline"):
             pipeline.save_pretrained(staging, safe_serialization=True)
