@@ -132,8 +132,9 @@ def export_unet(model: LabelConditionedUNet | nn.Module) -> UNet2DModel:
     """A plain `UNet2DModel` (no class embedding) with the trained weights, for sampling and saving."""
     unet = model.unet
     config = {**_public_config(unet), "class_embed_type": None}
-    plain = UNet2DModel.from_config(config)
-    plain.load_state_dict(unet.state_dict())
+    with torch.device("meta"):  # no random initialisation of weights that are replaced at once (0.17 s at 35.7M)
+        plain = UNet2DModel.from_config(config)
+    plain.load_state_dict({name: value.detach().clone() for name, value in unet.state_dict().items()}, assign=True)
     return plain
 
 

@@ -38,6 +38,7 @@ from diffusers_robust.data.datasets import ImageRecordTransform
 from diffusers_robust.training.checkpoints import (
     complete_checkpoints,
     explain_full_disk,
+    file_crc32,
     read_checkpoint_metadata,
     staged_export,
 )
@@ -349,6 +350,31 @@ def test_weights_diverged_by_the_last_step_are_neither_saved_nor_exported(tiny_p
                                     max_grad_norm="null"))
     assert blown.returncode != 0 and "the weights give a non-finite loss at step 1; not saving them" in blown.stderr
     assert complete_checkpoints(str(out)) == [] and not (out / "unet").exists()
+
+
+@pytest.mark.slow
+def test_ema_weights_that_sample_non_finite_images_are_not_exported(tiny_preset, tmp_path):
+    """The export saves the pipeline of the run's last validation: EMA weights gone non-finite (here an EMA state
+    damaged on disk, its recorded size and CRC-32 rewritten so that resume accepts it) sample non-finite images there,
+    and the previous export stays as it was."""
+    out = tmp_path / "out"
+    args = tiny_training_args(tiny_preset, out, max_train_steps=2, checkpointing_steps=2)
+    assert _run(args).returncode == 0
+    checkpoint, exported = out / "checkpoints" / "checkpoint-2", (out / "unet").glob("*.safetensors")
+    exported = {path.name: path.read_bytes() for path in exported}
+    ema_state = checkpoint / "custom_checkpoint_0.pkl"
+    state = torch.load(ema_state, weights_only=False)
+    state["shadow_params"][0].fill_(float("nan"))
+    torch.save(state, ema_state)
+    metadata = read_checkpoint_metadata(str(checkpoint))
+    metadata["files"][ema_state.name], metadata["crc32"][ema_state.name] = ema_state.stat().st_size, file_crc32(str(ema_state))
+    (checkpoint / "checkpoint.json").write_text(json.dumps(metadata))
+    resumed = _run([*args, "--resume_from_checkpoint", "latest", "--max_train_steps", "3"])
+    assert resumed.returncode != 0, resumed.stderr[-2000:]
+    assert "the EMA weights gave non-finite samples or held-out losses at the last validation" in resumed.stderr
+    assert {path.name: path.read_bytes() for path in (out / "unet").glob("*.safetensors")} == exported
+    assert json.loads((out / "metrics.json").read_text())["global_step"] == 2
+    assert os.path.basename(complete_checkpoints(str(out))[-1]) == "checkpoint-3"  # the trained weights are finite
 
 
 @pytest.mark.slow
