@@ -15,6 +15,7 @@ process, with the options of `ARMS`:
   labels (zeros at sampling);
 - `sigma_min 0.05`: every record annotated `sigma_min = 0.05` (the folder's `annotations.csv`): the model never regresses below
   noise of std 0.05, and sampling stops there with the clean estimate;
+- `dropout 0.1`: dropout in the UNet's residual blocks while training (`--dropout`; the DDPM paper's CIFAR-10 value);
 Every arm runs with `keep_best` (validation every eighth of the run) and is scored twice: its last weights and
 `best/`, the validation with the lowest held-out clean loss.
 
@@ -40,6 +41,7 @@ from robustness_ablation import run  # one thread per process, offline, output t
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EDM_AUGMENT = os.path.join(REPO, "training", "configs", "augment", "edm.yaml")
 SIGMA_MIN = 0.05
+DROPOUT = 0.1
 ARMS: dict[str, list[str]] = {
     "plain": [],
     "augment": ["--augment", EDM_AUGMENT, "--augment_conditioning", "false"],
@@ -47,6 +49,7 @@ ARMS: dict[str, list[str]] = {
     "noisy input": ["--corruptions", "gaussian_noise", "impulse_noise", "--corruption_p", "0.5",
                     "--corruption_severity", "1", "3"],
     f"sigma_min {SIGMA_MIN:g}": [],  # the annotated copy of the subset (`write_subset`)
+    f"dropout {DROPOUT:g}": ["--dropout", str(DROPOUT)],
 }
 
 

@@ -47,3 +47,29 @@ def test_no_conditioning_keeps_the_unet_as_is():
     unet = make_tiny_unet()
     model = LabelConditionedUNet(unet, label_dim=0)
     assert model.unet is unet
+
+
+def test_the_dropout_option_rebuilds_the_preset_unet_with_the_same_initial_weights_and_drops_only_in_training():
+    from diffusers_robust.pipelines.presets import build_pipeline_from_preset
+    from diffusers_robust.training.setup import fit_unet
+
+    plain = fit_unet(build_pipeline_from_preset("ddpm-digits", seed=3).unet, 1, 8, seed=3)
+    dropping = fit_unet(build_pipeline_from_preset("ddpm-digits", seed=3).unet, 1, 8, seed=3, dropout=0.2)
+    assert plain.config.dropout == 0.0 and dropping.config.dropout == 0.2
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), dropping.state_dict().values(), strict=True))
+    sample, timestep = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500])
+    with torch.no_grad():
+        dropping.train()
+        assert not torch.equal(dropping(sample, timestep).sample, dropping(sample, timestep).sample)
+        dropping.eval(), plain.eval()
+        assert torch.equal(dropping(sample, timestep).sample, plain(sample, timestep).sample)
+
+
+def test_export_unet_copies_the_weights_it_is_built_from():
+    unet = make_tiny_unet()
+    exported = export_unet(LabelConditionedUNet(unet, label_dim=2))
+    assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), exported.state_dict().values(), strict=True))
+    with torch.no_grad():
+        next(unet.parameters()).add_(1.0)  # training goes on: the exported copy must not move with it
+    assert not torch.equal(next(unet.parameters()), next(exported.parameters()))
+    assert not any(parameter.is_meta for parameter in exported.parameters())

@@ -87,6 +87,9 @@ class TrainingConfig:
                           resumable=True)
     pipeline: str = RUN("ddpm-digits", "preset to train from: a name (diffusers-robust presets), a folder holding "
                         "model_index.json and configs, or a Hub id")
+    dropout: float | None = RUN(None, "dropout probability in the UNet's residual blocks while training (sampling never "
+                                "drops); null: the preset's unet/config.json value (0 in ddpm-digits, 0.1 in ddpm-cifar10-32)",
+                                bounds=Bounds(0, 1, high_open=True))
     dataset: str = DATA("digits", "'digits' (embedded), an image folder, parquet/arrow files, or a Hub dataset name")
     dataset_split: str = DATA("train", "split to train on")
     validation_split: str | None = DATA("test", "held-out split for the validation loss and report; 'test' missing "

@@ -151,7 +151,7 @@ def set_up(config: TrainingConfig, accelerator: Accelerator, dataset: DatasetLik
     logger.info(held_out_plan.description)
     train_data = load_training_data(config, source, held_out_plan, channels, resolution, accelerator)
     annotations = check_annotated_data(config, train_data, scheduler)
-    unet = fit_unet(pipeline.unet, channels, resolution, config.seed)
+    unet = fit_unet(pipeline.unet, channels, resolution, config.seed, config.dropout)
     unet, scheduler = prepare_missing_pixel_model(config, train_data, unet, scheduler, channels)
     if train_data.masked:
         annotations = {**(annotations or {}), "masked": sum(share < 1 for share in train_data.observed_shares),

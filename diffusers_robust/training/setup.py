@@ -88,18 +88,24 @@ def resolve_image_shape(unet: UNet2DModel, config: TrainingConfig) -> tuple[int,
     return channels, resolution
 
 
-def fit_unet(unet: UNet2DModel, channels: int, resolution: int, seed: int) -> UNet2DModel:
+def fit_unet(unet: UNet2DModel, channels: int, resolution: int, seed: int, dropout: float | None = None) -> UNet2DModel:
     """The preset's UNet for images of `channels` and `resolution`: `sample_size` set (the UNet is convolutional, so
-    its weights do not change), and rebuilt from its config with `channels` in and out when they differ (freshly
-    initialised from `seed`, as every preset is)."""
+    its weights do not change), and rebuilt from its config with `channels` in and out when they differ, or with
+    `dropout` when given and not the preset's (freshly initialised from `seed`, as every preset is: dropout has no
+    weights, so the same seed gives the same initial weights)."""
     unet.register_to_config(sample_size=resolution)  # the exported pipeline samples at the training size
     takes = unet.config.out_channels if unet.config.in_channels == 2 * unet.config.out_channels else unet.config.in_channels
-    if channels == takes:
+    changes = {}
+    if channels != takes:
+        logger.info(f"the preset's UNet takes {takes} channel(s): built for {channels} from its config")
+        changes.update(in_channels=channels, out_channels=channels)
+    if dropout is not None and dropout != unet.config.dropout:
+        changes["dropout"] = dropout
+    if not changes:
         return unet
-    logger.info(f"the preset's UNet takes {takes} channel(s): built for {channels} from its config")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return UNet2DModel.from_config({**unet.config, "in_channels": channels, "out_channels": channels})
+        return UNet2DModel.from_config({**unet.config, **changes})
 
 
 def check_image_shape(config: TrainingConfig, shapes: dict | None, channels: int, resolution: int) -> None:
