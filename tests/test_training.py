@@ -43,7 +43,7 @@ def trained(tiny_preset, tmp_path_factory):
         args = tiny_training_args(tiny_preset, folder / "tiny-digits", augment=EDM, corruptions=["gaussian_noise",
                                   "salt_and_pepper"], corruption_p=0.5, snr_gamma=5.0, checkpoints_total_limit=1,
                                   input_perturbation=0.1, epsilon_scale_base=1.001, report="true", report_images=12,
-                                  report_samples=6)
+                                  report_samples=6, dropout=0.1)
         run_training(args)
 
     return built_once(tmp_path_factory, "trained-tiny-digits", train) / "tiny-digits", None
@@ -55,6 +55,7 @@ def test_output_dir_holds_a_loadable_safetensors_pipeline(trained):
     assert isinstance(pipe.scheduler, RobustDDPMScheduler)
     assert pipe.scheduler.config.input_perturbation == 0.1 and pipe.scheduler.config.epsilon_scale_base == 1.001
     assert pipe.unet.config.class_embed_type is None  # the augment projection is not part of the exported UNet
+    assert pipe.unet.config.dropout == 0.1  # the recipe's, not the preset's 0
     weights = sorted(os.listdir(output_dir / "unet"))
     assert weights == ["config.json", "diffusion_pytorch_model.safetensors"]
     images = pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
