@@ -208,6 +208,9 @@ def main() -> None:
         return
     arms = ["plain"] if args.images == 0 else args.arms
     os.makedirs(args.output_dir, exist_ok=True)
+    if args.images:  # written once, before the arms' threads (two writing one new folder would race)
+        for sigma_min in {SIGMA_MIN if arm.startswith("sigma_min") else None for arm in arms}:
+            write_subset(args.output_dir, args.images, sigma_min)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {(arm, seed): pool.submit(train_and_score, args.output_dir, arm, seed, args.images, args.max_train_steps,
                                             args.num_samples) for arm in arms for seed in args.seeds}
