@@ -257,11 +257,12 @@ def test_calibrate_detector_runs_its_smallest_configuration(tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_small_data_benchmark_runs_its_smallest_configuration(tmp_path, monkeypatch, capsys):
-    """Two steps of one arm on a balanced subset of 10 digits annotated with sigma_min, scored last and best."""
+    """Two steps of one arm, two seeds at once, on a new balanced subset of 10 digits annotated with sigma_min (written
+    once: two seeds writing it at once raced), scored last and best."""
     import sys
 
     monkeypatch.setattr(sys, "argv", ["small_data.py", "--output_dir", str(tmp_path), "--images", "10",
-                                      "--max_train_steps", "2", "--seeds", "0", "--jobs", "1", "--num_samples", "8",
+                                      "--max_train_steps", "2", "--seeds", "0", "1", "--jobs", "2", "--num_samples", "8",
                                       "--arms", "sigma_min 0.05"])
     load_benchmark("small_data").main()
     printed = capsys.readouterr().out
@@ -273,7 +274,8 @@ def test_small_data_benchmark_runs_its_smallest_configuration(tmp_path, monkeypa
     figures = json.loads((tmp_path / "n10" / "sigma_min-0.05-seed0" / "figures.json").read_text())
     assert 0 <= figures["memorisation"]["share_nearer_than_held_out"] <= 1 and figures["digits"]["classes_present"] >= 1
     checked = load_benchmark("small_data").outside_subset_check(str(tmp_path), 10, 8)
-    assert [line.split(":")[0] for line in checked.splitlines()] == ["sigma_min-0.05-seed0 last", "sigma_min-0.05-seed0 best"]
+    assert [line.split(":")[0] for line in checked.splitlines()] == [
+        f"sigma_min-0.05-seed{seed} {weights}" for seed in (0, 1) for weights in ("last", "best")]
 
 
 @pytest.mark.slow
