@@ -12,7 +12,8 @@ held-out digits, which the main job's table scores and which therefore choose no
 Fréchet distance in the digits classifier's feature space, the confident share, background noise
 (`evaluation.digits.clean_sample_figures`). Finished variants (their `figures.json` exists) are not run again.
 The batch-size variants (`EQUAL_TIME_BATCHES`) change the batch, and the steps and warm-up with it, so that training
-takes the job's wall time.
+takes the job's wall time. The model-size variants (`UNET_WIDTHS`) train the digits preset with other UNet widths at
+the job's steps (their training time, in the table's last column, says what they cost).
 """
 
 import argparse
@@ -37,7 +38,11 @@ VARIANTS: dict[str, list[str]] = {
     "weight cap 8": ["--noisy_data_max_weight", "8"],
     "learning rate 2e-3, training seed 1": ["--learning_rate", "0.002", "--seed", "1"],
     "learning rate 3e-3": ["--learning_rate", "0.003"],
+    "dropout 0.1": ["--dropout", "0.1"],
 }
+# Model size: the digits preset with its UNet's widths changed, written into the output folder (`preset_folder`).
+UNET_WIDTHS: dict[str, list[int]] = {"UNet 1.5x as wide (48, 96, 96)": [48, 96, 96],
+                                     "UNet half as wide (16, 32, 32)": [16, 32, 32]}
 # Batch size against steps at the job's wall time: (batch, share of the job's steps and warm-up). A step of batch 128
 # costs 1.68x one of 64, batch 32 0.635x (`python benchmarks/bench_train_step.py --recipe
 # training/configs/imperfect-digits.yaml --threads 1 --batch-size B`, 2026-12-04: 734 / 618 / 486 images/s).
@@ -49,6 +54,8 @@ REFERENCE_IMAGES, REFERENCE_SEED = 300, 0
 
 def variant_options(variant: str, steps: int) -> list[str]:
     """The command-line options of a variant at a budget of `steps` job steps (its own steps last, so they win)."""
+    if variant in UNET_WIDTHS:
+        return []  # `train_and_score` passes the variant's preset
     if variant in EQUAL_TIME_BATCHES:
         batch, share = EQUAL_TIME_BATCHES[variant]
         return ["--train_batch_size", str(batch), "--max_train_steps", str(max(1, round(steps * share))),
@@ -60,6 +67,24 @@ def folder_name(variant: str) -> str:
     return variant.replace(",", "").replace(" ", "-").replace("/", "-")
 
 
+def preset_folder(root: str, variant: str) -> str:
+    """The digits preset with the UNet widths of `variant` (`UNET_WIDTHS`), as a preset folder under `root`."""
+    import shutil
+
+    folder = os.path.join(root, "presets", folder_name(variant))
+    if not os.path.isdir(folder):
+        shutil.copytree(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pipelines",
+                                     "ddpm-digits"), folder)
+        config_path = os.path.join(folder, "unet", "config.json")
+        with open(config_path, encoding="utf-8") as handle:
+            config = json.load(handle)
+        config["block_out_channels"] = UNET_WIDTHS[variant]
+        config["norm_num_groups"] = min(config["norm_num_groups"], min(UNET_WIDTHS[variant]))
+        with open(config_path, "w", encoding="utf-8") as handle:
+            json.dump(config, handle, indent=2)
+    return folder
+
+
 def train_and_score(root: str, variant: str, data: str, steps: int, num_samples: int) -> None:
     folder = os.path.join(root, folder_name(variant))
     if os.path.isfile(os.path.join(folder, "figures.json")):
@@ -68,7 +93,9 @@ def train_and_score(root: str, variant: str, data: str, steps: int, num_samples:
         run([sys.executable, "training/train_robust_ddpm.py", "--config", "training/configs/imperfect-digits.yaml",
              "--dataset", data, "--seed", "0", "--max_train_steps", str(steps), "--checkpointing_steps", str(steps),
              "--validation_steps", str(steps), "--logger", "none", "--num_threads", "1", "--output_dir", folder,
-             "--overwrite_output_dir", *variant_options(variant, steps)], os.path.join(root, f"{folder_name(variant)}.log"))
+             "--overwrite_output_dir", *variant_options(variant, steps),
+             *(["--pipeline", preset_folder(root, variant)] if variant in UNET_WIDTHS else [])],
+            os.path.join(root, f"{folder_name(variant)}.log"))
     run([sys.executable, __file__, "--score", folder, "--num_samples", str(num_samples)],
         os.path.join(root, f"{folder_name(variant)}.score.log"))
     print(f"done: {variant}", flush=True)
@@ -94,13 +121,16 @@ def score(folder: str, num_samples: int) -> dict:
 
 
 def table(root: str, variants: list[str]) -> str:
-    lines = ["| variant | coverage | precision | recall | confident | Fréchet | background noise |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | coverage | precision | recall | confident | Fréchet | background noise | training s |",
+             "|---|---|---|---|---|---|---|---|"]
     for variant in variants:
         with open(os.path.join(root, folder_name(variant), "figures.json"), encoding="utf-8") as handle:
             f = json.load(handle)
+        with open(os.path.join(root, folder_name(variant), "metrics.json"), encoding="utf-8") as handle:
+            seconds = json.load(handle)["training_wall_time_seconds"]
         lines.append(f"| {variant} | {f['coverage']:.1%} | {f['precision']:.1%} | {f['recall']:.1%} | "
-                     f"{f['confident_fraction']:.1%} | {f['frechet_classifier']:.2f} | {f['background_noise']:.3f} |")
+                     f"{f['confident_fraction']:.1%} | {f['frechet_classifier']:.2f} | {f['background_noise']:.3f} | "
+                     f"{seconds:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -108,8 +138,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="runs/sweep")
     parser.add_argument("--jobs", type=int, default=2, help="variants trained at once (one thread each)")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS) + list(EQUAL_TIME_BATCHES),
-                        choices=list(VARIANTS) + list(EQUAL_TIME_BATCHES))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS) + list(EQUAL_TIME_BATCHES) + list(UNET_WIDTHS),
+                        choices=list(VARIANTS) + list(EQUAL_TIME_BATCHES) + list(UNET_WIDTHS))
     parser.add_argument("--max_train_steps", type=int, default=1200, help="optimizer steps of every variant")
     parser.add_argument("--num_samples", type=int, default=NUM_SAMPLES, help="samples scored per variant")
     parser.add_argument("--score", default=None, help=argparse.SUPPRESS)  # internal: score one trained folder

@@ -295,17 +295,21 @@ def test_robustness_ablation_runs_its_smallest_configuration(tmp_path, tiny_pres
 
 @pytest.mark.slow
 def test_recipe_sweep_runs_its_smallest_configuration(tmp_path, monkeypatch, capsys):
-    """Two variants of the main job's recipe, two steps each, scored against the train split."""
+    """Three variants of the main job's recipe (an option, a UNet width), two steps each, scored against the train
+    split."""
     import json
     import sys
 
     output = tmp_path / "sweep"
+    narrow = "UNet half as wide (16, 32, 32)"
     monkeypatch.setattr(sys, "argv", ["recipe_sweep.py", "--output_dir", str(output), "--variants", "job", "weight cap 8",
-                                      "--max_train_steps", "2", "--num_samples", "16", "--jobs", "1"])
+                                      narrow, "--max_train_steps", "2", "--num_samples", "16", "--jobs", "1"])
     load_benchmark("recipe_sweep").main()
     printed = capsys.readouterr().out
-    assert "| job |" in printed and "| weight cap 8 |" in printed
+    assert "| job |" in printed and "| weight cap 8 |" in printed and f"| {narrow} |" in printed
     with open(output / "weight-cap-8" / "training_config.yaml", encoding="utf-8") as handle:
         assert "noisy_data_max_weight: 8.0" in handle.read()
+    exported = json.loads((output / "UNet-half-as-wide-(16-32-32)" / "unet" / "config.json").read_text())
+    assert exported["block_out_channels"] == [16, 32, 32]
     figures = json.loads((output / "job" / "figures.json").read_text())
     assert 0 <= figures["coverage"] <= 1 and 0 <= figures["confident_fraction"] <= 1
