@@ -57,6 +57,11 @@ def folder_name(arm: str) -> str:
     return arm.replace(",", "").replace(" ", "-")
 
 
+def subset_indices(labels: list[int], images: int) -> list[int]:
+    """The balanced subset: the first `images / 10` indices of each class in `labels`, class by class."""
+    return [i for label in range(10) for i in [j for j, y in enumerate(labels) if y == label][: images // 10]]
+
+
 def write_subset(root: str, images: int, sigma_min: float | None = None) -> str:
     """The balanced subset of `images` train digits as PNG files in `root/data/digits-N[-sigma]/train` (with
     `annotations.csv` beside them giving every training record `sigma_min` when set) and the test split in `test/`;
@@ -69,8 +74,7 @@ def write_subset(root: str, images: int, sigma_min: float | None = None) -> str:
     if os.path.isdir(folder):
         return folder
     digits = load_digits_dataset()
-    per_class = images // 10
-    chosen = [i for label in range(10) for i in [j for j, y in enumerate(digits["train"]["label"]) if y == label][:per_class]]
+    chosen = subset_indices(digits["train"]["label"], images)
     staging = folder + ".tmp"
     for split, indices in (("train", chosen), ("test", range(len(digits["test"])))):
         os.makedirs(os.path.join(staging, split), exist_ok=True)
@@ -126,16 +130,17 @@ def outside_subset_check(root: str, images: int, num_samples: int) -> str:
     import torch
 
     from diffusers_robust.data.datasets import load_digits_dataset
+    from diffusers_robust.data.units import to_model_range
     from diffusers_robust.evaluation.digits import digits_classifier
     from diffusers_robust.evaluation.metrics import Memorisation, Reference, frechet_distance
 
     train_split = load_digits_dataset()["train"]
     labels = train_split["label"]
-    chosen = {i for label in range(10) for i in [j for j, y in enumerate(labels) if y == label][: images // 10]}
+    chosen = set(subset_indices(labels, images))
 
     def as_tensor(indices) -> torch.Tensor:
         stacked = np.stack([np.asarray(train_split[i]["image"], dtype=np.float32) for i in indices])
-        return torch.from_numpy(stacked)[:, None] / 127.5 - 1
+        return to_model_range(torch.from_numpy(stacked)[:, None] / 255)
 
     train, reference = as_tensor(sorted(chosen)), as_tensor([i for i in range(len(labels)) if i not in chosen][:300])
     classifier, lines = digits_classifier(), []
