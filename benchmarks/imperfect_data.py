@@ -14,8 +14,8 @@ Arms: `plain` (a plain DDPM on all records, annotations ignored: missing pixels 
 objective with the annotations; on `missing50` the missing-pixel objective: x0 prediction from further-masked
 inputs), `clean-only` (plain on the clean 10%: the same records in every 90/10 setting) and `oracle` (plain on the
 clean train split). Every arm is `training/configs/digits.yaml` (same UNet, EMA, learning-rate schedule) with the
-same `--max_train_steps` and `--prediction_type` (the main job's reference: `sample`, as its recipe); each process runs
-one thread.
+same `--max_train_steps`, `--prediction_type` and `--snr_gamma` (the main job's reference: its recipe's, `sample` and
+5); each process runs one thread.
 
 Figures on 512 samples per arm (DDIM 50 steps, evaluation seed 1234, independent of the training seed), in the feature
 space of the digits classifier (fitted on the clean train split only) against the 300 held-out digits (floor: the clean
@@ -92,13 +92,15 @@ def arm_arguments(setting: str, arm: str, paths: dict) -> list[str]:
 
 
 def train_and_score(root: str, name: str, arguments: list[str], seed: int, steps: int, pipeline: str | None = None,
-                    num_samples: int = NUM_SAMPLES, prediction_type: str | None = None) -> None:
+                    num_samples: int = NUM_SAMPLES, objective: tuple[str | None, float | None] = (None, None)) -> None:
     folder = os.path.join(root, name)
     if os.path.isfile(os.path.join(folder, "figures.json")):
         return
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         preset = ["--pipeline", pipeline] if pipeline else []
+        prediction_type, snr_gamma = objective
         preset += ["--prediction_type", prediction_type] if prediction_type else []
+        preset += ["--snr_gamma", str(snr_gamma)] if snr_gamma else []
         run([sys.executable, "training/train_robust_ddpm.py", "--config", "training/configs/digits.yaml", *arguments, *preset,
              "--validation_split", "null", "--report", "false", "--logger", "none", "--seed", str(seed),
              "--max_train_steps", str(steps), "--checkpointing_steps", str(steps), "--validation_steps", str(steps),
@@ -239,7 +241,7 @@ REFERENCE_KEYS = ("coverage", "precision", "recall", "confident_fraction", "clas
                   "background_noise", "noise_std", "copying")
 
 
-def write_reference(results: dict, path: str, steps: int, prediction_type: str | None) -> None:
+def write_reference(results: dict, path: str, steps: int, prediction_type: str, snr_gamma: float | None) -> None:
     """Mean and spread over training seeds of the `noisy90` comparison arms (trained `steps` steps), for `scripts/main_job.sh`."""
     arms = {}
     for label, prefix in (("plain DDPM", "noisy90-plain"), ("clean 10% only", "clean-only"), ("all-clean oracle", "oracle")):
@@ -252,10 +254,11 @@ def write_reference(results: dict, path: str, steps: int, prediction_type: str |
                 arms[label][key] = mean
                 arms[label][f"{key}_spread"] = max(values) - min(values)
     seeds = ", ".join(f"{label}: {figures['seeds']}" for label, figures in arms.items())
-    source = (f"benchmarks/imperfect_data.py --max_train_steps {steps} --prediction_type {prediction_type}, setting "
-              f"noisy90 (the data of this job), training seeds per arm: {seeds}; the same recipe, budget and evaluation "
-              "seed as this job")
-    recipe = {"max_train_steps": steps, "prediction_type": prediction_type}  # the job's recipe must match (a test checks)
+    source = (f"benchmarks/imperfect_data.py --max_train_steps {steps} --prediction_type {prediction_type} --snr_gamma "
+              f"{snr_gamma}, setting noisy90 (the data of this job), training seeds per arm: {seeds}; the same recipe, "
+              "budget and evaluation seed as this job")
+    # the job's recipe must match (a test checks)
+    recipe = {"max_train_steps": steps, "prediction_type": prediction_type, "snr_gamma": snr_gamma}
     with open(path, "w", encoding="utf-8") as handle:
         json.dump({"source": source, "recipe": recipe, "arms": arms}, handle, indent=2)
 
@@ -273,6 +276,7 @@ def main() -> None:
     parser.add_argument("--num_samples", type=int, default=NUM_SAMPLES, help="samples scored per arm")
     parser.add_argument("--prediction_type", default=None, choices=("epsilon", "v_prediction", "sample"),
                         help="what every arm's UNet predicts (default: the preset's, epsilon)")
+    parser.add_argument("--snr_gamma", type=float, default=None, help="every arm's min-SNR-gamma weighting (default: none)")
     parser.add_argument("--score", default=None, help="re-score one trained arm folder (writes its figures.json)")
     parser.add_argument("--clean_subset", default=None, help="with --score: the 150 clean records (data/clean-only.parquet)")
     args = parser.parse_args()
@@ -290,11 +294,13 @@ def main() -> None:
                 jobs.append((name, arm_arguments(setting, arm, paths), seed))
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for future in [pool.submit(train_and_score, args.output_dir, name, arguments, seed, args.max_train_steps,
-                                   args.pipeline, args.num_samples, args.prediction_type) for name, arguments, seed in jobs]:
+                                   args.pipeline, args.num_samples, (args.prediction_type, args.snr_gamma))
+                                   for name, arguments, seed in jobs]:
             future.result()
     markdown, results = table(args.output_dir, [name for name, _, _ in jobs])
     if args.write_reference:
-        write_reference(results, args.write_reference, args.max_train_steps, args.prediction_type or "the preset's")
+        write_reference(results, args.write_reference, args.max_train_steps, args.prediction_type or "the preset's",
+                        args.snr_gamma)
     with open(os.path.join(args.output_dir, "imperfect_data.md"), "w", encoding="utf-8") as handle:
         handle.write(markdown)
     with open(os.path.join(args.output_dir, "imperfect_data.json"), "w", encoding="utf-8") as handle:

@@ -13,9 +13,9 @@ Fréchet distance in the digits classifier's feature space, the confident share,
 (`evaluation.digits.clean_sample_figures`). Finished variants (their `figures.json` exists) are not run again.
 The batch-size variants (`EQUAL_TIME_BATCHES`) change the batch, and the steps and warm-up with it, so that training
 takes the job's wall time. The model-size variants (`UNET_WIDTHS`) train the digits preset with other UNet widths at
-the job's steps (their training time, in the table's last column, says what they cost). The job predicts the clean
-image since 2026-12-04; the variants in `benchmarks/RESULTS.md` measured before that day changed the epsilon-prediction
-job (the `epsilon prediction` variant is that job).
+the job's steps (their training time, in the table's last column, says what they cost). Since 2026-12-04 the job
+predicts the clean image with min-SNR-5 weights; the variants measured before that day (`benchmarks/RESULTS.md`)
+changed the job of then, which `epsilon prediction, plain MSE` is.
 """
 
 import argparse
@@ -41,9 +41,12 @@ VARIANTS: dict[str, list[str]] = {
     "learning rate 2e-3, training seed 1": ["--learning_rate", "0.002", "--seed", "1"],
     "learning rate 3e-3": ["--learning_rate", "0.003"],
     "dropout 0.1": ["--dropout", "0.1"],
-    "epsilon prediction": ["--prediction_type", "epsilon"],  # the job's target until 2026-12-04
-    "v-prediction": ["--prediction_type", "v_prediction"],
-    "min-SNR-5 weighting": ["--snr_gamma", "5"],
+    # the prediction target and its weighting; the first is the job until 2026-12-04, which every variant above changed
+    "epsilon prediction, plain MSE": ["--prediction_type", "epsilon", "--snr_gamma", "null"],
+    "epsilon prediction, min-SNR-5": ["--prediction_type", "epsilon"],
+    "v-prediction, plain MSE": ["--prediction_type", "v_prediction", "--snr_gamma", "null"],
+    "x0 prediction, plain MSE": ["--snr_gamma", "null"],
+    "x0 prediction, min-SNR-20": ["--snr_gamma", "20"],
     "bf16 autocast": ["--mixed_precision", "bf16"],
 }
 # Model size: the digits preset with its UNet's widths changed, written into the output folder (`preset_folder`).

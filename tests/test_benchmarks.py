@@ -165,7 +165,7 @@ def test_the_main_jobs_reference_holds_every_figure_the_job_prints():
     arms = reference["arms"]
     with open(os.path.join(REPO_ROOT, "training", "configs", "imperfect-digits.yaml"), encoding="utf-8") as handle:
         job = yaml.safe_load(handle)
-    assert reference["recipe"] == {"max_train_steps": job["max_train_steps"], "prediction_type": job["prediction_type"]}
+    assert reference["recipe"] == {key: job[key] for key in ("max_train_steps", "prediction_type", "snr_gamma")}
     assert set(arms) == {"plain DDPM", "clean 10% only", "all-clean oracle"}
     for figures in arms.values():
         assert keys <= set(figures) and {f"{key}_spread" for key in keys} <= set(figures) and figures["seeds"] >= 2
@@ -181,7 +181,8 @@ def test_imperfect_data_benchmark_runs_its_smallest_configuration(tmp_path, tiny
     reference = tmp_path / "reference.json"
     monkeypatch.setattr(sys, "argv", ["imperfect_data.py", "--output_dir", str(tmp_path / "runs"), "--settings", "noisy90",
                                       "--seeds", "0", "--max_train_steps", "2", "--jobs", "1", "--pipeline", tiny_preset,
-                                      "--num_samples", "16", "--write_reference", str(reference), "--prediction_type", "sample"])
+                                      "--num_samples", "16", "--write_reference", str(reference), "--prediction_type", "sample",
+                                      "--snr_gamma", "5"])
     benchmark.main()
     printed = capsys.readouterr().out
     for arm in ("oracle", "noisy90-plain", "noisy90-ambient", "clean-only"):
@@ -189,7 +190,7 @@ def test_imperfect_data_benchmark_runs_its_smallest_configuration(tmp_path, tiny
         assert os.path.isfile(tmp_path / "runs" / f"{arm}-seed0" / "figures.json")
     assert "| floor: clean train split vs held-out |" in printed
     written = json.loads(reference.read_text())
-    assert written["recipe"] == {"max_train_steps": 2, "prediction_type": "sample"}
+    assert written["recipe"] == {"max_train_steps": 2, "prediction_type": "sample", "snr_gamma": 5.0}
     arms = written["arms"]
     assert set(arms) == {"plain DDPM", "clean 10% only", "all-clean oracle"}
     for figures in arms.values():
