@@ -92,15 +92,12 @@ def arm_arguments(setting: str, arm: str, paths: dict) -> list[str]:
 
 
 def train_and_score(root: str, name: str, arguments: list[str], seed: int, steps: int, pipeline: str | None = None,
-                    num_samples: int = NUM_SAMPLES, objective: tuple[str | None, float | None] = (None, None)) -> None:
+                    num_samples: int = NUM_SAMPLES) -> None:
     folder = os.path.join(root, name)
     if os.path.isfile(os.path.join(folder, "figures.json")):
         return
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         preset = ["--pipeline", pipeline] if pipeline else []
-        prediction_type, snr_gamma = objective
-        preset += ["--prediction_type", prediction_type] if prediction_type else []
-        preset += ["--snr_gamma", str(snr_gamma)] if snr_gamma else []
         run([sys.executable, "training/train_robust_ddpm.py", "--config", "training/configs/digits.yaml", *arguments, *preset,
              "--validation_split", "null", "--report", "false", "--logger", "none", "--seed", str(seed),
              "--max_train_steps", str(steps), "--checkpointing_steps", str(steps), "--validation_steps", str(steps),
@@ -285,17 +282,18 @@ def main() -> None:
         return
     os.makedirs(args.output_dir, exist_ok=True)
     paths = prepare_data(args.output_dir, args.settings)
+    objective = [*(["--prediction_type", args.prediction_type] if args.prediction_type else []),
+                 *(["--snr_gamma", str(args.snr_gamma)] if args.snr_gamma is not None else [])]  # every arm's
     jobs = []
     for seed in args.seeds:
-        jobs.append((f"oracle-seed{seed}", arm_arguments("", "oracle", paths), seed))
+        jobs.append((f"oracle-seed{seed}", arm_arguments("", "oracle", paths) + objective, seed))
         for setting in args.settings:
             for arm in ARMS[setting]:
                 name = f"clean-only-seed{seed}" if arm == "clean-only" else f"{setting}-{arm}-seed{seed}"
-                jobs.append((name, arm_arguments(setting, arm, paths), seed))
+                jobs.append((name, arm_arguments(setting, arm, paths) + objective, seed))
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for future in [pool.submit(train_and_score, args.output_dir, name, arguments, seed, args.max_train_steps,
-                                   args.pipeline, args.num_samples, (args.prediction_type, args.snr_gamma))
-                                   for name, arguments, seed in jobs]:
+                                   args.pipeline, args.num_samples) for name, arguments, seed in jobs]:
             future.result()
     markdown, results = table(args.output_dir, [name for name, _, _ in jobs])
     if args.write_reference:

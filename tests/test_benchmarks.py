@@ -155,11 +155,11 @@ def _main_job_reference_keys() -> set[str]:
 def test_the_main_jobs_reference_holds_every_figure_the_job_prints():
     import json
 
+    import yaml
+
     keys = _main_job_reference_keys()
     assert {"coverage", "recall", "background_noise", "frechet_classifier"} <= keys
     assert keys <= set(load_benchmark("imperfect_data").REFERENCE_KEYS)
-    import yaml
-
     with open(os.path.join(REPO_ROOT, "benchmarks", "imperfect_data_reference.json"), encoding="utf-8") as handle:
         reference = json.load(handle)
     arms = reference["arms"]
