@@ -131,8 +131,8 @@ def _add_restore_command(commands) -> None:
                                               "matching method; restoration.json records the choice per image.")
     _add_pipeline_arguments(restore)
     restore.add_argument("inputs", nargs="+", help="image files or folders of images, all of one size: the pipeline's "
-                                                   "sample size or any size whose sides are multiples of its UNet's "
-                                                   "downsampling factor")
+                                                   "sample size or any other (sides of at least its UNet's downsampling "
+                                                   "factor)")
     restore.add_argument("--output_dir", default="restored", help="where the restored images go")
     _add_overwrite_argument(restore)
     restore.add_argument("--corruption", default=None,

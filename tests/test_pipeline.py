@@ -161,8 +161,8 @@ def test_restoration_accepts_pil_numpy_and_tensor_alike(overfit_pipeline):
     (dict(image=np.zeros((8, 8, 1), np.float32), strength=0.0), "strength"),
     (dict(image=np.zeros((8, 8, 1), np.float32), strength=1.5), "strength"),
     (dict(image=torch.zeros(1, 3, 8, 8)), "3 channels but the UNet takes 1"),
-    (dict(image=torch.zeros(1, 1, 9, 12)),  # the tiny UNet downsamples once
-     r"\(9, 12\) pixels but the UNet takes \(8, 8\), or any size whose sides are multiples of 2"),
+    (dict(image=torch.zeros(1, 1, 1, 12)),  # the tiny UNet downsamples once
+     r"\(1, 12\) pixels but the UNet takes \(8, 8\), or any size whose sides are at least 2 pixels"),
     (dict(image=torch.full((1, 1, 8, 8), -1.0)), r"\[0, 1\]"),
     (dict(batch_size=2, generator=[torch.Generator()]), "1 generators for a batch of 2"),
     (dict(output_type="latent"), "output_type"),

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import ConfigMixin, ModelMixin
+from diffusers import ConfigMixin, ModelMixin, UNet2DModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
@@ -356,6 +356,49 @@ def test_the_dihedral_average_keeps_an_equivariant_denoiser_and_makes_any_denois
     for turns in (1, 2, 3):
         assert torch.allclose(averaged(torch.rot90(sample, turns, (2, 3)), t), torch.rot90(out, turns, (2, 3)), atol=1e-6)
     assert torch.allclose(averaged(sample.flip(2), t), out.flip(2), atol=1e-6)
+
+
+def test_reflect_padding_mirrors_the_border_fits_the_unet_multiple_and_crops_back():
+    from diffusers_robust.pipelines.restoration import reflect_padded
+
+    seen = []
+
+    def zero_padded_smoothing(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:  # darkens a border
+        seen.append(tuple(x.shape[-2:]))
+        return torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=True)
+
+    flat = torch.ones(1, 3, 20, 28)
+    t = torch.tensor([3])
+    assert float(zero_padded_smoothing(flat, t)[..., 0, 0].min()) < 0.5  # unpadded: the corner sees zeros
+    out = reflect_padded(zero_padded_smoothing, margin=4, multiple=8)(flat, t)
+    assert out.shape == flat.shape and torch.allclose(out, flat)  # mirrored: a flat image stays flat to its corners
+    assert seen[-1] == (32, 40)  # 20 + 2 * 4 = 28 -> 32, 28 + 8 = 36 -> 40: multiples of 8
+    # The mirror is of the image itself: a ramp continues its values back inward at the border.
+    ramp = torch.arange(20.0).view(1, 1, 20, 1).expand(1, 1, 20, 28)
+    inner = reflect_padded(lambda x, timesteps: x.roll(1, dims=2), margin=4)(ramp, t)  # each pixel takes the one above
+    assert torch.equal(inner[0, 0, 1:, 0], ramp[0, 0, :-1, 0]) and float(inner[0, 0, 0, 0]) == 1.0
+    # Too small to mirror that far: the edge is repeated instead.
+    small = reflect_padded(zero_padded_smoothing, margin=16, multiple=8)(torch.ones(1, 1, 8, 8), t)
+    assert small.shape == (1, 1, 8, 8) and torch.allclose(small, torch.ones_like(small))
+
+
+@pytest.mark.parametrize("options", [dict(noise_sigma=0.1), dict(corruption="auto"), dict(blur_sigma=1.0),
+                                     dict(corruption="impulse_noise"), dict(strength=0.2, num_inference_steps=4)])
+def test_a_photo_of_a_size_the_unet_does_not_divide_is_restored_whole(options):
+    """A real UNet that downsamples by 4 takes a 19x26 photo: each method returns it at its own size (the UNet sees it
+    mirrored out to a multiple of 4), and inpainting keeps every pixel it did not find missing."""
+    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(8, 16, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3, norm_num_groups=4)
+    pipe = RobustDDPMPipeline(unet=unet.eval(), scheduler=RobustDDPMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.size_multiple == 4
+    image = torch.rand(2, 3, 19, 26, generator=torch.Generator().manual_seed(0)) * 0.6 + 0.2
+    image[:, :, 5, 7] = 1.0  # one salt pixel each
+    output = pipe(image=image, generator=torch.Generator().manual_seed(1), output_type="pt", **options)
+    assert output.images.shape == image.shape and torch.isfinite(output.images).all()
+    if options.get("corruption") == "impulse_noise":
+        kept = (output.images - image).abs().amax(dim=1) < 1e-6
+        assert kept.float().mean() > 0.9
 
 
 def test_from_16x16_up_restoration_averages_the_eight_views_and_below_it_takes_one():

@@ -39,6 +39,7 @@ from .restoration import (
     operator_matrix,
     plan_restoration,
     pseudo_inverse,
+    reflect_padded,
     restoration_method,
     separable_consistency,
     uses_separable_blur,
@@ -276,9 +277,9 @@ class RobustDDPMPipeline(DiffusionPipeline):
         if image.shape[1] != channels:
             raise ValueError(f"image has {image.shape[1]} channels but the UNet takes {channels}")
         factor = self.size_multiple
-        if tuple(image.shape[2:]) != size and any(side < factor or side % factor for side in image.shape[2:]):
+        if tuple(image.shape[2:]) != size and any(side < factor for side in image.shape[2:]):
             raise ValueError(f"image is {tuple(image.shape[2:])} pixels but the UNet takes {size}, or any size whose "
-                             f"sides are multiples of {factor} (it is convolutional)")
+                             f"sides are at least {factor} pixels (it is convolutional)")
         return to_model_range(image).to(device=self._execution_device, dtype=self.unet.dtype)
 
     def _step_kwargs(self, generator, eta: float) -> dict:
@@ -312,11 +313,12 @@ class RobustDDPMPipeline(DiffusionPipeline):
         return predict
 
     def _restoration_denoiser(self, image: torch.Tensor):
-        """The denoiser restoration uses on `image` `(B, C, H, W)`: from `PHOTO_METHODS_PIXELS` up, averaged over the
-        square's 8 symmetries (`dihedral_average`, measured in `restoration.py`); below, on the 8x8 digits, one pass. A
-        missing-pixel model keeps one pass at any size: it sees the image through this call's fixed mask."""
+        """The denoiser restoration uses on `image` `(B, C, H, W)`: from `PHOTO_METHODS_PIXELS` up, the image mirrored
+        outward at its borders (`reflect_padded`) and averaged over the square's 8 symmetries (`dihedral_average`; both
+        measured in `restoration.py`); below, on the 8x8 digits, one pass as it is. A missing-pixel model keeps one pass
+        at any size: it sees the image through this call's fixed mask."""
         if image.shape[-1] * image.shape[-2] >= PHOTO_METHODS_PIXELS and not self.masked_input:
-            return dihedral_average(self._denoiser())
+            return dihedral_average(reflect_padded(self._denoiser(), multiple=self.size_multiple))
         return self._denoiser()
 
     def _unet_output(self, sample: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -325,12 +327,15 @@ class RobustDDPMPipeline(DiffusionPipeline):
         if self.masked_input:
             seen = self._observed if self._observed is not None else torch.ones_like(sample[:, :1])
             sample = torch.cat([sample * seen, seen.expand_as(sample)], dim=1)
+        # An image whose sides the UNet's downsampling does not divide is mirrored out to the next multiple and the
+        # prediction cropped back, so restoration takes photos of any size.
+        forward = reflect_padded(lambda padded, t: self.unet(padded, t).sample, margin=0, multiple=self.size_multiple)
         if labels is None:
-            return self.unet(sample, timesteps).sample
+            return forward(sample, timesteps)
         added = self.condition_embedding(labels).to(sample.dtype)
         handle = self.unet.time_embedding.register_forward_hook(lambda module, args, output: output + added)
         try:
-            return self.unet(sample, timesteps).sample
+            return forward(sample, timesteps)
         finally:
             handle.remove()
 
@@ -553,8 +558,8 @@ class RobustDDPMPipeline(DiffusionPipeline):
 
     @property
     def size_multiple(self) -> int:
-        """Restoration takes images of `sample_size` or of any size whose sides are multiples of this: the UNet's
-        downsampling factor, `2 ** (number of blocks - 1)`."""
+        """The UNet's downsampling factor, `2 ** (number of blocks - 1)`: restoration takes images of any size whose
+        sides are at least this; a side it does not divide is mirrored out to the next multiple (`reflect_padded`)."""
         blocks = self.unet.config.get("block_out_channels")
         return 2 ** (len(blocks) - 1) if blocks else 1
 

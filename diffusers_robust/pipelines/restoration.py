@@ -42,6 +42,10 @@ PHOTO_METHODS_PIXELS = 16 * 16
 # 0.05 / 0.1 / 0.2: 32.89 / 29.09 / 24.90 dB against 32.65 / 28.88 / 24.74 with one pass (the horizontal flip alone gave
 # +0.10 at 0.1, flip and half turn +0.17); 50% missing pixels 33.83 against 33.75. Eight UNet calls instead of one.
 # Detection keeps the single pass its thresholds were measured with.
+# From PHOTO_METHODS_PIXELS up, the denoiser also sees the image mirrored outward by this many pixels (`reflect_padded`):
+# 96 held-out 32x32 photos, Gaussian noise of std 0.1 / 0.2 (with the 8 views): 29.30 / 25.06 dB against 29.09 / 24.90
+# unpadded, 29.26 / 25.02 with 8 pixels.
+PADDING_MARGIN = 16
 # Largest Gaussian blur std (pixels) that `blur_sigma` takes, and the estimate's clip.
 MAX_BLUR_SIGMA = 3.0
 # The blur a sharp photo already holds as `estimate_blur_sigma` reads it (pixels): the median over the train split of
@@ -168,6 +172,26 @@ def dihedral_average(denoiser: Denoiser) -> Denoiser:
         return total / 8
 
     return averaged
+
+
+def reflect_padded(denoiser: Denoiser, margin: int = PADDING_MARGIN, multiple: int = 1) -> Denoiser:
+    """`denoiser` applied to its input `(B, C, H, W)` mirrored outward by `margin` pixels on every side (plus up to
+    `multiple - 1` more at the bottom and right, so each padded side is a multiple of `multiple`: the UNet's total
+    downsampling), its noise prediction cropped back. A convolutional prior then sees the image's border as it saw the
+    inside of its training tiles instead of against zero padding; and an image of any size fits a UNet that needs
+    sides divisible by `multiple`. A side too short to mirror that far is extended by repeating its edge pixels."""
+
+    def padded(sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        height, width = sample.shape[-2:]
+        bottom = margin + (-(height + 2 * margin)) % multiple
+        right = margin + (-(width + 2 * margin)) % multiple
+        if margin == bottom == right == 0:
+            return denoiser(sample, timesteps)
+        mode = "reflect" if max(bottom, margin) < height and max(right, margin) < width else "replicate"
+        extended = torch.nn.functional.pad(sample, (margin, right, margin, bottom), mode=mode)
+        return denoiser(extended, timesteps)[..., margin:margin + height, margin:margin + width]
+
+    return padded
 
 
 def candidate_missing_values(images: torch.Tensor, corruption: str) -> torch.Tensor:
