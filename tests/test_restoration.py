@@ -382,6 +382,29 @@ def test_reflect_padding_mirrors_the_border_fits_the_unet_multiple_and_crops_bac
     assert small.shape == (1, 1, 8, 8) and torch.allclose(small, torch.ones_like(small))
 
 
+def test_a_large_image_is_denoised_block_by_block_each_block_seeing_its_surroundings():
+    from diffusers_robust.pipelines.restoration import reflect_padded, tiled
+
+    def local(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:  # sees 2 pixels around each one
+        return torch.nn.functional.avg_pool2d(x, 5, stride=1, padding=2) * timesteps.view(-1, 1, 1, 1)
+
+    def global_mean(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:  # sees the whole input
+        return x - x.mean(dim=(2, 3), keepdim=True)
+
+    sample = torch.randn(3, 2, 20, 27, generator=torch.Generator().manual_seed(0))  # 8 divides neither side
+    t = torch.tensor([1.0, 2.0, 3.0])
+    # A denoiser that looks no further than the margin gives, block by block, what it gives on the whole image.
+    assert torch.allclose(tiled(local, core=8, margin=2)(sample, t), reflect_padded(local, margin=2)(sample, t), atol=1e-6)
+    # One that reads the whole input sees each block with its surroundings only: not the whole image's statistics.
+    blockwise = tiled(global_mean, core=8, margin=2)(sample, t)
+    assert blockwise.shape == sample.shape and not torch.allclose(blockwise, global_mean(sample, t), atol=1e-2)
+    block = torch.nn.functional.pad(sample, (2, 2, 2, 2), mode="reflect")[..., :12, :12]
+    assert torch.allclose(blockwise[..., :8, :8], global_mean(block, t)[..., 2:10, 2:10], atol=1e-6)
+    # An image no larger than the core is one padded pass.
+    small = sample[..., :8, :6]
+    assert torch.equal(tiled(global_mean, core=8, margin=2)(small, t), reflect_padded(global_mean, margin=2)(small, t))
+
+
 @pytest.mark.parametrize("options", [dict(noise_sigma=0.1), dict(corruption="auto"), dict(blur_sigma=1.0),
                                      dict(corruption="impulse_noise"), dict(strength=0.2, num_inference_steps=4)])
 def test_a_photo_of_a_size_the_unet_does_not_divide_is_restored_whole(options):

@@ -42,6 +42,7 @@ from .restoration import (
     reflect_padded,
     restoration_method,
     separable_consistency,
+    tiled,
     uses_separable_blur,
 )
 
@@ -313,12 +314,14 @@ class RobustDDPMPipeline(DiffusionPipeline):
         return predict
 
     def _restoration_denoiser(self, image: torch.Tensor):
-        """The denoiser restoration uses on `image` `(B, C, H, W)`: from `PHOTO_METHODS_PIXELS` up, the image mirrored
-        outward at its borders (`reflect_padded`) and averaged over the square's 8 symmetries (`dihedral_average`; both
+        """The denoiser restoration uses on `image` `(B, C, H, W)`: from `PHOTO_METHODS_PIXELS` up, the image taken in
+        blocks of the UNet's sample size, each with 16 pixels of its surroundings, mirrored outward at the image's
+        border (`tiled`, `reflect_padded`), and averaged over the square's 8 symmetries (`dihedral_average`; all
         measured in `restoration.py`); below, on the 8x8 digits, one pass as it is. A missing-pixel model keeps one pass
         at any size: it sees the image through this call's fixed mask."""
         if image.shape[-1] * image.shape[-2] >= PHOTO_METHODS_PIXELS and not self.masked_input:
-            return dihedral_average(reflect_padded(self._denoiser(), multiple=self.size_multiple))
+            core = max(self._sample_size())
+            return dihedral_average(tiled(self._denoiser(), core, multiple=self.size_multiple))
         return self._denoiser()
 
     def _unet_output(self, sample: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

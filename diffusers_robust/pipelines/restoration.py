@@ -46,6 +46,8 @@ PHOTO_METHODS_PIXELS = 16 * 16
 # 96 held-out 32x32 photos, Gaussian noise of std 0.1 / 0.2 (with the 8 views): 29.30 / 25.06 dB against 29.09 / 24.90
 # unpadded, 29.26 / 25.02 with 8 pixels.
 PADDING_MARGIN = 16
+# Blocks per denoiser call when a large photo is restored block by block (`tiled`): bounds the memory, not the result.
+TILE_BATCH = 64
 # Largest Gaussian blur std (pixels) that `blur_sigma` takes, and the estimate's clip.
 MAX_BLUR_SIGMA = 3.0
 # The blur a sharp photo already holds as `estimate_blur_sigma` reads it (pixels): the median over the train split of
@@ -192,6 +194,42 @@ def reflect_padded(denoiser: Denoiser, margin: int = PADDING_MARGIN, multiple: i
         return denoiser(extended, timesteps)[..., margin:margin + height, margin:margin + width]
 
     return padded
+
+
+def tiled(denoiser: Denoiser, core: int, margin: int = PADDING_MARGIN, multiple: int = 1) -> Denoiser:
+    """`denoiser` applied to an image `(B, C, H, W)` larger than `core` pixels a side one `core x core` block at a time,
+    each block seen with `margin` pixels of the image around it (mirrored outward at the image's border), only the
+    block's own prediction kept. A prior trained on `core x core` tiles then always sees inputs of the size it was
+    trained near: on whole photos its group norms and attention, which span the image, read other statistics (12
+    held-out 128x128 photos, Gaussian noise of std 0.1 / 0.2, with the 8 views: 29.46 / 25.32 dB block by block with
+    32x32 blocks, 28.69 / 24.83 in one pass). The last block of a side the core does not divide overlaps the one before
+    it. Blocks go through `denoiser` `TILE_BATCH` at a time."""
+    padded = reflect_padded(denoiser, margin, multiple)
+
+    def starts(side: int) -> list[int]:
+        return sorted(set(range(0, side - core + 1, core)) | {side - core})
+
+    def blockwise(sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        height, width = sample.shape[-2:]
+        if height <= core and width <= core:
+            return padded(sample, timesteps)
+        batch = sample.shape[0]
+        rows, columns = starts(height) if height > core else [0], starts(width) if width > core else [0]
+        block_h, block_w = min(core, height), min(core, width)
+        mode = "reflect" if margin < min(height, width) else "replicate"
+        extended = torch.nn.functional.pad(sample, (margin,) * 4, mode=mode)
+        span_h, span_w = block_h + 2 * margin, block_w + 2 * margin
+        crops = torch.cat([extended[..., top:top + span_h, left:left + span_w] for top in rows for left in columns])
+        times = timesteps.repeat(len(rows) * len(columns))
+        fitted = reflect_padded(denoiser, 0, multiple)
+        eps = torch.cat([fitted(crops[i:i + TILE_BATCH], times[i:i + TILE_BATCH]) for i in range(0, len(crops), TILE_BATCH)])
+        eps = eps[..., margin:margin + block_h, margin:margin + block_w]
+        out = torch.empty_like(sample)
+        for index, (top, left) in enumerate((top, left) for top in rows for left in columns):
+            out[..., top:top + block_h, left:left + block_w] = eps[index * batch:(index + 1) * batch]
+        return out
+
+    return blockwise
 
 
 def candidate_missing_values(images: torch.Tensor, corruption: str) -> torch.Tensor:
