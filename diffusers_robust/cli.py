@@ -130,9 +130,8 @@ def _add_restore_command(commands) -> None:
                                               "restoration option, what damaged each image is detected and restored by the "
                                               "matching method; restoration.json records the choice per image.")
     _add_pipeline_arguments(restore)
-    restore.add_argument("inputs", nargs="+", help="image files or folders of images, all of one size: the pipeline's "
-                                                   "sample size or any other (sides of at least its UNet's downsampling "
-                                                   "factor)")
+    restore.add_argument("inputs", nargs="+", help="image files or folders of images, of any sizes (sides of at least "
+                                                   "the UNet's downsampling factor); each is restored at its own size")
     restore.add_argument("--output_dir", default="restored", help="where the restored images go")
     _add_overwrite_argument(restore)
     restore.add_argument("--corruption", default=None,
@@ -399,35 +398,37 @@ def restored_name(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0] + ".png"
 
 
-def _read_images(files: list[str], channels: int, size: tuple[int, int] | None, what: str):
-    """Decoded images `(N, H, W, C)` in `[0, 1]` of `size` `(H, W)` (None: the first image's); `ValueError` naming a
-    file that is broken or of another size."""
+def _read_image(path: str, channels: int, what: str, size: tuple[int, int] | None = None):
+    """One decoded image `(H, W, C)` in `[0, 1]`; `ValueError` naming the file when it is broken, or not of `size`
+    `(H, W)` when that is given (a mask must fit its image: restoration must not resample the damage)."""
     import numpy as np
 
     from .data.datasets import decode_image, to_mode
 
-    arrays = []
-    for path in files:
-        try:
-            image = to_mode(decode_image(path), channels)
-        except Exception as error:  # noqa: BLE001 - any decoding failure names the file
-            raise ValueError(f"cannot read {what} {path}: {error}") from None
-        if size is None:
-            size = (image.size[1], image.size[0])
-        if image.size != (size[1], size[0]):  # PIL's size is (width, height)
-            raise ValueError(f"{what} {path} is {image.size[0]}x{image.size[1]} pixels where {files[0]} is "
-                             f"{size[1]}x{size[0]}: restore images of one size at a time (restoration must not resample "
-                             "the damage)")
-        array = np.asarray(image, dtype=np.float32) / 255.0
-        arrays.append(array[..., None] if array.ndim == 2 else array)
-    return np.stack(arrays)
+    try:
+        image = to_mode(decode_image(path), channels)
+    except Exception as error:  # noqa: BLE001 - any decoding failure names the file
+        raise ValueError(f"cannot read {what} {path}: {error}") from None
+    if size is not None and image.size != (size[1], size[0]):  # PIL's size is (width, height)
+        raise ValueError(f"{what} {path} is {image.size[0]}x{image.size[1]} pixels where its image is "
+                         f"{size[1]}x{size[0]}: a mask must have its image's size")
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return array[..., None] if array.ndim == 2 else array
+
+
+def _batches_of_one_size(images: list, batch_size: int) -> list[list[int]]:
+    """Indices of `images` in batches of at most `batch_size`, each of one size, in file order within a size."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, image in enumerate(images):
+        groups.setdefault(image.shape[:2], []).append(index)
+    return [group[start:start + batch_size] for group in groups.values() for start in range(0, len(group), batch_size)]
 
 
 def run_restore(args: argparse.Namespace) -> list[str]:
     import numpy as np
+    import torch
     from tqdm.auto import tqdm
 
-    from .models import image_size
     from .pipelines.restoration import plan_restoration
 
     # Bad option combinations fail before any file is read (`mask` only needs to be present or absent here).
@@ -436,30 +437,30 @@ def run_restore(args: argparse.Namespace) -> list[str]:
     files = _image_files(args.inputs)
     rules = _output_rules(args, [*args.inputs, *([args.masks] if args.masks else [])])
     pipeline = _load_pipeline(args)
-    channels, size = pipeline.image_channels, image_size(pipeline.unet.config.sample_size)
-    images = _read_images(files, channels, None, "input")
-    size = images.shape[1:3]
+    images = [_read_image(path, pipeline.image_channels, "input") for path in files]
     masks = None
     if args.masks is not None:
-        mask_files = [os.path.join(args.masks, os.path.basename(path)) for path in files]
-        masks = (_read_images(mask_files, 1, size, "mask") > 0.5).astype(np.float32)
+        masks = [(_read_image(os.path.join(args.masks, os.path.basename(path)), 1, "mask", image.shape[:2]) > 0.5)
+                 .astype(np.float32) for path, image in zip(files, images, strict=True)]
     detect = all(value is None for value in (args.corruption, args.severity, args.noise_sigma, args.strength, args.masks,
                                              args.blur_sigma))
     options = {"corruption": "auto" if detect else args.corruption, "severity": args.severity,
                "noise_sigma": args.noise_sigma, "strength": args.strength, "restoration_steps": args.restoration_steps,
                "learned_restoration": args.learned_restoration, "blur_sigma": args.blur_sigma}
-    with staged_output_folder(args.output_dir, **rules) as staging:
+    with staged_output_folder(args.output_dir, **rules) as staging, tqdm(total=len(files), desc="restore") as progress:
         written, choices = [], {}
-        for start in tqdm(range(0, len(files), args.batch_size), desc="restore"):
-            stop = min(start + args.batch_size, len(files))
-            mask = None if masks is None else masks[start:stop]
-            output = pipeline(image=images[start:stop], mask=mask, generator=_generators(args.seed, start, stop - start),
+        for batch in _batches_of_one_size(images, args.batch_size):  # images of several sizes: one size per call
+            mask = None if masks is None else np.stack([masks[index] for index in batch])
+            generators = [torch.Generator().manual_seed(args.seed + index) for index in batch]
+            output = pipeline(image=np.stack([images[index] for index in batch]), mask=mask, generator=generators,
                               output_type="pil", **options)
-            for index, (path, picture) in enumerate(zip(files[start:stop], output.images, strict=True)):
-                written.append(os.path.join(staging, restored_name(path)))
+            for position, (index, picture) in enumerate(zip(batch, output.images, strict=True)):
+                name = restored_name(files[index])
+                written.append(os.path.join(staging, name))
                 picture.save(written[-1])
-                choices[restored_name(path)] = (output.detections[index].to_dict() if output.detections is not None
-                                                else {key: value for key, value in options.items() if value is not None})
+                choices[name] = (output.detections[position].to_dict() if output.detections is not None
+                                 else {key: value for key, value in options.items() if value is not None})
+            progress.update(len(batch))
         for name, choice in choices.items():
             print(f"{name}: {_describe_choice(choice)}", file=sys.stderr)
         written.append(os.path.join(staging, "restoration.json"))

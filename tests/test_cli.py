@@ -160,11 +160,27 @@ def test_restore_takes_larger_images_and_a_blur_in_pixels(tiny_pipeline_folder, 
     assert result.returncode == 0, result.stderr[-2000:]
     assert np.asarray(PIL.Image.open(tmp_path / "out" / "digit-0.png")).shape == (16, 16)
     assert json.loads((tmp_path / "out" / "restoration.json").read_text())["images"]["digit-0.png"]["blur_sigma"] == 1.5
-    _write_images(tmp_path / "mixed", 1, size=16)
-    PIL.Image.fromarray(np.zeros((12, 12), dtype=np.uint8)).save(tmp_path / "mixed" / "z.png")
-    refused = run_cli("restore", tiny_pipeline_folder, str(tmp_path / "mixed"), "--output_dir", str(tmp_path / "out2"),
-                      "--blur_sigma", "1.5")
-    assert refused.returncode == 2 and "z.png is 12x12 pixels where" in refused.stderr and "one size at a time" in refused.stderr
+    # A folder of several sizes, one of them odd: each image restored at its own size, as restoring it alone would.
+    _write_images(tmp_path / "mixed", 2, size=16)
+    odd = np.random.default_rng(0).integers(0, 256, (13, 21), dtype=np.uint8)
+    PIL.Image.fromarray(odd).save(tmp_path / "mixed" / "z.png")
+    result = run_cli("restore", tiny_pipeline_folder, str(tmp_path / "mixed"), "--output_dir", str(tmp_path / "out2"),
+                     "--noise_sigma", "0.1", "--batch_size", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert np.asarray(PIL.Image.open(tmp_path / "out2" / "z.png")).shape == (13, 21)
+    assert np.asarray(PIL.Image.open(tmp_path / "out2" / "digit-1.png")).shape == (16, 16)
+    alone = run_cli("restore", tiny_pipeline_folder, str(tmp_path / "mixed" / "digit-1.png"), "--output_dir",
+                    str(tmp_path / "out3"), "--noise_sigma", "0.1")
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "out2" / "digit-1.png")),
+                          np.asarray(PIL.Image.open(tmp_path / "out3" / "digit-1.png")))
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for name in ("digit-0.png", "digit-1.png", "z.png"):
+        PIL.Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(masks / name)
+    refused = run_cli("restore", tiny_pipeline_folder, str(tmp_path / "mixed"), "--output_dir", str(tmp_path / "out4"),
+                      "--masks", str(masks))
+    assert refused.returncode == 2 and "z.png is 16x16 pixels where its image is 21x13" in refused.stderr
 
 
 def test_train_subcommand_trains_the_same_run_as_the_script(tiny_preset, tmp_path):
