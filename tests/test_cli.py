@@ -77,13 +77,13 @@ def test_evaluate_writes_report_json_markdown_and_plots(tiny_pipeline_folder, tm
     (["sample", "/no/such/pipeline"], "error:"),
     (["sample", "PIPELINE", "--num_images", "0"], "num_images"),
     (["restore", "PIPELINE", "/no/such/image.png"], "/no/such/image.png"),
-    (["restore", "PIPELINE", "ODD_IMAGE", "--noise_sigma", "0.1"], "is (9, 9) pixels but the UNet takes (8, 8)"),
+    (["restore", "PIPELINE", "TINY_IMAGE", "--noise_sigma", "0.1"], "is (1, 1) pixels but the UNet takes (8, 8)"),
     (["restore", "PIPELINE", "SMALL_IMAGE", "--noise_sigma", "0.1", "--strength", "0.3"], "strength"),
     (["train", "--max_grad_norm", "-1"], "max_grad_norm must be > 0"),
     (["push", "/no/such/folder", "me/model"], "model_index.json"),
 ])
 def test_bad_input_exits_with_code_2_and_one_line(tiny_pipeline_folder, tmp_path, args, message):
-    images = {"ODD_IMAGE": _write_images(tmp_path / "odd", 1, 9)[0], "SMALL_IMAGE": _write_images(tmp_path / "small", 1)[0]}
+    images = {"TINY_IMAGE": _write_images(tmp_path / "tiny", 1, 1)[0], "SMALL_IMAGE": _write_images(tmp_path / "small", 1)[0]}
     args = [tiny_pipeline_folder if a == "PIPELINE" else images.get(a, a) for a in args]
     result = run_cli(*args, *([] if args[0] == "push" else ["--output_dir", str(tmp_path / "out")]))
     assert result.returncode == 2
