@@ -377,9 +377,12 @@ def test_reflect_padding_mirrors_the_border_fits_the_unet_multiple_and_crops_bac
     ramp = torch.arange(20.0).view(1, 1, 20, 1).expand(1, 1, 20, 28)
     inner = reflect_padded(lambda x, timesteps: x.roll(1, dims=2), margin=4)(ramp, t)  # each pixel takes the one above
     assert torch.equal(inner[0, 0, 1:, 0], ramp[0, 0, :-1, 0]) and float(inner[0, 0, 0, 0]) == 1.0
-    # Too small to mirror that far: the edge is repeated instead.
+    # A small image is mirrored by at most half its shorter side: 8x8 by 4 pixels, not 16.
     small = reflect_padded(zero_padded_smoothing, margin=16, multiple=8)(torch.ones(1, 1, 8, 8), t)
-    assert small.shape == (1, 1, 8, 8) and torch.allclose(small, torch.ones_like(small))
+    assert small.shape == (1, 1, 8, 8) and torch.allclose(small, torch.ones_like(small)) and seen[-1] == (16, 16)
+    # Too small to mirror the rest up to the multiple (9 + 2 * 4 = 17 -> 24): the edge is repeated instead.
+    odd = reflect_padded(zero_padded_smoothing, margin=16, multiple=8)(torch.ones(1, 1, 9, 9), t)
+    assert odd.shape == (1, 1, 9, 9) and torch.allclose(odd, torch.ones_like(odd)) and seen[-1] == (24, 24)
 
 
 def test_a_large_image_is_denoised_block_by_block_each_block_seeing_its_surroundings():

@@ -177,21 +177,23 @@ def dihedral_average(denoiser: Denoiser) -> Denoiser:
 
 
 def reflect_padded(denoiser: Denoiser, margin: int = PADDING_MARGIN, multiple: int = 1) -> Denoiser:
-    """`denoiser` applied to its input `(B, C, H, W)` mirrored outward by `margin` pixels on every side (plus up to
-    `multiple - 1` more at the bottom and right, so each padded side is a multiple of `multiple`: the UNet's total
-    downsampling), its noise prediction cropped back. A convolutional prior then sees the image's border as it saw the
-    inside of its training tiles instead of against zero padding; and an image of any size fits a UNet that needs
-    sides divisible by `multiple`. A side too short to mirror that far is extended by repeating its edge pixels."""
+    """`denoiser` applied to its input `(B, C, H, W)` mirrored outward by `margin` pixels on every side, at most half its
+    shorter side (plus up to `multiple - 1` more at the bottom and right, so each padded side is a multiple of
+    `multiple`: the UNet's total downsampling), its noise prediction cropped back. A convolutional prior then sees the
+    image's border as it saw the inside of its training tiles instead of against zero padding; and an image of any size
+    fits a UNet that needs sides divisible by `multiple`. A side too short to mirror that far is extended by repeating
+    its edge pixels. (Half the side: a 16x16 image is seen at 32x32, the size the photo prior was trained at, not 48x48.)"""
 
     def padded(sample: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         height, width = sample.shape[-2:]
-        bottom = margin + (-(height + 2 * margin)) % multiple
-        right = margin + (-(width + 2 * margin)) % multiple
-        if margin == bottom == right == 0:
+        pad = min(margin, min(height, width) // 2)
+        bottom = pad + (-(height + 2 * pad)) % multiple
+        right = pad + (-(width + 2 * pad)) % multiple
+        if pad == bottom == right == 0:
             return denoiser(sample, timesteps)
-        mode = "reflect" if max(bottom, margin) < height and max(right, margin) < width else "replicate"
-        extended = torch.nn.functional.pad(sample, (margin, right, margin, bottom), mode=mode)
-        return denoiser(extended, timesteps)[..., margin:margin + height, margin:margin + width]
+        mode = "reflect" if max(bottom, pad) < height and max(right, pad) < width else "replicate"
+        extended = torch.nn.functional.pad(sample, (pad, right, pad, bottom), mode=mode)
+        return denoiser(extended, timesteps)[..., pad:pad + height, pad:pad + width]
 
     return padded
 
