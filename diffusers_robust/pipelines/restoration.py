@@ -7,7 +7,8 @@ units. `denoiser(x_t, t)` returns the model's noise prediction `eps` for a batch
 - Gaussian noise: the noise-matched start. A noisy image `y = x0 + n`, `n ~ N(0, s^2)` is, scaled by `sqrt(abar_t)`,
   exactly a forward-process sample `x_t` at the timestep where `sqrt((1 - abar_t) / abar_t) = s`, so the denoiser's
   estimate from there (no fresh noise) is the posterior mean `E[x0 | y]`; deterministic DDIM steps from there trade a
-  little PSNR for sharper images.
+  little PSNR for sharper images. A UNet that predicts the clean image is not exact at low noise, so its estimate is
+  moved back toward the input as far as Stein's unbiased risk estimate says (`sure_shrinkage`).
 - Missing pixels (impulse noise, masking, or a caller's mask): RePaint (Lugmayr et al. 2022) through Diffusers'
   `RePaintScheduler`: sample from the prior with the known pixels imposed at every step, then keep them exactly.
 - Known linear operators (blur, pixelate, contrast): DDNM-style data consistency (Wang et al. 2023): at every DDIM step
@@ -156,6 +157,52 @@ def denoise_from_timestep(
             eps = (sample - alpha.view(-1, 1, 1, 1).sqrt() * clean) / (1 - alpha.view(-1, 1, 1, 1)).sqrt()
             sample = alpha_next.sqrt() * clean + (1 - alpha_next).sqrt() * eps
     return clean
+
+
+# Monte-Carlo probes of `sure_shrinkage`'s divergence: enough that they total `SURE_PROBE_VALUES` values per image, at
+# most `MAX_SURE_PROBES` (an 8x8 digit gets 8: on 200 held-out digits, 2 probes lost 0.04 dB more than 8 at s1).
+SURE_PROBE_VALUES = 512
+MAX_SURE_PROBES = 8
+
+
+@torch.no_grad()
+def sure_shrinkage(denoise: Callable[[torch.Tensor], torch.Tensor], noisy: torch.Tensor, sigma: torch.Tensor,
+                   seed: int = 0) -> torch.Tensor:
+    r"""
+    A denoised estimate moved back toward the noisy input by the share Stein's unbiased risk estimate (SURE) finds best
+    for each image: `y + lam * (f(y) - y)`, where `lam` in `[0, 1]` minimises the estimated squared error
+    `lam^2 |f - y|^2 - n s^2 + 2 s^2 (lam div f + (1 - lam) n)`, i.e. `lam = s^2 (n - div f) / |f - y|^2`. The
+    divergence `div f` comes from Monte-Carlo probes (Ramani, Blu and Unser 2008). A denoiser whose error exceeds the
+    noise (a UNet that predicts the clean image reproduces its input only to about 31 dB on digits) is then trusted
+    only as far as it helps. Only values strictly inside `(-1, 1)` count: where storage clipped the noise at black or
+    white it is not Gaussian.
+
+    Args:
+        denoise: `(B, C, H, W) -> (B, C, H, W)`, deterministic; the estimate `f` of the clean images.
+        noisy (`torch.Tensor` of shape `(B, C, H, W)`): `y`, values in `[-1, 1]`.
+        sigma (`torch.Tensor` of shape `(B,)`): the noise std `s`, `[0, 1]` units.
+        seed (`int`, defaults to 0): seeds the probes, so that the result does not depend on the caller's generator.
+
+    Returns:
+        `torch.Tensor` of shape `(B, C, H, W)`: the shrunk estimate in `[-1, 1]`.
+    """
+    estimate = denoise(noisy)
+    batch = noisy.shape[0]
+    inside = (noisy.abs() < 1 - 1e-4).to(noisy.dtype)
+    counted = inside.flatten(1).sum(1).double()
+    variance = (2 * sigma.to(noisy.device).double()) ** 2  # model units
+    probes = min(MAX_SURE_PROBES, max(1, math.ceil(SURE_PROBE_VALUES / noisy[0].numel())))
+    generator = torch.Generator(device=noisy.device).manual_seed(seed)
+    divergence = torch.zeros(batch, dtype=torch.float64, device=noisy.device)
+    for _ in range(probes):
+        probe = torch.randn(noisy.shape, generator=generator, device=noisy.device, dtype=noisy.dtype) * inside
+        step = (0.01 * variance.sqrt()).view(-1, 1, 1, 1).to(noisy.dtype)
+        change = (denoise(noisy + step * probe) - estimate) / step
+        divergence += (change * probe).flatten(1).sum(1).double() / probes
+    residual = ((estimate - noisy) * inside).flatten(1).double().pow(2).sum(1)
+    share = (variance * (counted - divergence) / residual.clamp_min(1e-12)).clamp(0, 1)
+    share = torch.where(counted > 0, share, torch.ones_like(share))
+    return noisy + share.view(-1, 1, 1, 1).to(noisy.dtype) * (estimate - noisy)
 
 
 def dihedral_average(denoiser: Denoiser) -> Denoiser:
