@@ -482,3 +482,31 @@ def test_a_clean_image_predictor_wrong_at_low_noise_does_not_make_a_lightly_nois
     clean, noisy, restored = clean * 2 - 1, noisy * 2 - 1, restored * 2 - 1
     assert float(mean_psnr(own, clean)) < float(mean_psnr(noisy, clean)) - 10  # 12.7 dB
     assert float(mean_psnr(restored, clean)) > float(mean_psnr(noisy, clean)) - 0.1  # 31.02 dB against 31.00
+
+
+def test_clipped_noise_std_is_the_std_that_clipping_to_black_and_white_leaves():
+    from diffusers_robust.pipelines.restoration import clipped_noise_std
+
+    noise = torch.randn(400, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    for value, sigma in ((0.05, 0.2), (0.5, 0.2), (0.95, 0.1), (0.5, 0.05)):
+        clean = torch.full((1, 3, 16, 16), value)
+        monte_carlo = float(((clean + sigma * noise).clamp(0, 1) - clean).pow(2).mean().sqrt())
+        exact = float(clipped_noise_std(clean * 2 - 1, torch.tensor([sigma], dtype=torch.float64), window=1))
+        assert abs(exact - monte_carlo) < 0.01 * sigma
+    # Mid-grey keeps its noise; near black, clipping takes a quarter of it (0.145 of 0.2).
+    assert abs(float(clipped_noise_std(torch.zeros(1, 3, 8, 8), torch.tensor([0.05]))) - 0.05) < 1e-4
+    assert 0.14 < float(clipped_noise_std(torch.full((1, 3, 8, 8), -0.9), torch.tensor([0.2]))) < 0.15
+
+
+def test_a_dark_photo_is_denoised_at_the_noise_level_clipping_left_in_it():
+    from conftest import make_tiny_unet
+
+    pipe = RobustDDPMPipeline(unet=make_tiny_unet(sample_size=16, channels=3), scheduler=RobustDDPMScheduler())
+    timesteps = []
+    handle = pipe.unet.register_forward_pre_hook(lambda module, args: timesteps.append(int(args[1].flatten()[0])))
+    noise = 0.2 * torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    for value in (0.5, 0.05):
+        pipe(image=(value + noise).clamp(0, 1), noise_sigma=0.2, output_type="pt")
+    handle.remove()
+    grey, dark = timesteps[0], timesteps[-1]  # each restoration: 8 views, one timestep
+    assert dark < grey and len(set(timesteps[:8])) == len(set(timesteps[8:])) == 1

@@ -28,6 +28,7 @@ from .restoration import (
     RestorationPlan,
     added_blur_sigma,
     biharmonic_fill,
+    clipped_noise_std,
     data_consistency,
     denoise_from_timestep,
     dihedral_average,
@@ -636,11 +637,15 @@ class RobustDDPMPipeline(DiffusionPipeline):
         """Gaussian noise of std `sigma` `(B,)` (`[0, 1]` units) removed from its noise-matched start. A model trained
         on noisy data is not trusted below its data's noise level (`sampling_stop_sigma`): below it, fresh noise tops
         each image up to that level and the clean estimates of `TOP_UP_DRAWS` draws are averaged (starting there
-        without the top-up, held-out photos under noise of std 0.05 came out at 27.2 dB, README "Photos"). Without a
-        top-up, the estimate of a UNet that predicts the clean image is shrunk toward the input by SURE
+        without the top-up, held-out photos under noise of std 0.05 came out at 27.2 dB, README "Photos"). From
+        `PHOTO_METHODS_PIXELS` up, `sigma` is first lowered to what clipping to `[0, 1]` leaves (`clipped_noise_std`).
+        Without a top-up, the estimate of a UNet that predicts the clean image is shrunk toward the input by SURE
         (`sure_shrinkage`; the main job's model, 200 held-out digits under Gaussian noise s1: input 29.51 dB, the
         estimate 28.79, shrunk 30.13)."""
         alphas = self.scheduler.alphas_cumprod.to(corrupted.device)
+        given = sigma
+        if corrupted.shape[-1] * corrupted.shape[-2] >= PHOTO_METHODS_PIXELS:
+            sigma = clipped_noise_std(corrupted, sigma)
         start = noise_matched_timestep(alphas, sigma)
         if self._stop_level() <= 0:
             denoiser = self._restoration_denoiser(corrupted)
@@ -650,7 +655,7 @@ class RobustDDPMPipeline(DiffusionPipeline):
                 return denoise_from_timestep(denoiser, alphas, sample, start, steps)
 
             if self.scheduler.config.get("prediction_type") == "sample":
-                return sure_shrinkage(estimate, corrupted, sigma)
+                return sure_shrinkage(estimate, corrupted, given)  # the unclipped values hold the noise as given
             return estimate(corrupted)
         levels = noise_to_signal(alphas.double().cpu())  # model units
         start = start.clamp(min=int((levels >= self._stop_level()).nonzero()[0]))

@@ -49,6 +49,11 @@ PHOTO_METHODS_PIXELS = 16 * 16
 PADDING_MARGIN = 16
 # Blocks per denoiser call when a large photo is restored block by block (`tiled`): bounds the memory, not the result.
 TILE_BATCH = 64
+# From PHOTO_METHODS_PIXELS up, Gaussian noise of a given std is removed at the std it keeps once clipped to [0, 1]
+# (`clipped_noise_std`, each clean value estimated by the mean of this many pixels a side): 64 training photos at 32x32,
+# std 0.05 / 0.1 / 0.2: 33.45 / 29.48 / 25.08 dB against 33.43 / 29.37 / 24.60 at the std given (the true clean values
+# would give 33.45 / 29.50 / 25.13). On the 8x8 digits it moved PSNR by at most 0.07 dB either way and is not used.
+CLIPPED_NOISE_WINDOW = 5
 # Largest Gaussian blur std (pixels) that `blur_sigma` takes, and the estimate's clip.
 MAX_BLUR_SIGMA = 3.0
 # The blur a sharp photo already holds as `estimate_blur_sigma` reads it (pixels): the median over the train split of
@@ -106,6 +111,31 @@ def estimate_noise_sigma(images: torch.Tensor) -> torch.Tensor:
     unit = unit[..., :height, :width]
     diagonal = (unit[..., 0::2, 0::2] - unit[..., 0::2, 1::2] - unit[..., 1::2, 0::2] + unit[..., 1::2, 1::2]) / 2
     return diagonal.abs().flatten(1).median(dim=1).values / 0.6745
+
+
+def clipped_noise_std(images: torch.Tensor, sigma: torch.Tensor, window: int = CLIPPED_NOISE_WINDOW) -> torch.Tensor:
+    """
+    The std `(B,)` (`[0, 1]` units) of Gaussian noise of std `sigma` once clipped to `[0, 1]`, as an image file stores
+    it: `sqrt(mean E[(clip(x + n, 0, 1) - x)^2])` over the pixels, each clean value `x` estimated by the mean of the
+    noisy image's `window x window` neighbourhood. Near black or white the clipped error is smaller than `sigma`, so a
+    dark or bright photo holds less noise than it was given.
+
+    Args:
+        images (`torch.Tensor` of shape `(B, C, H, W)`): the noisy images, values in `[-1, 1]`.
+        sigma (`torch.Tensor` of shape `(B,)`): the noise std before clipping, `[0, 1]` units (positive).
+        window (`int`): side of the neighbourhood that estimates each clean value, pixels (odd).
+    """
+    unit = to_unit_range(images.double())
+    padded = torch.nn.functional.pad(unit, (window // 2,) * 4, mode="replicate")
+    clean = torch.nn.functional.avg_pool2d(padded, window, stride=1).clamp(0, 1)
+    std = sigma.to(images.device).double().clamp_min(1e-6).view(-1, 1, 1, 1)
+    low, high = -clean / std, (1 - clean) / std  # the clipping points in units of the noise std
+    normal = torch.distributions.Normal(torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64))
+    cdf_low, cdf_high = normal.cdf(low), normal.cdf(high)
+    pdf_low, pdf_high = normal.log_prob(low).exp(), normal.log_prob(high).exp()
+    inside = std**2 * ((cdf_high - cdf_low) - (high * pdf_high - low * pdf_low))  # E[n^2] over the unclipped part
+    squared = inside + clean**2 * cdf_low + (1 - clean) ** 2 * (1 - cdf_high)
+    return squared.flatten(1).mean(1).sqrt().to(sigma.dtype).cpu()
 
 
 def predicted_clean(sample: torch.Tensor, eps: torch.Tensor, alpha_cumprod: torch.Tensor) -> torch.Tensor:
