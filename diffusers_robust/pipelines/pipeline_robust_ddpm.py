@@ -317,7 +317,7 @@ class RobustDDPMPipeline(DiffusionPipeline):
 
     def _restoration_denoiser(self, image: torch.Tensor):
         """The denoiser restoration uses on `image` `(B, C, H, W)`: from `PHOTO_METHODS_PIXELS` up, the image taken in
-        blocks of the UNet's sample size, each with 16 pixels of its surroundings, mirrored outward at the image's
+        blocks of the UNet's sample size, each with `PADDING_MARGIN` pixels of its surroundings, mirrored outward at the image's
         border (`tiled`, `reflect_padded`), and averaged over the square's 8 symmetries (`dihedral_average`; all
         measured in `restoration.py`); below, on the 8x8 digits, one pass as it is. A missing-pixel model keeps one pass
         at any size: it sees the image through this call's fixed mask."""
