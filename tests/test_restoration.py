@@ -510,3 +510,25 @@ def test_a_dark_photo_is_denoised_at_the_noise_level_clipping_left_in_it():
     handle.remove()
     grey, dark = timesteps[0], timesteps[-1]  # each restoration: 8 views, one timestep
     assert dark < grey and len(set(timesteps[:8])) == len(set(timesteps[8:])) == 1
+
+
+def test_auto_denoises_a_photo_at_the_noise_level_its_flat_regions_hold():
+    from conftest import make_tiny_unet
+
+    from diffusers_robust.data.annotations import estimated_noise_levels
+    from diffusers_robust.pipelines.restoration import clipped_noise_std, noise_matched_timestep
+
+    pipe = RobustDDPMPipeline(unet=make_tiny_unet(sample_size=16, channels=3), scheduler=RobustDDPMScheduler())
+    dark = (0.06 + 0.2 * torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    timesteps = []
+    handle = pipe.unet.register_forward_pre_hook(lambda module, args: timesteps.append(int(args[1].flatten()[0])))
+    output = pipe(image=dark, corruption="auto", output_type="pt")
+    handle.remove()
+    found = output.detections[0]
+    alphas = pipe.scheduler.alphas_cumprod
+    reading = estimated_noise_levels(dark * 2 - 1).double()
+    assert found.corruption == "gaussian_noise" and found.noise_sigma >= float(reading) > 0  # it reports the std before clipping
+    # Denoised at what the flat regions hold, not at the reported std lowered again by the image's clipping.
+    assert timesteps[-1] == int(noise_matched_timestep(alphas, reading)[0])
+    twice = clipped_noise_std(dark * 2 - 1, torch.tensor([found.noise_sigma], dtype=torch.float64))
+    assert timesteps[-1] != int(noise_matched_timestep(alphas, twice)[0])
