@@ -455,6 +455,8 @@ def test_sure_shrinkage_finds_the_wiener_share_from_the_noisy_images_alone_and_s
     share = 1 - (shrunk / noisy).flatten(1).median(1).values
     assert torch.allclose(share, torch.full((4,), 0.01 / 0.0325), atol=0.02)
     assert float((shrunk - clean).pow(2).mean()) < 0.99 * float((noisy - clean).pow(2).mean())
+    # Told there is no noise, it keeps the input (and divides by no zero).
+    assert torch.equal(sure_shrinkage(torch.zeros_like, noisy, torch.zeros(4)), noisy)
     # An estimate far worse than the noise is not trusted: the images come back as they were.
     wrong = sure_shrinkage(lambda images: images + 0.5, noisy, torch.full((4,), sigma))
     assert torch.allclose(wrong, noisy, atol=1e-3)

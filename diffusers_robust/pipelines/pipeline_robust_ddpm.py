@@ -318,10 +318,10 @@ class RobustDDPMPipeline(DiffusionPipeline):
 
     def _restoration_denoiser(self, image: torch.Tensor):
         """The denoiser restoration uses on `image` `(B, C, H, W)`: from `PHOTO_METHODS_PIXELS` up, the image taken in
-        blocks of the UNet's sample size, each with `PADDING_MARGIN` pixels of its surroundings, mirrored outward at the image's
-        border (`tiled`, `reflect_padded`), and averaged over the square's 8 symmetries (`dihedral_average`; all
-        measured in `restoration.py`); below, on the 8x8 digits, one pass as it is. A missing-pixel model keeps one pass
-        at any size: it sees the image through this call's fixed mask."""
+        blocks of the UNet's sample size, each with `PADDING_MARGIN` pixels of its surroundings, mirrored outward at the
+        image's border (`tiled`, `reflect_padded`), and averaged over the square's 8 symmetries (`dihedral_average`;
+        all measured in `restoration.py`); below, on the 8x8 digits, one pass as it is. A missing-pixel model keeps one
+        pass at any size: it sees the image through this call's fixed mask."""
         if image.shape[-1] * image.shape[-2] >= PHOTO_METHODS_PIXELS and not self.masked_input:
             core = max(self._sample_size())
             return dihedral_average(tiled(self._denoiser(), core, multiple=self.size_multiple))
@@ -648,10 +648,9 @@ class RobustDDPMPipeline(DiffusionPipeline):
         each image up to that level and the clean estimates of `TOP_UP_DRAWS` draws are averaged (starting there
         without the top-up, held-out photos under noise of std 0.05 came out at 27.2 dB, README "Photos"). From
         `PHOTO_METHODS_PIXELS` up, `sigma` is first lowered to what clipping to `[0, 1]` leaves (`clipped_noise_std`),
-        unless it is that already (`clipped`).
-        Without a top-up, the estimate of a UNet that predicts the clean image is shrunk toward the input by SURE
-        (`sure_shrinkage`; the main job's model, 200 held-out digits under Gaussian noise s1: input 29.51 dB, the
-        estimate 28.79, shrunk 30.13)."""
+        unless it is that already (`clipped`). Without a top-up, the estimate of a UNet that predicts the clean image is
+        shrunk toward the input by SURE (`sure_shrinkage`; the main job's model, 200 held-out digits under Gaussian
+        noise s1: input 29.51 dB, the estimate 28.79, shrunk 30.13)."""
         alphas = self.scheduler.alphas_cumprod.to(corrupted.device)
         given = sigma
         if corrupted.shape[-1] * corrupted.shape[-2] >= PHOTO_METHODS_PIXELS and not clipped:
