@@ -27,6 +27,7 @@ from .evaluation.defaults import (
     FULL_EVALUATION_IMAGES,
     QUICK_EVALUATION_IMAGES,
     QUICK_RESTORATION_CASES,
+    restoration_cases,
 )
 from .output_folders import check_output_folder, staged_output_folder, staged_path
 
@@ -484,7 +485,7 @@ def evaluation_depth(args: argparse.Namespace) -> tuple[list[tuple[str, int | fl
     """The restoration cases and held-out image count `evaluate` scores: `--cases` / `--num_images` when given, else the
     quick default (`QUICK_RESTORATION_CASES` on `QUICK_EVALUATION_IMAGES`) or, with `--full`, every case of the table on
     `FULL_EVALUATION_IMAGES`."""
-    cases = getattr(args, "cases", None) or list(DEFAULT_RESTORATION_CASES if args.full else QUICK_RESTORATION_CASES)
+    cases = getattr(args, "cases", None) or list(restoration_cases(args.full))
     return cases, getattr(args, "num_images", None) or (FULL_EVALUATION_IMAGES if args.full else QUICK_EVALUATION_IMAGES)
 
 

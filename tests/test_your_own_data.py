@@ -234,10 +234,18 @@ def test_metrics_json_keeps_histories_small_on_long_runs():
 
 def test_evaluate_defaults_to_a_quick_depth_and_full_restores_todays():
     from diffusers_robust.cli import build_parser, evaluation_depth
-    from diffusers_robust.evaluation.defaults import DEFAULT_RESTORATION_CASES, QUICK_RESTORATION_CASES
+    from diffusers_robust.evaluation.defaults import (
+        DEFAULT_RESTORATION_CASES,
+        QUICK_RESTORATION_CASES,
+        restoration_cases,
+    )
+    from diffusers_robust.training.config import TrainingConfig
 
     parse = build_parser().parse_args
     assert evaluation_depth(parse(["evaluate", "model"])) == (list(QUICK_RESTORATION_CASES), 200)
     assert evaluation_depth(parse(["evaluate", "model", "--full"])) == (list(DEFAULT_RESTORATION_CASES), 300)
     given = evaluation_depth(parse(["evaluate", "model", "--full", "--cases", "masking/s2", "--num_images", "7"]))
     assert given == ([("masking", 2)], 7) and len(QUICK_RESTORATION_CASES) == 8
+    # the training run's report goes as deep as evaluate does, unless report_full
+    assert restoration_cases(TrainingConfig().report_full) == QUICK_RESTORATION_CASES
+    assert restoration_cases(TrainingConfig(report_full=True).report_full) == DEFAULT_RESTORATION_CASES

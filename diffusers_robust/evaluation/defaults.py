@@ -19,6 +19,13 @@ QUICK_RESTORATION_CASES: tuple[tuple[str, int | float], ...] = (
     ("masking", 3), ("gaussian_blur", 3), ("jpeg_compression", 3),
 )
 
+
+def restoration_cases(full: bool) -> tuple[tuple[str, int | float], ...]:
+    """The report's restoration cases: every case of the table with `full` (`evaluate --full`, `report_full`), else the
+    quick ones (`evaluate`'s default)."""
+    return DEFAULT_RESTORATION_CASES if full else QUICK_RESTORATION_CASES
+
+
 # Held-out images the restoration cases are scored on: by default, and with `--full`.
 QUICK_EVALUATION_IMAGES = 200
 FULL_EVALUATION_IMAGES = 300

@@ -195,6 +195,8 @@ class TrainingConfig:
                               resumable=True)
     report_images: int = VALIDATION(300, "held-out images restored per corruption case in the report",
                                     bounds=at_least(1), resumable=True)
+    report_full: bool = VALIDATION(False, "score every restoration case of the table in the report, as evaluate --full "
+                                          "does; false: the quick cases of evaluate's default", resumable=True)
     report_samples: int = VALIDATION(256, "samples generated for the report's FID/KID, digits and memorisation figures",
                                      bounds=at_least(2), resumable=True)
     logger: str = HUB("tensorboard", "tensorboard, wandb or none", choices=("tensorboard", "wandb", "none"), resumable=True)

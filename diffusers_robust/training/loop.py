@@ -746,12 +746,13 @@ def write_export(run: TrainingRun, end: TrainingPosition, stats: StepStats, vali
                                   **extras.sample_quality(samples, extras.classifier())}
     repo_id = hub_repo_id(config)
     if config.report and run.validation_images is not None:  # the held-out report of `diffusers-robust evaluate`
+        from ..evaluation.defaults import restoration_cases
         from ..evaluation.report import evaluate_pipeline, write_report
 
         plan = run.held_out_plan
         report = evaluate_pipeline(sampler, plan.source, plan.split, config.dataset_split, config.report_images,
                                    config.report_samples, config.num_inference_steps, hold_out=plan.hold_out,
-                                   train_dataset=run.train_source)
+                                   cases=restoration_cases(config.report_full), train_dataset=run.train_source)
         write_report(report, os.path.join(folder, "evaluation"), title=f"Evaluation of {repo_id}")
         write_marker(os.path.join(folder, "evaluation"), "train")  # `evaluate --overwrite` may replace it
         summary.report = {key: value for key, value in report.items() if not key.startswith("_")}
