@@ -131,9 +131,8 @@ def clipped_noise_std(images: torch.Tensor, sigma: torch.Tensor, window: int = C
     clean = torch.nn.functional.avg_pool2d(padded, window, stride=1).clamp(0, 1)
     std = sigma.to(images.device).double().clamp_min(1e-6).view(-1, 1, 1, 1)
     low, high = -clean / std, (1 - clean) / std  # the clipping points in units of the noise std
-    normal = torch.distributions.Normal(torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64))
-    cdf_low, cdf_high = normal.cdf(low), normal.cdf(high)
-    pdf_low, pdf_high = normal.log_prob(low).exp(), normal.log_prob(high).exp()
+    cdf_low, cdf_high = torch.special.ndtr(low), torch.special.ndtr(high)  # the standard normal's CDF and density
+    pdf_low, pdf_high = (torch.exp(-0.5 * low**2) / math.sqrt(2 * math.pi), torch.exp(-0.5 * high**2) / math.sqrt(2 * math.pi))
     inside = std**2 * ((cdf_high - cdf_low) - (high * pdf_high - low * pdf_low))  # E[n^2] over the unclipped part
     squared = inside + clean**2 * cdf_low + (1 - clean) ** 2 * (1 - cdf_high)
     return squared.flatten(1).mean(1).sqrt().to(sigma.dtype).cpu()
