@@ -14,12 +14,13 @@ Arms: `plain` (a plain DDPM on all records, annotations ignored: missing pixels 
 objective with the annotations; on `missing50` the missing-pixel objective: x0 prediction from further-masked
 inputs), `clean-only` (plain on the clean 10%: the same records in every 90/10 setting) and `oracle` (plain on the
 clean train split). Every arm is `training/configs/digits.yaml` (same UNet, EMA, learning-rate schedule) with the
-same `--max_train_steps`, `--prediction_type` and `--snr_gamma` (the main job's reference: its recipe's, `sample` and
-5); each process runs one thread.
+same `--max_train_steps`, `--prediction_type`, `--snr_gamma` and `--noisy_data_max_weight` (the main job's reference:
+its recipe's, `sample`, 5 and 2; the cap changes only the `ambient` arms); each process runs one thread.
 
-Figures on 512 samples per arm (DDIM 50 steps, evaluation seed 1234, independent of the training seed), in the feature
-space of the digits classifier (fitted on the clean train split only) against the 300 held-out digits (floor: the clean
-train split against them): coverage, precision and recall (`manifold_figures`, k = 5; coverage is the figure a model
+Figures on 512 samples per arm, drawn as `diffusers-robust evaluate` draws them (DDIM 50 steps, one generator per
+sample from evaluation seed 1234, independent of the training seed), in the feature space of the digits classifier
+(fitted on the clean train split only) against the 300 held-out digits (floor: the clean train split against them):
+coverage, precision and recall (`manifold_figures`, k = 5; coverage is the figure a model
 collapsed onto typical digits cannot win), Fréchet distance; the share of samples the classifier reads with p >= 0.8,
 classes present; background noise (RMS where digits are blank: 0.003 for held-out digits), the samples' estimated noise
 std (`estimate_noise_std`, median; samples are clipped to [0, 1] like any pipeline output), and
@@ -48,7 +49,7 @@ SETTINGS = {
 }
 ARMS = {"noisy90": ["plain", "ambient", "clean-only"], "noisy100": ["plain", "ambient"], "png90": ["plain", "ambient"],
         "blur90": ["plain", "ambient"], "missing50": ["plain", "ambient"]}
-DATA_SEED, EVALUATION_SEED, NUM_SAMPLES = 0, 1234, 512
+DATA_SEED, NUM_SAMPLES = 0, 512
 
 
 def prepare_data(root: str, settings: list[str]) -> dict[str, dict[str, str]]:
@@ -119,19 +120,18 @@ def load_clean_subset(path: str):
 
 
 def draw_samples(folder: str, num_samples: int):
-    """The trained pipeline in `folder` (DDIM scheduler) and its `num_samples` samples `(N, 1, 8, 8)` in `[-1, 1]`:
-    50 DDIM steps from `EVALUATION_SEED`, one thread."""
+    """The trained pipeline in `folder` and its `num_samples` samples `(N, 1, 8, 8)` in `[-1, 1]`, drawn as `diffusers-robust
+    evaluate` draws them (`evaluation.report.generate`: 50 DDIM steps, one generator per sample seeded from
+    `EVALUATION_SEED`), one thread: the main job's column and these arms' are the same draw."""
     import torch
 
-    from diffusers_robust import RobustDDIMScheduler, RobustDDPMPipeline
+    from diffusers_robust import RobustDDPMPipeline
+    from diffusers_robust.evaluation.defaults import EVALUATION_SEED
+    from diffusers_robust.evaluation.report import generate
 
     torch.set_num_threads(1)
     pipe = RobustDDPMPipeline.from_pretrained(folder)
-    pipe.scheduler = RobustDDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    samples = pipe(batch_size=num_samples, generator=torch.Generator().manual_seed(EVALUATION_SEED),
-                   num_inference_steps=50, output_type="pt").images * 2 - 1
-    return pipe, samples
+    return pipe, generate(pipe, num_samples, steps=50, seed=EVALUATION_SEED)
 
 
 def score(folder: str, clean_subset: str | None = None, num_samples: int = NUM_SAMPLES) -> dict:
@@ -238,7 +238,8 @@ REFERENCE_KEYS = ("coverage", "precision", "recall", "confident_fraction", "clas
                   "background_noise", "noise_std", "copying")
 
 
-def write_reference(results: dict, path: str, steps: int, prediction_type: str, snr_gamma: float | None) -> None:
+def write_reference(results: dict, path: str, steps: int, prediction_type: str, snr_gamma: float | None,
+                    max_weight: float | None) -> None:
     """Mean and spread over training seeds of the `noisy90` comparison arms (trained `steps` steps), for `scripts/main_job.sh`."""
     arms = {}
     for label, prefix in (("plain DDPM", "noisy90-plain"), ("clean 10% only", "clean-only"), ("all-clean oracle", "oracle")):
@@ -252,10 +253,11 @@ def write_reference(results: dict, path: str, steps: int, prediction_type: str, 
                 arms[label][f"{key}_spread"] = max(values) - min(values)
     seeds = ", ".join(f"{label}: {figures['seeds']}" for label, figures in arms.items())
     source = (f"benchmarks/imperfect_data.py --max_train_steps {steps} --prediction_type {prediction_type} --snr_gamma "
-              f"{snr_gamma}, setting noisy90 (the data of this job), training seeds per arm: {seeds}; the same recipe, "
-              "budget and evaluation seed as this job")
+              f"{snr_gamma} --noisy_data_max_weight {max_weight}, setting noisy90 (the data of this job), training seeds "
+              f"per arm: {seeds}; the same recipe, budget and evaluation seed as this job")
     # the job's recipe must match (a test checks)
-    recipe = {"max_train_steps": steps, "prediction_type": prediction_type, "snr_gamma": snr_gamma}
+    recipe = {"max_train_steps": steps, "prediction_type": prediction_type, "snr_gamma": snr_gamma,
+              "noisy_data_max_weight": max_weight}
     with open(path, "w", encoding="utf-8") as handle:
         json.dump({"source": source, "recipe": recipe, "arms": arms}, handle, indent=2)
 
@@ -274,6 +276,8 @@ def main() -> None:
     parser.add_argument("--prediction_type", default=None, choices=("epsilon", "v_prediction", "sample"),
                         help="what every arm's UNet predicts (default: the preset's, epsilon)")
     parser.add_argument("--snr_gamma", type=float, default=None, help="every arm's min-SNR-gamma weighting (default: none)")
+    parser.add_argument("--noisy_data_max_weight", type=float, default=None,
+                        help="the noisy-data objective's weight cap s_max (default: the config's, 4)")
     parser.add_argument("--score", default=None, help="re-score one trained arm folder (writes its figures.json)")
     parser.add_argument("--clean_subset", default=None, help="with --score: the 150 clean records (data/clean-only.parquet)")
     args = parser.parse_args()
@@ -283,7 +287,8 @@ def main() -> None:
     os.makedirs(args.output_dir, exist_ok=True)
     paths = prepare_data(args.output_dir, args.settings)
     objective = [*(["--prediction_type", args.prediction_type] if args.prediction_type else []),
-                 *(["--snr_gamma", str(args.snr_gamma)] if args.snr_gamma is not None else [])]  # every arm's
+                 *(["--snr_gamma", str(args.snr_gamma)] if args.snr_gamma is not None else []),
+                 *(["--noisy_data_max_weight", str(args.noisy_data_max_weight)] if args.noisy_data_max_weight else [])]
     jobs = []
     for seed in args.seeds:
         jobs.append((f"oracle-seed{seed}", arm_arguments("", "oracle", paths) + objective, seed))
@@ -298,7 +303,7 @@ def main() -> None:
     markdown, results = table(args.output_dir, [name for name, _, _ in jobs])
     if args.write_reference:
         write_reference(results, args.write_reference, args.max_train_steps, args.prediction_type or "the preset's",
-                        args.snr_gamma)
+                        args.snr_gamma, args.noisy_data_max_weight)
     with open(os.path.join(args.output_dir, "imperfect_data.md"), "w", encoding="utf-8") as handle:
         handle.write(markdown)
     with open(os.path.join(args.output_dir, "imperfect_data.json"), "w", encoding="utf-8") as handle:

@@ -6,16 +6,18 @@
 Every variant trains the noisy-data objective on the main job's data (`noisy90` of `benchmarks/imperfect_data.py`: the
 digits' train split, 90% under Gaussian noise of std 0.2, 10% clean) with `training/configs/imperfect-digits.yaml` and
 the options below changed, for `--max_train_steps` (the job's 1200), training seed 0 unless a variant says otherwise,
-one thread per process. Its 512
-samples (DDIM 50 steps, seed 1234) are scored against 300 images of the *clean train split* (a fixed draw), never the
-held-out digits, which the main job's table scores and which therefore choose nothing: coverage, precision, recall and
-Fréchet distance in the digits classifier's feature space, the confident share, background noise
+one thread per process. Its 512 samples (drawn as `diffusers-robust evaluate` draws them: DDIM 50 steps, one
+generator per sample from seed 1234; until the weight-cap sweep of 2026-12-04, one generator for the batch) are scored
+against 300 images of the *clean train split* (a fixed draw), never the held-out digits, which the main job's table
+scores and which therefore choose nothing: coverage, precision, recall and Fréchet distance in the digits classifier's
+feature space, the confident share, background noise
 (`evaluation.digits.clean_sample_figures`). Finished variants (their `figures.json` exists) are not run again.
 The batch-size variants (`EQUAL_TIME_BATCHES`) change the batch, and the steps and warm-up with it, so that training
 takes the job's wall time. The model-size variants (`UNET_WIDTHS`) train the digits preset with other UNet widths at
 the job's steps (their training time, in the table's last column, says what they cost). Since 2026-12-04 the job
-predicts the clean image with min-SNR-5 weights; the variants measured before that day (`benchmarks/RESULTS.md`)
-changed the job of then, which `epsilon prediction, plain MSE` is.
+predicts the clean image with min-SNR-5 weights and caps the noisy-data weight at 2; the variants measured before
+(`benchmarks/RESULTS.md`) changed the job of then: `epsilon prediction, plain MSE` (with cap 4) is the first, `weight
+cap 4` the second.
 """
 
 import argparse
@@ -36,13 +38,21 @@ VARIANTS: dict[str, list[str]] = {
     "EMA max decay 0.999": ["--ema_max_decay", "0.999"],
     "EMA warm-up power 2/3": ["--ema_power", "0.6667"],
     "no EMA": ["--use_ema", "false"],
-    "weight cap 2": ["--noisy_data_max_weight", "2"],
+    "weight cap 4": ["--noisy_data_max_weight", "4"],  # the job until the weight-cap sweep (2026-12-04)
+    "weight cap 4, training seed 1": ["--noisy_data_max_weight", "4", "--seed", "1"],
+    "weight cap 2": ["--noisy_data_max_weight", "2"],  # the job now
+    "weight cap 2, training seed 1": ["--noisy_data_max_weight", "2", "--seed", "1"],
+    "weight cap 1.5": ["--noisy_data_max_weight", "1.5"],
+    "weight cap 1.5, training seed 1": ["--noisy_data_max_weight", "1.5", "--seed", "1"],
+    "weight cap 1.25": ["--noisy_data_max_weight", "1.25"],
+    "weight cap 1.25, training seed 1": ["--noisy_data_max_weight", "1.25", "--seed", "1"],
     "weight cap 8": ["--noisy_data_max_weight", "8"],
     "learning rate 2e-3, training seed 1": ["--learning_rate", "0.002", "--seed", "1"],
     "learning rate 3e-3": ["--learning_rate", "0.003"],
     "dropout 0.1": ["--dropout", "0.1"],
-    # the prediction target and its weighting; the first is the job until 2026-12-04, which every variant above changed
-    "epsilon prediction, plain MSE": ["--prediction_type", "epsilon", "--snr_gamma", "null"],
+    # the prediction target and its weighting; the first is the job until 2026-12-04 (cap 4 then), which the variants
+    # above changed in the sweeps of that morning
+    "epsilon prediction, plain MSE": ["--prediction_type", "epsilon", "--snr_gamma", "null", "--noisy_data_max_weight", "4"],
     "epsilon prediction, min-SNR-5": ["--prediction_type", "epsilon"],
     "v-prediction, plain MSE": ["--prediction_type", "v_prediction", "--snr_gamma", "null"],
     "x0 prediction, plain MSE": ["--snr_gamma", "null"],

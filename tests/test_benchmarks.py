@@ -165,7 +165,8 @@ def test_the_main_jobs_reference_holds_every_figure_the_job_prints():
     arms = reference["arms"]
     with open(os.path.join(REPO_ROOT, "training", "configs", "imperfect-digits.yaml"), encoding="utf-8") as handle:
         job = yaml.safe_load(handle)
-    assert reference["recipe"] == {key: job[key] for key in ("max_train_steps", "prediction_type", "snr_gamma")}
+    assert reference["recipe"] == {key: job[key] for key in ("max_train_steps", "prediction_type", "snr_gamma",
+                                                             "noisy_data_max_weight")}
     assert set(arms) == {"plain DDPM", "clean 10% only", "all-clean oracle"}
     for figures in arms.values():
         assert keys <= set(figures) and {f"{key}_spread" for key in keys} <= set(figures) and figures["seeds"] >= 2
@@ -182,7 +183,7 @@ def test_imperfect_data_benchmark_runs_its_smallest_configuration(tmp_path, tiny
     monkeypatch.setattr(sys, "argv", ["imperfect_data.py", "--output_dir", str(tmp_path / "runs"), "--settings", "noisy90",
                                       "--seeds", "0", "--max_train_steps", "2", "--jobs", "1", "--pipeline", tiny_preset,
                                       "--num_samples", "16", "--write_reference", str(reference), "--prediction_type", "sample",
-                                      "--snr_gamma", "5"])
+                                      "--snr_gamma", "5", "--noisy_data_max_weight", "2"])
     benchmark.main()
     printed = capsys.readouterr().out
     for arm in ("oracle", "noisy90-plain", "noisy90-ambient", "clean-only"):
@@ -190,7 +191,8 @@ def test_imperfect_data_benchmark_runs_its_smallest_configuration(tmp_path, tiny
         assert os.path.isfile(tmp_path / "runs" / f"{arm}-seed0" / "figures.json")
     assert "| floor: clean train split vs held-out |" in printed
     written = json.loads(reference.read_text())
-    assert written["recipe"] == {"max_train_steps": 2, "prediction_type": "sample", "snr_gamma": 5.0}
+    assert written["recipe"] == {"max_train_steps": 2, "prediction_type": "sample", "snr_gamma": 5.0,
+                                 "noisy_data_max_weight": 2.0}
     arms = written["arms"]
     assert set(arms) == {"plain DDPM", "clean 10% only", "all-clean oracle"}
     for figures in arms.values():
