@@ -16,8 +16,9 @@ fi
 .venv/bin/accelerate launch --num_processes 1 --num_machines 1 --num_cpu_threads_per_process "$(nproc)" \
     --mixed_precision no --dynamo_backend no \
     training/train_robust_ddpm.py --config training/configs/imperfect-digits.yaml --overwrite_output_dir "$@"
-# 512 samples, as the benchmark scores its arms; eight restoration cases, two of them RePaint inpainting (the slow one)
-.venv/bin/diffusers-robust evaluate outputs/digits --dataset digits --num_images 200 --num_samples 512 \
+# 512 samples against all 300 held-out digits, as the benchmark scores its reference arms (the same draw: one generator
+# per sample from seed 1234); eight restoration cases on those digits, two of them RePaint inpainting (the slow one)
+.venv/bin/diffusers-robust evaluate outputs/digits --dataset digits --num_images 300 --num_samples 512 \
     --cases gaussian_noise/s1 gaussian_noise/s3 gaussian_noise/s5 gaussian_noise/sigma0.3 impulse_noise/s3 masking/s3 \
     gaussian_blur/s3 jpeg_compression/s3 --output_dir outputs/digits/evaluation --overwrite
 .venv/bin/python - "$start" <<'PY'
