@@ -240,9 +240,11 @@ REFERENCE_KEYS = ("coverage", "precision", "recall", "confident_fraction", "clas
 
 def write_reference(results: dict, path: str, steps: int, prediction_type: str, snr_gamma: float | None,
                     max_weight: float | None) -> None:
-    """Mean and spread over training seeds of the `noisy90` comparison arms (trained `steps` steps), for `scripts/main_job.sh`."""
+    """Mean and spread over training seeds of the `noisy90` arms (trained `steps` steps), for `scripts/main_job.sh`: the
+    job's own recipe (its seed 0 is the job's model) and the comparison arms."""
     arms = {}
-    for label, prefix in (("plain DDPM", "noisy90-plain"), ("clean 10% only", "clean-only"), ("all-clean oracle", "oracle")):
+    for label, prefix in (("job's recipe", "noisy90-ambient"), ("plain DDPM", "noisy90-plain"),
+                          ("clean 10% only", "clean-only"), ("all-clean oracle", "oracle")):
         runs = [{**f["digits"], **f} for name, f in results.items() if name.rsplit("-seed", 1)[0] == prefix]
         if runs:
             arms[label] = {"seeds": len(runs)}

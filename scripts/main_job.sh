@@ -37,7 +37,7 @@ rows = [("coverage of held-out digits (headline)", "coverage", "{:.1%}"), ("prec
         ("recall", "recall", "{:.1%}"), ("samples classified with p >= 0.8", "confident_fraction", "{:.1%}"),
         ("classes present (of 10)", "classes_present", "{:.1f}"),
         ("Frechet distance (classifier features)", "frechet_classifier", "{:.2f}"),
-        ("background noise (held-out digits: 0.003)", "background_noise", "{:.3f}"),
+        ("background noise (held-out digits: 0.003)", "background_noise", "{:.4f}"),
         ("estimated noise std of samples", "noise_std", "{:.3f}"), ("samples copying a train image", "copying", "{:.1%}")]
 def reference_cell(arm: dict, key: str, fmt: str) -> str:  # the mean over seeds, +- half their range
     if arm["seeds"] < 2 or key in ("classes_present", "copying"):
@@ -45,7 +45,9 @@ def reference_cell(arm: dict, key: str, fmt: str) -> str:  # the mean over seeds
     return f"{fmt.format(arm[key])}±{fmt.format(arm[f'{key}_spread'] / 2)}"
 for label, key, fmt in rows:
     print(f"{label:<46} {fmt.format(ours[key]):>12} " + " ".join(f"{reference_cell(v, key, fmt):>14}" for v in reference["arms"].values()))
-print(f"(other columns: mean ± half the range over training seeds; {reference['source']})")
+print(f"(other columns: mean ± half the range over training seeds; the job's recipe is this job run by the benchmark, "
+      f"its seed 0 this model; one draw of 512 samples moves coverage and the confident share by a few points; "
+      f"{reference['source']})")
 for row in report["restoration"]:
     print(f"restoration {row['case']:<24} {row['method']:<8} PSNR {row['psnr_input']:5.2f} -> {row['psnr']:5.2f} dB "
           f"({row['psnr'] - row['psnr_input']:+.2f}); accuracy {row['accuracy_input']:.3f} -> {row['accuracy']:.3f}")

@@ -167,7 +167,7 @@ def test_the_main_jobs_reference_holds_every_figure_the_job_prints():
         job = yaml.safe_load(handle)
     assert reference["recipe"] == {key: job[key] for key in ("max_train_steps", "prediction_type", "snr_gamma",
                                                              "noisy_data_max_weight")}
-    assert set(arms) == {"plain DDPM", "clean 10% only", "all-clean oracle"}
+    assert set(arms) == {"job's recipe", "plain DDPM", "clean 10% only", "all-clean oracle"}
     for figures in arms.values():
         assert keys <= set(figures) and {f"{key}_spread" for key in keys} <= set(figures) and figures["seeds"] >= 2
 
@@ -194,7 +194,7 @@ def test_imperfect_data_benchmark_runs_its_smallest_configuration(tmp_path, tiny
     assert written["recipe"] == {"max_train_steps": 2, "prediction_type": "sample", "snr_gamma": 5.0,
                                  "noisy_data_max_weight": 2.0}
     arms = written["arms"]
-    assert set(arms) == {"plain DDPM", "clean 10% only", "all-clean oracle"}
+    assert set(arms) == {"job's recipe", "plain DDPM", "clean 10% only", "all-clean oracle"}
     for figures in arms.values():
         assert figures["seeds"] == 1 and _main_job_reference_keys() <= set(figures)
         assert 0 <= figures["coverage"] <= 1 and figures["coverage_spread"] == 0
