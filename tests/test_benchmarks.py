@@ -119,6 +119,22 @@ def test_restore_photos_benchmark_runs_its_smallest_configuration(tmp_path, monk
         assert message in capsys.readouterr().err
 
 
+def test_the_photo_benchmarks_noise_level_reads_a_channel_with_no_detail_as_noiseless():
+    """A flat black channel (a near-white JPEG tile has one) has no nonzero diagonal wavelet detail: scikit-image reads
+    NaN there with a warning; the baselines' noise level reads 0 for it, silently, and non-local means keeps the tile."""
+    import warnings
+
+    import numpy as np
+
+    denoise, _ = load_benchmark("restore_photos").baselines("JPEG quality 10")["non-local means"]
+    tile = np.zeros((32, 32, 3))
+    tile[..., 1] = np.linspace(0, 1, 32)[None, :]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        restored = denoise(tile, 0.8, None)
+    assert np.isfinite(restored).all() and np.abs(restored - tile).max() < 1e-6
+
+
 @pytest.mark.slow
 def test_bench_overheads_runs_both_programs_on_a_colour_preset(tmp_path, monkeypatch, capsys):
     """Its smallest configuration on an RGB preset (the CIFAR-10 preset's case, made small): ours used to stop where
