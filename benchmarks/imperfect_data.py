@@ -283,6 +283,8 @@ def main() -> None:
     parser.add_argument("--score", default=None, help="re-score one trained arm folder (writes its figures.json)")
     parser.add_argument("--clean_subset", default=None, help="with --score: the 150 clean records (data/clean-only.parquet)")
     args = parser.parse_args()
+    if args.noisy_data_max_weight is not None and not args.noisy_data_max_weight > 1:
+        parser.error(f"--noisy_data_max_weight (s_max) must be > 1, got {args.noisy_data_max_weight}")
     if args.score:
         print(json.dumps(score(args.score, args.clean_subset, args.num_samples)))
         return

@@ -194,6 +194,8 @@ def test_imperfect_data_benchmark_runs_its_smallest_configuration(tmp_path, tiny
     import json
     import sys
 
+    import yaml
+
     benchmark = load_benchmark("imperfect_data")
     reference = tmp_path / "reference.json"
     monkeypatch.setattr(sys, "argv", ["imperfect_data.py", "--output_dir", str(tmp_path / "runs"), "--settings", "noisy90",
@@ -206,6 +208,8 @@ def test_imperfect_data_benchmark_runs_its_smallest_configuration(tmp_path, tiny
         assert f"| {arm} | 1 |" in printed
         assert os.path.isfile(tmp_path / "runs" / f"{arm}-seed0" / "figures.json")
     assert "| floor: clean train split vs held-out |" in printed
+    with open(tmp_path / "runs" / "noisy90-ambient-seed0" / "training_config.yaml", encoding="utf-8") as handle:
+        assert yaml.safe_load(handle)["noisy_data_max_weight"] == 2.0  # the cap reached the objective's training run
     written = json.loads(reference.read_text())
     assert written["recipe"] == {"max_train_steps": 2, "prediction_type": "sample", "snr_gamma": 5.0,
                                  "noisy_data_max_weight": 2.0}
@@ -214,6 +218,11 @@ def test_imperfect_data_benchmark_runs_its_smallest_configuration(tmp_path, tiny
     for figures in arms.values():
         assert figures["seeds"] == 1 and _main_job_reference_keys() <= set(figures)
         assert 0 <= figures["coverage"] <= 1 and figures["coverage_spread"] == 0
+    # A weight cap the objective cannot take is refused before any training, naming the option.
+    monkeypatch.setattr(sys, "argv", ["imperfect_data.py", "--output_dir", str(tmp_path / "bad"), "--noisy_data_max_weight", "1"])
+    with pytest.raises(SystemExit):
+        benchmark.main()
+    assert "--noisy_data_max_weight (s_max) must be > 1" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 @pytest.mark.slow
